@@ -1,0 +1,170 @@
+//! Exit codes (a contract: the controller, init containers and scripts rely on them) and the
+//! mapping from every failure to one.
+
+use serde::Serialize;
+
+use crate::engine::plan::PlanError;
+use crate::engine::source::SourceError;
+use crate::engine::{DbError, DbErrorKind, RunError};
+
+/// The documented exit codes of `schemagate migrate`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[repr(u8)]
+pub enum Exit {
+    /// Success; for `status`: up to date.
+    Ok = 0,
+    /// An unexpected failure (a bug, or the machine: disk, permissions).
+    Internal = 1,
+    /// The command line is wrong.
+    Usage = 2,
+    /// `status`: migrations are pending.
+    Pending = 3,
+    /// `status`/`verify`: applied migrations differ from the files, or a step is dirty.
+    Drift = 4,
+    /// The migration files are invalid (names, duplicates, directives, empty).
+    Source = 10,
+    /// The database cannot be reached or refuses the credentials, or the URL is wrong.
+    Connect = 11,
+    /// A migration's SQL failed (rolled back, or recorded dirty if non-transactional).
+    MigrationFailed = 12,
+    /// Refused to run: the database is dirty or has drifted from the files.
+    Blocked = 13,
+    /// Another runner held the migration lock for longer than --lock-timeout.
+    LockTimeout = 14,
+    /// `wait`: the database did not reach the version in time.
+    WaitTimeout = 15,
+    /// Refused: the request does not fit this database (unknown target, missing down
+    /// script, out-of-order migrations, nothing to resolve).
+    Refused = 16,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// A failure as the CLI reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CliError {
+    #[serde(skip)]
+    pub exit: Exit,
+    pub kind: &'static str,
+    pub message: String,
+    pub hint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
+}
+
+impl CliError {
+    pub fn new(exit: Exit, kind: &'static str, message: impl Into<String>) -> Self {
+        CliError {
+            exit,
+            kind,
+            message: message.into(),
+            hint: None,
+            details: None,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn details(mut self, details: impl Serialize) -> Self {
+        self.details = serde_json::to_value(details).ok();
+        self
+    }
+}
+
+impl From<SourceError> for CliError {
+    fn from(e: SourceError) -> Self {
+        CliError::new(Exit::Source, "invalid_source", e.to_string()).hint(e.hint())
+    }
+}
+
+fn db_exit(kind: DbErrorKind) -> (Exit, &'static str) {
+    match kind {
+        DbErrorKind::Unreachable
+        | DbErrorKind::Auth
+        | DbErrorKind::Config
+        | DbErrorKind::NoDatabase => (Exit::Connect, "connection_failed"),
+        DbErrorKind::Statement | DbErrorKind::Other => (Exit::Internal, "database_error"),
+    }
+}
+
+impl From<DbError> for CliError {
+    fn from(e: DbError) -> Self {
+        let (exit, kind) = db_exit(e.kind);
+        CliError::new(exit, kind, e.to_string()).hint(e.hint())
+    }
+}
+
+impl From<RunError> for CliError {
+    fn from(e: RunError) -> Self {
+        let message = e.to_string();
+        match e {
+            RunError::Db { source, .. } => {
+                let (exit, kind) = db_exit(source.kind);
+                CliError::new(exit, kind, message).hint(source.hint())
+            }
+            RunError::Plan(p) => {
+                let (exit, kind) = match &p {
+                    PlanError::Unfinished(_) => (Exit::Blocked, "dirty"),
+                    PlanError::Drift(_) => (Exit::Blocked, "drift"),
+                    _ => (Exit::Refused, "refused"),
+                };
+                let details = match &p {
+                    PlanError::Unfinished(u) => serde_json::to_value(u).ok(),
+                    PlanError::Drift(d) => serde_json::to_value(d).ok(),
+                    _ => None,
+                };
+                let mut err = CliError::new(exit, kind, message).hint(p.hint());
+                err.details = details;
+                err
+            }
+            RunError::Script { .. } => CliError::new(Exit::Source, "invalid_script", message).hint(
+                "remove the transaction statements (the engine already runs each migration in a \
+                 transaction), or make the first line `-- schemagate:no-transaction`",
+            ),
+            RunError::LockTimeout { ref holder, .. } => {
+                let details = holder.clone();
+                CliError::new(Exit::LockTimeout, "lock_timeout", message)
+                    .hint(
+                        "another runner is migrating this database: wait for it, or raise \
+                         --lock-timeout; if its process is gone, its session ends and the lock \
+                         with it (PostgreSQL frees it when the server notices the dead connection)",
+                    )
+                    .details(details)
+            }
+            RunError::StepFailed(f) => {
+                let hint = if f.rolled_back {
+                    "fix the migration file and run upgrade again; earlier migrations stay applied"
+                        .to_string()
+                } else {
+                    format!(
+                        "the step stopped part-way outside a transaction: inspect the database, \
+                         then `schemagate migrate resolve {} --applied` or `--reverted`",
+                        f.version
+                    )
+                };
+                let hint = match f.code.as_deref() {
+                    Some("25001") => format!(
+                        "this statement cannot run inside a transaction: make the file's first \
+                         line `-- schemagate:no-transaction`; {hint}"
+                    ),
+                    _ => hint,
+                };
+                CliError::new(Exit::MigrationFailed, "migration_failed", message)
+                    .hint(hint)
+                    .details(&*f)
+            }
+            RunError::NothingToResolve(..) => CliError::new(Exit::Refused, "refused", message)
+                .hint("`schemagate migrate status` shows the unfinished step, if any"),
+            RunError::StampBelowCurrent { .. } => CliError::new(Exit::Refused, "refused", message)
+                .hint("to go back, use `schemagate migrate downgrade`"),
+        }
+    }
+}

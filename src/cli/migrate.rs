@@ -1,0 +1,805 @@
+//! The `migrate` commands: each turns its arguments into engine calls and one report.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::exit::{CliError, Exit};
+use super::output::{self, Outcome};
+use super::{ChecksumArg, Common, MigrateArgs, MigrateCommand, NewFormat, PlanFlags};
+use crate::engine::dialect::{Backend, LockHolder};
+use crate::engine::plan::{self, Plan};
+use crate::engine::runner::{self, Mode, Verdict};
+use crate::engine::source::{self, Format, SourceError};
+use crate::engine::status;
+use crate::engine::{
+    ChecksumMode, ConnectConfig, Db, HistoryTable, MigrationSet, PlanOptions, RunSettings, Target,
+    Version, clock, redact,
+};
+
+/// Runs one `migrate` command and prints its result; returns the exit code.
+pub async fn run(args: MigrateArgs) -> Exit {
+    let format = args.common.output;
+    let summary_file = args.common.summary_file.clone();
+    let command_name = command_name(&args.command);
+    let started = Instant::now();
+    let result = match Ctx::new(args.common) {
+        Ok(ctx) => dispatch(&ctx, args.command).await,
+        Err(e) => Err(e),
+    };
+    if let Some(path) = summary_file
+        && matches!(command_name, "upgrade" | "downgrade" | "wait" | "stamp")
+    {
+        let line = output::summary_line(command_name, &result, started.elapsed());
+        if let Err(e) = write_summary(&path, &line) {
+            tracing::warn!(path = %path.display(), error = %e, "could not write the run summary");
+        }
+    }
+    match result {
+        Ok(outcome) => {
+            output::print_outcome(format, &outcome);
+            outcome.exit
+        }
+        Err(e) => {
+            output::print_error(format, &e);
+            e.exit
+        }
+    }
+}
+
+fn command_name(c: &MigrateCommand) -> &'static str {
+    match c {
+        MigrateCommand::Upgrade { .. } => "upgrade",
+        MigrateCommand::Downgrade { .. } => "downgrade",
+        MigrateCommand::Current => "current",
+        MigrateCommand::History { .. } => "history",
+        MigrateCommand::Heads => "heads",
+        MigrateCommand::Status => "status",
+        MigrateCommand::New { .. } => "new",
+        MigrateCommand::Plan { .. } => "plan",
+        MigrateCommand::Verify => "verify",
+        MigrateCommand::Stamp { .. } => "stamp",
+        MigrateCommand::Resolve { .. } => "resolve",
+        MigrateCommand::Wait { .. } => "wait",
+    }
+}
+
+fn write_summary(path: &Path, line: &str) -> std::io::Result<()> {
+    std::fs::write(path, format!("{line}\n"))
+}
+
+/// Everything a command needs besides its own arguments.
+struct Ctx {
+    common: Common,
+    url: Option<String>,
+    shown_url: String,
+    table: HistoryTable,
+    runner_id: String,
+}
+
+/// `$POD_NAME` (set by the Downward API in schemagate's pods) or the host name.
+fn host_identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+        })
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
+impl Ctx {
+    fn new(common: Common) -> Result<Self, CliError> {
+        let url = common.database_url.clone().filter(|u| !u.trim().is_empty());
+        let shown_url = url.as_deref().map(redact::redact_url).unwrap_or_default();
+        let table = HistoryTable::parse(&common.history_table)
+            .map_err(|m| CliError::new(Exit::Usage, "usage", m))?;
+        let runner_id = common
+            .runner_id
+            .clone()
+            .unwrap_or_else(|| format!("{}/{}", host_identity(), std::process::id()));
+        Ok(Ctx {
+            common,
+            url,
+            shown_url,
+            table,
+            runner_id,
+        })
+    }
+
+    fn connect_config(&self, create: bool) -> Result<ConnectConfig, CliError> {
+        let Some(url) = self.url.clone() else {
+            return Err(CliError::new(Exit::Connect, "connection_failed", "no database URL given")
+                .hint("pass --database-url or set DATABASE_URL, e.g. sqlite:dev.db or postgres://user:password@localhost:5432/app"));
+        };
+        let mut application_name = format!("schemagate {}", self.runner_id);
+        truncate_at_char(&mut application_name, 63);
+        Ok(ConnectConfig {
+            url,
+            table: self.table.clone(),
+            connect_timeout: self.common.connect_timeout,
+            busy_timeout: self.common.lock_timeout,
+            application_name,
+            create,
+        })
+    }
+
+    async fn connect(&self, create: bool) -> Result<Db, CliError> {
+        let cfg = self.connect_config(create)?;
+        Db::connect(&cfg).await.map_err(|e| {
+            let err = CliError::from(e);
+            CliError {
+                message: format!("{} ({})", err.message, self.shown_url),
+                ..err
+            }
+        })
+    }
+
+    /// Loads the migrations on a blocking thread while the connection is being made.
+    async fn load_and_connect(&self, create: bool) -> Result<(MigrationSet, Db), CliError> {
+        let dir = self.common.dir.clone();
+        let load = tokio::task::spawn_blocking(move || source::load_dir(&dir));
+        let (set, db) = tokio::join!(load, self.connect(create));
+        let set = set
+            .map_err(|e| {
+                CliError::new(
+                    Exit::Internal,
+                    "internal",
+                    format!("loading migrations: {e}"),
+                )
+            })?
+            .map_err(CliError::from);
+        match (set, db) {
+            (Ok(set), Ok(db)) => Ok((set, db)),
+            (Err(e), Ok(db)) => {
+                db.close().await;
+                Err(e)
+            }
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(e),
+        }
+    }
+
+    fn load(&self) -> Result<MigrationSet, CliError> {
+        Ok(source::load_dir(&self.common.dir)?)
+    }
+
+    fn settings(&self, flags: PlanFlags) -> RunSettings {
+        RunSettings {
+            runner_id: self.runner_id.clone(),
+            lock_timeout: self.common.lock_timeout,
+            plan: PlanOptions {
+                out_of_order: flags.out_of_order,
+                ignore_missing: flags.ignore_missing,
+                checksum: self.checksum_mode(),
+            },
+        }
+    }
+
+    fn checksum_mode(&self) -> ChecksumMode {
+        match self.common.checksum {
+            ChecksumArg::Strict => ChecksumMode::Strict,
+            ChecksumArg::Normalized => ChecksumMode::Normalized,
+        }
+    }
+}
+
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+    }
+}
+
+fn parse_target(s: &str) -> Result<Target, CliError> {
+    s.parse::<Target>().map_err(|e| {
+        CliError::new(Exit::Usage, "usage", format!("invalid target: {e}"))
+            .hint("use head, base, a version such as 20251101 or 1.2, +N or -N")
+    })
+}
+
+fn to_json(v: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliError> {
+    match command {
+        MigrateCommand::Upgrade { target, flags } => {
+            migrate(ctx, Mode::Upgrade(parse_target(&target)?), flags).await
+        }
+        MigrateCommand::Downgrade { target, flags } => {
+            migrate(ctx, Mode::Downgrade(parse_target(&target)?), flags).await
+        }
+        MigrateCommand::Current => current(ctx).await,
+        MigrateCommand::History { limit } => history(ctx, limit).await,
+        MigrateCommand::Heads => heads(ctx),
+        MigrateCommand::Status => status_cmd(ctx).await,
+        MigrateCommand::New {
+            message,
+            version,
+            format,
+            no_down,
+        } => new(ctx, &message, version.as_deref(), format, no_down),
+        MigrateCommand::Plan { target, flags } => plan_cmd(ctx, &target, flags).await,
+        MigrateCommand::Verify => verify(ctx).await,
+        MigrateCommand::Stamp { version } => stamp(ctx, &version).await,
+        MigrateCommand::Resolve {
+            version,
+            applied,
+            reverted: _,
+            message,
+        } => resolve(ctx, &version, applied, message).await,
+        MigrateCommand::Wait {
+            target,
+            timeout,
+            exact,
+        } => wait(ctx, target.as_deref(), timeout, exact).await,
+    }
+}
+
+async fn migrate(ctx: &Ctx, mode: Mode, flags: PlanFlags) -> Result<Outcome, CliError> {
+    let create = matches!(mode, Mode::Upgrade(_));
+    let (set, mut db) = ctx.load_and_connect(create).await?;
+    let result = runner::run(&mut db, &set, &mode, &ctx.settings(flags)).await;
+    db.close().await;
+    let report = result?;
+    Ok(Outcome::ok(to_json(&report), output::human_run(&report)))
+}
+
+async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
+    let mut db = ctx.connect(false).await?;
+    let state = runner::read_state(&mut db).await;
+    db.close().await;
+    let state = state?;
+    let current = state.current().map(|v| {
+        let a = &state.applied[v];
+        (a.version.clone(), a.description.clone())
+    });
+    let json = json!({
+        "current": current.as_ref().map(|c| &c.0),
+        "description": current.as_ref().map(|c| &c.1),
+        "initialized": state.initialized,
+        "unfinished": state.unfinished,
+    });
+    Ok(Outcome::ok(json, output::human_current(&state)))
+}
+
+async fn history(ctx: &Ctx, limit: Option<usize>) -> Result<Outcome, CliError> {
+    let mut db = ctx.connect(false).await?;
+    let rows = db.read_history().await;
+    db.close().await;
+    let rows = rows.map_err(|e| {
+        CliError::from(crate::engine::RunError::Db {
+            during: "reading the history table",
+            source: e,
+        })
+    })?;
+    let initialized = rows.is_some();
+    let mut rows = rows.unwrap_or_default();
+    if let Some(n) = limit {
+        let skip = rows.len().saturating_sub(n);
+        rows.drain(..skip);
+    }
+    let human = output::human_history(&rows, initialized);
+    Ok(Outcome::ok(
+        json!({ "initialized": initialized, "entries": rows }),
+        human,
+    ))
+}
+
+fn heads(ctx: &Ctx) -> Result<Outcome, CliError> {
+    let set = ctx.load()?;
+    let heads: Vec<serde_json::Value> = set
+        .head()
+        .map(|m| json!({ "version": m.version.to_string(), "description": m.description, "file": m.up.file }))
+        .into_iter()
+        .collect();
+    let human = match set.head() {
+        Some(m) => format!("{} {} ({}) (head)\n", m.version, m.description, m.up.file),
+        None => "no migrations\n".into(),
+    };
+    Ok(Outcome::ok(json!({ "heads": heads }), human))
+}
+
+async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
+    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let dialect = db.dialect().name();
+    let state = runner::read_state(&mut db).await;
+    let holder: Option<LockHolder> = db.lock_holder().await.ok().flatten();
+    db.close().await;
+    let state = state?;
+    let report = status::status(
+        &set,
+        &state,
+        ctx.checksum_mode(),
+        ctx.shown_url.clone(),
+        dialect,
+        holder,
+    );
+    let exit = match report.verdict {
+        status::Verdict::UpToDate => Exit::Ok,
+        status::Verdict::Pending => Exit::Pending,
+        status::Verdict::Drift | status::Verdict::Dirty => Exit::Drift,
+    };
+    Ok(Outcome {
+        exit,
+        json: to_json(&report),
+        human: output::human_status(&report),
+    })
+}
+
+async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
+    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let state = runner::read_state(&mut db).await;
+    db.close().await;
+    let state = state?;
+    let drift = plan::drift(&set, &state, ctx.checksum_mode());
+    let verified = state.applied.len() - drift.changed.len() - drift.missing.len();
+    let exit = if drift.is_empty() {
+        Exit::Ok
+    } else {
+        Exit::Drift
+    };
+    let human = output::human_verify(verified, &drift);
+    Ok(Outcome {
+        exit,
+        json: json!({ "ok": drift.is_empty(), "verified": verified, "drift": drift }),
+        human,
+    })
+}
+
+async fn stamp(ctx: &Ctx, version: &str) -> Result<Outcome, CliError> {
+    let target = parse_target(version)?;
+    let (set, mut db) = ctx.load_and_connect(true).await?;
+    let result = runner::stamp(&mut db, &set, &target, &ctx.settings(PlanFlags::default())).await;
+    db.close().await;
+    let report = result?;
+    let human = if report.stamped.is_empty() {
+        format!("Nothing to stamp: every migration up to {version} is already recorded.\n")
+    } else {
+        format!(
+            "Stamped {} as applied (nothing was run); current version: {}\n",
+            report.stamped.join(", "),
+            report.current.as_deref().unwrap_or("none")
+        )
+    };
+    Ok(Outcome::ok(to_json(&report), human))
+}
+
+async fn resolve(
+    ctx: &Ctx,
+    version: &str,
+    applied: bool,
+    reason: Option<String>,
+) -> Result<Outcome, CliError> {
+    let v = Version::parse(version)
+        .map_err(|e| CliError::new(Exit::Usage, "usage", format!("invalid version: {e}")))?;
+    let verdict = if applied {
+        Verdict::Applied
+    } else {
+        Verdict::Reverted
+    };
+    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let result = runner::resolve(
+        &mut db,
+        &set,
+        &v,
+        verdict,
+        reason,
+        &ctx.settings(PlanFlags::default()),
+    )
+    .await;
+    db.close().await;
+    let report = result?;
+    let human = format!(
+        "Recorded {} as {}; current version: {}\n",
+        report.version,
+        if applied { "applied" } else { "reverted" },
+        report.current.as_deref().unwrap_or("none")
+    );
+    Ok(Outcome::ok(to_json(&report), human))
+}
+
+/// The direction a `plan` target implies, given the current version.
+fn plan_mode(target: Target, current: Option<&Version>) -> Mode {
+    match &target {
+        Target::Base => Mode::Downgrade(target),
+        Target::Relative(n) if *n < 0 => Mode::Downgrade(target),
+        Target::Version(v) if current.is_some_and(|c| v < c) => Mode::Downgrade(target),
+        _ => Mode::Upgrade(target),
+    }
+}
+
+async fn plan_cmd(ctx: &Ctx, target: &str, flags: PlanFlags) -> Result<Outcome, CliError> {
+    let target = parse_target(target)?;
+    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let dialect = db.dialect();
+    let state = runner::read_state(&mut db).await;
+    db.close().await;
+    let state = state?;
+    let mode = plan_mode(target, state.current());
+    let settings = ctx.settings(flags);
+    let plan: Plan<'_> = match &mode {
+        Mode::Upgrade(t) => plan::plan_upgrade(&set, &state, t, &settings.plan),
+        Mode::Downgrade(t) => plan::plan_downgrade(&set, &state, t, &settings.plan),
+    }
+    .map_err(|e| CliError::from(crate::engine::RunError::Plan(e)))?;
+    let prepared = runner::prepare(&plan, dialect).map_err(CliError::from)?;
+    let rendered = output::render_plan(
+        &plan,
+        &prepared,
+        dialect,
+        &ctx.table,
+        !state.initialized,
+        &settings.runner_id,
+    );
+    Ok(Outcome::ok(rendered.json, rendered.human))
+}
+
+/// Polls the database until it reaches `target` (or passes it, unless `exact`).
+async fn wait(
+    ctx: &Ctx,
+    target: Option<&str>,
+    timeout: Duration,
+    exact: bool,
+) -> Result<Outcome, CliError> {
+    let target = match target {
+        Some(t) => Version::parse(t)
+            .map_err(|e| CliError::new(Exit::Usage, "usage", format!("invalid --version: {e}")))?,
+        None => ctx
+            .load()?
+            .head()
+            .map(|m| m.version.clone())
+            .ok_or_else(|| {
+                CliError::new(Exit::Source, "invalid_source", "no migrations to wait for")
+            })?,
+    };
+    let cfg = ctx.connect_config(false)?;
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    let mut db: Option<Db> = None;
+    let mut last: String = "not connected yet".into();
+    let mut announced = false;
+    loop {
+        if db.is_none() {
+            match Db::connect(&cfg).await {
+                Ok(d) => db = Some(d),
+                // Wrong credentials or URL will not fix themselves: fail now, loudly.
+                Err(e) if !matches!(e.kind, crate::engine::DbErrorKind::Unreachable) => {
+                    return Err(CliError::from(e));
+                }
+                Err(e) => last = format!("database unreachable: {e}"),
+            }
+        }
+        if let Some(conn) = db.as_mut() {
+            match runner::read_state(conn).await {
+                Ok(state) => {
+                    if let Some(u) = state.unfinished.as_ref().filter(|u| u.failed) {
+                        return Err(CliError::from(crate::engine::RunError::Plan(
+                            plan::PlanError::Unfinished(Box::new(u.clone())),
+                        )));
+                    }
+                    let current = state.current().cloned();
+                    let reached = current
+                        .as_ref()
+                        .is_some_and(|c| if exact { *c == target } else { *c >= target });
+                    if reached {
+                        if let Some(d) = db.take() {
+                            d.close().await;
+                        }
+                        let waited = started.elapsed();
+                        let cur = current.map(|v| v.to_string());
+                        return Ok(Outcome::ok(
+                            json!({ "current": cur, "target": target.to_string(), "waitedMs": waited.as_millis() as u64 }),
+                            format!(
+                                "Database is at {} (waited for {target}, {} ms)\n",
+                                cur.as_deref().unwrap_or("none"),
+                                waited.as_millis()
+                            ),
+                        ));
+                    }
+                    last = format!(
+                        "current version is {}",
+                        current
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "none".into())
+                    );
+                    if !state.initialized
+                        && conn.dialect() == crate::engine::script::Dialect::Sqlite
+                    {
+                        // The file may not exist yet; reconnect to see it appear.
+                        if let Some(d) = db.take() {
+                            d.close().await;
+                        }
+                    }
+                }
+                Err(e) => {
+                    last = e.to_string();
+                    if let Some(d) = db.take() {
+                        d.close().await;
+                    }
+                }
+            }
+        }
+        if !announced {
+            tracing::info!(target = %target, status = %last, "waiting for the database to reach the version");
+            announced = true;
+        }
+        let elapsed = started.elapsed();
+        if !timeout.is_zero() && elapsed >= timeout {
+            return Err(CliError::new(
+                Exit::WaitTimeout,
+                "wait_timeout",
+                format!("the database did not reach version {target} within {}s: {last}", timeout.as_secs()),
+            )
+            .hint("check the migration Job or the runner that should upgrade it (`schemagate migrate status`)"));
+        }
+        let mut sleep = delay;
+        if !timeout.is_zero() {
+            sleep = sleep.min(timeout - elapsed);
+        }
+        tokio::time::sleep(sleep).await;
+        delay = (delay * 3 / 2).min(Duration::from_secs(2));
+    }
+}
+
+/// `new`: the version to give the next migration.
+fn next_version(set: Option<&MigrationSet>, now_ms: i64) -> String {
+    let stamp: String = clock::iso_from_millis(now_ms)
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(14)
+        .collect();
+    let Some(head) = set.and_then(|s| s.head()) else {
+        return stamp;
+    };
+    let text = head.version.as_str();
+    let sequential = head.version.is_single_segment() && text.len() < 14;
+    let bump = |t: &str| -> String {
+        // Add one to a digit string, keeping its width (0009 -> 0010).
+        let mut digits: Vec<u8> = t.bytes().collect();
+        let mut i = digits.len();
+        loop {
+            if i == 0 {
+                digits.insert(0, b'1');
+                break;
+            }
+            i -= 1;
+            if digits[i] == b'9' {
+                digits[i] = b'0';
+            } else {
+                digits[i] += 1;
+                break;
+            }
+        }
+        String::from_utf8(digits).unwrap_or_else(|_| t.to_string())
+    };
+    if sequential {
+        return bump(text);
+    }
+    if Version::parse(&stamp).is_ok_and(|s| s > head.version) {
+        stamp
+    } else if head.version.is_single_segment() {
+        bump(text)
+    } else {
+        // Dotted versions: bump the first segment.
+        let first = text.split('.').next().unwrap_or("0");
+        bump(first)
+    }
+}
+
+fn slug(message: &str) -> String {
+    let mut s = String::new();
+    for c in message.trim().chars() {
+        if c.is_alphanumeric() {
+            s.extend(c.to_lowercase());
+        } else if !s.ends_with('_') && !s.is_empty() {
+            s.push('_');
+        }
+    }
+    let s = s.trim_end_matches('_');
+    s.chars()
+        .take(60)
+        .collect::<String>()
+        .trim_end_matches('_')
+        .to_string()
+}
+
+fn new(
+    ctx: &Ctx,
+    message: &str,
+    version: Option<&str>,
+    format: Option<NewFormat>,
+    no_down: bool,
+) -> Result<Outcome, CliError> {
+    let dir: &PathBuf = &ctx.common.dir;
+    let existing = match source::load_dir(dir) {
+        Ok(set) => Some(set),
+        Err(SourceError::Empty { .. } | SourceError::DirMissing { .. }) => None,
+        Err(e) => return Err(e.into()),
+    };
+    let slug = slug(message);
+    if slug.is_empty() {
+        return Err(CliError::new(
+            Exit::Usage,
+            "usage",
+            "the message must contain letters or digits",
+        )
+        .hint("e.g. schemagate migrate new -m \"add users table\""));
+    }
+    let version = match version {
+        Some(v) => Version::parse(v)
+            .map_err(|e| CliError::new(Exit::Usage, "usage", format!("invalid --version: {e}")))?
+            .to_string(),
+        None => next_version(existing.as_ref(), clock::now_millis()),
+    };
+    if let Some(set) = &existing {
+        let v = Version::parse(&version)
+            .map_err(|e| CliError::new(Exit::Usage, "usage", e.to_string()))?;
+        if let Some(m) = set.get(&v) {
+            return Err(CliError::new(
+                Exit::Refused,
+                "refused",
+                format!("version {version} already exists ({})", m.up.file),
+            ));
+        }
+    }
+    let format =
+        format.unwrap_or_else(
+            || match existing.as_ref().and_then(MigrationSet::dominant_format) {
+                Some(Format::Flyway) => NewFormat::Flyway,
+                Some(Format::Dbmate) => NewFormat::Dbmate,
+                Some(Format::SqlxSimple) => NewFormat::Sqlx,
+                _ => NewFormat::Native,
+            },
+        );
+    let header = format!("-- {}\n", message.trim().replace('\n', " "));
+    let mut files: Vec<(String, String)> = match format {
+        NewFormat::Native => {
+            let mut f = vec![(format!("{version}_{slug}.up.sql"), format!("{header}\n"))];
+            if !no_down {
+                f.push((
+                    format!("{version}_{slug}.down.sql"),
+                    format!("-- revert: {}\n", message.trim()),
+                ));
+            }
+            f
+        }
+        NewFormat::Flyway => {
+            let fv = version.replace('.', "_");
+            let mut f = vec![(format!("V{fv}__{slug}.sql"), format!("{header}\n"))];
+            if !no_down {
+                f.push((
+                    format!("U{fv}__{slug}.sql"),
+                    format!("-- revert: {}\n", message.trim()),
+                ));
+            }
+            f
+        }
+        NewFormat::Dbmate => vec![(
+            format!("{version}_{slug}.sql"),
+            if no_down {
+                "-- migrate:up\n\n".to_string()
+            } else {
+                "-- migrate:up\n\n\n-- migrate:down\n\n".to_string()
+            },
+        )],
+        NewFormat::Sqlx => vec![(format!("{version}_{slug}.sql"), format!("{header}\n"))],
+    };
+    std::fs::create_dir_all(dir).map_err(|e| {
+        CliError::new(
+            Exit::Internal,
+            "io",
+            format!("cannot create {}: {e}", dir.display()),
+        )
+    })?;
+    let mut created = Vec::new();
+    for (name, text) in files.drain(..) {
+        let path = dir.join(&name);
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|mut f| std::io::Write::write_all(&mut f, text.as_bytes()));
+        if let Err(e) = written {
+            return Err(CliError::new(
+                Exit::Internal,
+                "io",
+                format!("cannot create {}: {e}", path.display()),
+            ));
+        }
+        created.push(path.display().to_string());
+    }
+    let human = created
+        .iter()
+        .map(|p| format!("Created {p}\n"))
+        .collect::<String>();
+    Ok(Outcome::ok(
+        json!({ "version": version, "files": created }),
+        human,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::source::load_files;
+
+    fn set(names: &[&str]) -> MigrationSet {
+        load_files(
+            "t",
+            names
+                .iter()
+                .map(|n| (n.to_string(), "select 1;".to_string())),
+        )
+        .unwrap()
+    }
+
+    // 2026-11-25T07:32:40Z
+    const NOW: i64 = 1_795_591_960_000;
+
+    #[test]
+    fn next_version_follows_the_existing_scheme() {
+        assert_eq!(next_version(None, NOW), "20261125073240");
+        assert_eq!(next_version(Some(&set(&["0009_a.up.sql"])), NOW), "0010");
+        assert_eq!(
+            next_version(Some(&set(&["1_a.up.sql", "2_b.up.sql"])), NOW),
+            "3"
+        );
+        assert_eq!(
+            next_version(Some(&set(&["20240101000000_a.sql"])), NOW),
+            "20261125073240"
+        );
+        // A head in the future (clock skew): stay above it.
+        assert_eq!(
+            next_version(Some(&set(&["29990101000000_a.sql"])), NOW),
+            "29990101000001"
+        );
+        assert_eq!(
+            next_version(Some(&set(&["V1.2__a.sql"])), NOW),
+            "20261125073240"
+        );
+    }
+
+    #[test]
+    fn slugs() {
+        assert_eq!(slug("Add users table!"), "add_users_table");
+        assert_eq!(slug("  --  "), "");
+        assert_eq!(slug("Ünïcode ok"), "ünïcode_ok");
+    }
+
+    #[test]
+    fn plan_direction_follows_the_target() {
+        let v = |s: &str| Version::parse(s).unwrap();
+        assert!(matches!(
+            plan_mode(Target::Head, Some(&v("3"))),
+            Mode::Upgrade(_)
+        ));
+        assert!(matches!(
+            plan_mode(Target::Version(v("2")), Some(&v("3"))),
+            Mode::Downgrade(_)
+        ));
+        assert!(matches!(
+            plan_mode(Target::Version(v("4")), Some(&v("3"))),
+            Mode::Upgrade(_)
+        ));
+        assert!(matches!(
+            plan_mode(Target::Relative(-1), None),
+            Mode::Downgrade(_)
+        ));
+        assert!(matches!(plan_mode(Target::Base, None), Mode::Downgrade(_)));
+    }
+
+    #[test]
+    fn identity_is_never_empty() {
+        assert!(!host_identity().is_empty());
+    }
+}

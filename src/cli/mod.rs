@@ -1,0 +1,335 @@
+//! The command line: `schemagate migrate ...` (Flask-Migrate/Alembic-like).
+
+pub mod exit;
+mod migrate;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::telemetry::{self, LogFormat};
+
+/// Versioned, locked, audited database schema migrations.
+#[derive(Debug, Parser)]
+#[command(name = "schemagate", version, about, long_about = None)]
+pub struct Cli {
+    /// Log filter (tracing syntax, e.g. `info`, `debug`, `schemagate=debug`).
+    #[arg(long, env = "SCHEMAGATE_LOG", default_value = "info", global = true)]
+    pub log_level: String,
+
+    /// Log format on standard error.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Migrate a database: upgrade, downgrade, inspect, verify, adopt.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub command: MigrateCommand,
+}
+
+/// Settings every `migrate` command shares.
+#[derive(Debug, Args, Clone)]
+pub struct Common {
+    /// Database URL: postgres://user:password@host:5432/db, or sqlite:path/to/file.db.
+    /// Its password is never printed.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+
+    /// Directory holding the migration files.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_DIR",
+        default_value = "migrations",
+        global = true
+    )]
+    pub dir: PathBuf,
+
+    /// Output format: human-readable text, or one JSON document on standard output.
+    #[arg(
+        long,
+        short = 'o',
+        env = "SCHEMAGATE_OUTPUT",
+        value_enum,
+        default_value = "human",
+        global = true
+    )]
+    pub output: OutputFormat,
+
+    /// Name of the history table (`name` or `schema.name`).
+    #[arg(
+        long,
+        env = "SCHEMAGATE_HISTORY_TABLE",
+        default_value = "schemagate_history",
+        global = true
+    )]
+    pub history_table: String,
+
+    /// How long to wait for another runner's migration lock (e.g. 30s, 5m; 0 = do not wait).
+    #[arg(long, env = "SCHEMAGATE_LOCK_TIMEOUT", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub lock_timeout: Duration,
+
+    /// How long to wait for the database server to answer a connection attempt.
+    #[arg(long, env = "SCHEMAGATE_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration, global = true)]
+    pub connect_timeout: Duration,
+
+    /// How applied migrations are compared with their files: `strict` (every byte) or
+    /// `normalized` (ignores line endings, trailing whitespace and a byte-order mark).
+    #[arg(
+        long,
+        env = "SCHEMAGATE_CHECKSUM",
+        value_enum,
+        default_value = "strict",
+        global = true
+    )]
+    pub checksum: ChecksumArg,
+
+    /// Write a one-line JSON summary of the run here (e.g. /dev/termination-log).
+    #[arg(long, env = "SCHEMAGATE_SUMMARY_FILE", global = true)]
+    pub summary_file: Option<PathBuf>,
+
+    /// Who is running, as recorded in the history and shown to waiting runners
+    /// [default: $POD_NAME or the host name, plus the process id].
+    #[arg(long, env = "SCHEMAGATE_RUNNER_ID", global = true)]
+    pub runner_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Human,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ChecksumArg {
+    Strict,
+    Normalized,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NewFormat {
+    /// `<version>_<name>.up.sql` + `.down.sql`
+    Native,
+    /// `V<version>__<name>.sql` + `U<version>__<name>.sql`
+    Flyway,
+    /// `<version>_<name>.sql` with `-- migrate:up` / `-- migrate:down`
+    Dbmate,
+    /// `<version>_<name>.sql` (irreversible)
+    Sqlx,
+}
+
+/// Flags that relax the safety rules of a plan; each is an explicit choice.
+#[derive(Debug, Args, Clone, Copy, Default)]
+pub struct PlanFlags {
+    /// Also apply pending migrations older than the current version.
+    #[arg(long)]
+    pub out_of_order: bool,
+    /// Go on although applied migrations have no file any more.
+    #[arg(long)]
+    pub ignore_missing: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Apply pending migrations up to TARGET (default: head). Waits for the lock when
+    /// another runner is migrating; does nothing (and takes no lock) when up to date.
+    Upgrade {
+        /// `head`, a version, or `+N` (the next N migrations).
+        #[arg(default_value = "head", allow_negative_numbers = true)]
+        target: String,
+        #[command(flatten)]
+        flags: PlanFlags,
+    },
+    /// Revert applied migrations with their down scripts, down to TARGET (default: -1).
+    /// Refuses to start if any step lacks a down script.
+    Downgrade {
+        /// `-N` (the last N migrations), a version to end at, or `base` (revert everything).
+        #[arg(default_value = "-1", allow_negative_numbers = true)]
+        target: String,
+        #[command(flatten)]
+        flags: PlanFlags,
+    },
+    /// Show the database's current version.
+    Current,
+    /// Show the history table: every applied, reverted, failed, stamped and resolved step.
+    History {
+        /// Show only the last N entries.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
+    /// Show the newest migration in the files (no database needed).
+    Heads,
+    /// Compare the database with the files. Exit code: 0 up to date, 3 pending, 4 drift or
+    /// a dirty step. Changes nothing.
+    Status,
+    /// Create the files of a new migration, named after the directory's existing format.
+    New {
+        /// What the migration does (becomes the file name).
+        #[arg(short, long)]
+        message: String,
+        /// Version to use [default: next number, or a UTC timestamp YYYYMMDDHHMMSS].
+        #[arg(long)]
+        version: Option<String>,
+        /// File format [default: the format most existing files use, else native].
+        #[arg(long, value_enum)]
+        format: Option<NewFormat>,
+        /// Do not create a down script.
+        #[arg(long)]
+        no_down: bool,
+    },
+    /// Print the SQL and history writes an upgrade (or downgrade) to TARGET would run.
+    /// Changes nothing.
+    Plan {
+        /// `head`, `+N`, a version (above current: upgrade; below: downgrade), `-N` or `base`.
+        #[arg(default_value = "head", allow_negative_numbers = true)]
+        target: String,
+        #[command(flatten)]
+        flags: PlanFlags,
+    },
+    /// Check the checksums of applied migrations against the files. Exit code 4 on drift.
+    Verify,
+    /// Record every migration up to VERSION as applied without running it (adopt a
+    /// database whose schema already has them).
+    #[command(alias = "baseline")]
+    Stamp {
+        /// A version from the files, or `head`.
+        version: String,
+    },
+    /// Record your verdict on a step that did not finish (a dirty non-transactional
+    /// migration), after inspecting the database.
+    Resolve {
+        /// The unfinished step's version.
+        version: String,
+        /// The schema has all of the step's changes.
+        #[arg(
+            long,
+            conflicts_with = "reverted",
+            required_unless_present = "reverted"
+        )]
+        applied: bool,
+        /// The schema has none of the step's changes (you undid them).
+        #[arg(long)]
+        reverted: bool,
+        /// Why (recorded in the history).
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Block until the database reaches a version (for init containers in Job mode).
+    Wait {
+        /// Version to wait for [default: the newest migration in --dir].
+        #[arg(long = "version", env = "SCHEMAGATE_WAIT_VERSION")]
+        target: Option<String>,
+        /// Give up after this long (0 = wait forever).
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Require exactly this version, not this version or a later one.
+        #[arg(long)]
+        exact: bool,
+    },
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, or a plain number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 5m, 1h)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    };
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Parses arguments, sets up logging and runs the command; returns the exit code.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() {
+                exit::Exit::Usage.code()
+            } else {
+                0
+            };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    telemetry::init(&cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::Exit::Internal.code());
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Migrate(args) => migrate::run(args).await,
+        }
+    });
+    ExitCode::from(code.code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("1.5h").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn negative_targets_are_values_not_flags() {
+        let cli = Cli::try_parse_from(["schemagate", "migrate", "downgrade", "-2"]).unwrap();
+        let Command::Migrate(m) = cli.command;
+        assert!(
+            matches!(m.command, MigrateCommand::Downgrade { ref target, .. } if target == "-2")
+        );
+    }
+}

@@ -1,0 +1,588 @@
+//! Rendering results: human text or one JSON document on standard output, errors on
+//! standard error (human) or as `{"error": ...}` (JSON), the one-line run summary. Every
+//! byte written passes through the secret scrubber.
+
+use std::io::Write;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::OutputFormat;
+use super::exit::{CliError, Exit};
+use crate::engine::dialect::{self, HistoryTable, NewRow};
+use crate::engine::history::{DbState, HistoryRow, Kind};
+use crate::engine::plan::{Direction, Drift, Plan};
+use crate::engine::redact::redact;
+use crate::engine::runner::{Prepared, RunReport, Work, step_row};
+use crate::engine::script::Dialect;
+use crate::engine::status::{StatusReport, Verdict};
+
+/// A command's result in both forms.
+pub struct Outcome {
+    pub exit: Exit,
+    pub json: serde_json::Value,
+    pub human: String,
+}
+
+impl Outcome {
+    pub fn ok(json: serde_json::Value, human: String) -> Self {
+        Outcome {
+            exit: Exit::Ok,
+            json,
+            human,
+        }
+    }
+}
+
+fn write_out(text: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(redact(text).as_bytes());
+    let _ = out.flush();
+}
+
+pub fn print_outcome(format: OutputFormat, o: &Outcome) {
+    match format {
+        OutputFormat::Human => write_out(&o.human),
+        OutputFormat::Json => write_out(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&o.json).unwrap_or_default()
+        )),
+    }
+}
+
+pub fn print_error(format: OutputFormat, e: &CliError) {
+    match format {
+        OutputFormat::Human => {
+            let mut text = format!("error: {}\n", e.message);
+            if let Some(h) = &e.hint {
+                text.push_str(&format!("hint: {h}\n"));
+            }
+            let mut err = std::io::stderr().lock();
+            let _ = err.write_all(redact(&text).as_bytes());
+        }
+        OutputFormat::Json => {
+            let mut v = serde_json::to_value(e).unwrap_or_default();
+            if let Some(obj) = v.as_object_mut() {
+                obj.insert("exitCode".into(), json!(e.exit.code()));
+            }
+            write_out(&format!(
+                "{}\n",
+                serde_json::to_string_pretty(&json!({ "error": v })).unwrap_or_default()
+            ));
+        }
+    }
+}
+
+/// Termination messages are cut at 4096 bytes by Kubernetes; stay below.
+pub const SUMMARY_MAX: usize = 4000;
+
+/// The one-line JSON run summary, always under [`SUMMARY_MAX`] bytes.
+pub fn summary_line(
+    command: &str,
+    result: &Result<Outcome, CliError>,
+    elapsed: Duration,
+) -> String {
+    let mut v = json!({
+        "schemagate": 1,
+        "command": command,
+        "durationMs": elapsed.as_millis() as u64,
+    });
+    let obj = v.as_object_mut().expect("a json! object");
+    match result {
+        Ok(o) => {
+            let noop = o
+                .json
+                .get("noop")
+                .and_then(|n| n.as_bool())
+                .unwrap_or(false);
+            obj.insert(
+                "result".into(),
+                json!(if noop { "noop" } else { "success" }),
+            );
+            obj.insert("exitCode".into(), json!(o.exit.code()));
+            for key in ["from", "to", "current", "target", "ahead"] {
+                if let Some(x) = o.json.get(key) {
+                    obj.insert(key.into(), x.clone());
+                }
+            }
+            let versions: Vec<serde_json::Value> = o
+                .json
+                .get("steps")
+                .and_then(|s| s.as_array())
+                .map(|steps| {
+                    steps
+                        .iter()
+                        .filter_map(|s| s.get("version").cloned())
+                        .collect()
+                })
+                .or_else(|| o.json.get("stamped").and_then(|s| s.as_array()).cloned())
+                .unwrap_or_default();
+            obj.insert("applied".into(), json!(versions));
+        }
+        Err(e) => {
+            obj.insert("result".into(), json!("failed"));
+            obj.insert("exitCode".into(), json!(e.exit.code()));
+            let completed: Vec<serde_json::Value> = e
+                .details
+                .as_ref()
+                .and_then(|d| d.get("completedSteps"))
+                .and_then(|s| s.as_array())
+                .map(|steps| {
+                    steps
+                        .iter()
+                        .filter_map(|s| s.get("version").cloned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            obj.insert("applied".into(), json!(completed));
+            if let Some(d) = &e.details {
+                for key in ["version", "file", "line", "statementNumber"] {
+                    if let Some(x) = d.get(key).filter(|x| !x.is_null()) {
+                        obj.insert(format!("failed{}", capitalize(key)), x.clone());
+                    }
+                }
+            }
+            obj.insert(
+                "error".into(),
+                json!({ "kind": e.kind, "message": e.message }),
+            );
+        }
+    }
+    fit_summary(v)
+}
+
+fn capitalize(s: &str) -> String {
+    let mut c = s.chars();
+    c.next()
+        .map(|f| f.to_uppercase().chain(c).collect())
+        .unwrap_or_default()
+}
+
+fn fit_summary(mut v: serde_json::Value) -> String {
+    let text = |v: &serde_json::Value| redact(&v.to_string()).into_owned();
+    let mut line = text(&v);
+    if line.len() <= SUMMARY_MAX {
+        return line;
+    }
+    // First shorten the error message, then the applied list (keep the count).
+    if let Some(msg) = v.pointer_mut("/error/message") {
+        let s = msg.as_str().unwrap_or_default();
+        let keep: String = s.chars().take(1000).collect();
+        *msg = json!(format!("{keep}…"));
+    }
+    line = text(&v);
+    if line.len() > SUMMARY_MAX {
+        if let Some(applied) = v.get_mut("applied").and_then(|a| a.as_array_mut()) {
+            let n = applied.len();
+            let first = applied.first().cloned();
+            let last = applied.last().cloned();
+            *applied = vec![first.unwrap_or_default(), last.unwrap_or_default()];
+            v["appliedCount"] = json!(n);
+            v["appliedTruncated"] = json!(true);
+        }
+        line = text(&v);
+    }
+    if line.len() > SUMMARY_MAX {
+        if let Some(msg) = v.pointer_mut("/error/message") {
+            *msg = json!("(message too long; see the runner's log)");
+        }
+        line = text(&v);
+    }
+    line
+}
+
+pub fn human_run(r: &RunReport) -> String {
+    let none = "none";
+    let from = r.from.as_deref().unwrap_or(none);
+    let to = r.to.as_deref().unwrap_or(none);
+    if r.ahead {
+        return format!(
+            "The database is at {from}, above the requested target; nothing to do \
+             (use `downgrade` to go back).\n"
+        );
+    }
+    if r.noop {
+        return match r.direction {
+            Direction::Up => format!("Already up to date at {to}.\n"),
+            Direction::Down => format!("Nothing to downgrade; the database is at {to}.\n"),
+        };
+    }
+    let verb = if r.direction == Direction::Up {
+        "Upgraded"
+    } else {
+        "Downgraded"
+    };
+    let mut s = format!(
+        "{verb} {from} -> {to}: {} step(s) in {} ms{}\n",
+        r.steps.len(),
+        r.duration_ms,
+        if r.lock_wait_ms > 100 {
+            format!(" (waited {} ms for the lock)", r.lock_wait_ms)
+        } else {
+            String::new()
+        }
+    );
+    for step in &r.steps {
+        let what = if step.direction == Direction::Up {
+            "applied "
+        } else {
+            "reverted"
+        };
+        s.push_str(&format!(
+            "  {what} {} {} ({}, {} ms)\n",
+            step.version, step.description, step.file, step.duration_ms
+        ));
+    }
+    s
+}
+
+pub fn human_current(state: &DbState) -> String {
+    let mut s = match state.current() {
+        Some(v) => format!(
+            "{} {}\n",
+            state.applied[v].version, state.applied[v].description
+        ),
+        None if state.initialized => "none (every migration has been reverted)\n".to_string(),
+        None => "none (no migration has been applied; the history table does not exist yet)\n"
+            .to_string(),
+    };
+    if let Some(u) = &state.unfinished {
+        s.push_str(&format!(
+            "dirty: step {} ({}) did not finish; see `schemagate migrate status`\n",
+            u.version,
+            u.kind.as_str()
+        ));
+    }
+    s
+}
+
+fn outcome_word(r: &HistoryRow) -> &'static str {
+    match (r.kind, r.success, r.transactional) {
+        (_, Some(true), _) => "ok",
+        (_, Some(false), true) => "failed (rolled back)",
+        (_, Some(false), false) => "FAILED (dirty)",
+        (_, None, _) => "unfinished",
+    }
+}
+
+pub fn human_history(rows: &[HistoryRow], initialized: bool) -> String {
+    if !initialized {
+        return "No history: nothing has been applied to this database yet.\n".into();
+    }
+    if rows.is_empty() {
+        return "The history table is empty.\n".into();
+    }
+    let mut s = format!(
+        "{:>5}  {:<16} {:<13} {:<20} {:<24} {:>8}  {:<24} {}\n",
+        "id", "version", "kind", "result", "at (UTC)", "ms", "by", "description"
+    );
+    for r in rows {
+        s.push_str(&format!(
+            "{:>5}  {:<16} {:<13} {:<20} {:<24} {:>8}  {:<24} {}\n",
+            r.id,
+            r.version,
+            r.kind.as_str(),
+            outcome_word(r),
+            r.applied_at,
+            r.duration_ms.map(|d| d.to_string()).unwrap_or_default(),
+            r.applied_by,
+            r.description
+        ));
+        if let Some(e) = &r.error {
+            s.push_str(&format!("{:>7}error: {e}\n", ""));
+        }
+        if let Some(n) = &r.note
+            && r.kind != Kind::Baseline
+        {
+            s.push_str(&format!("{:>7}note: {n}\n", ""));
+        }
+    }
+    s
+}
+
+fn human_drift(d: &Drift, s: &mut String) {
+    for c in &d.changed {
+        s.push_str(&format!(
+            "  changed: {} ({}) checksum {} but {} was recorded when it was applied\n",
+            c.version, c.file, c.actual, c.recorded
+        ));
+    }
+    for m in &d.missing {
+        s.push_str(&format!(
+            "  missing: {} ({}) is applied but has no file\n",
+            m.version, m.description
+        ));
+    }
+}
+
+pub fn human_status(r: &StatusReport) -> String {
+    let mut s = format!("database: {} ({}), connected\n", r.database, r.dialect);
+    s.push_str(&format!(
+        "current:  {}\nhead:     {}\n",
+        r.current.as_deref().unwrap_or("none"),
+        r.head.as_deref().unwrap_or("none")
+    ));
+    if !r.initialized {
+        s.push_str("history:  none yet (the first upgrade creates the history table)\n");
+    }
+    if r.pending.is_empty() {
+        s.push_str("pending:  none\n");
+    } else {
+        s.push_str(&format!("pending:  {}\n", r.pending.len()));
+        for p in &r.pending {
+            s.push_str(&format!(
+                "  {} {} ({}){}\n",
+                p.version,
+                p.description,
+                p.file,
+                if p.out_of_order {
+                    " [older than current: needs --out-of-order]"
+                } else {
+                    ""
+                }
+            ));
+        }
+    }
+    if r.drift.is_empty() {
+        s.push_str("drift:    none\n");
+    } else {
+        s.push_str("drift:\n");
+        human_drift(&r.drift, &mut s);
+    }
+    if let Some(u) = &r.unfinished {
+        let progress = match (u.statements_done, u.statements_total) {
+            (Some(d), Some(t)) => format!(", {d} of {t} statements ran"),
+            _ => String::new(),
+        };
+        if r.running {
+            s.push_str(&format!(
+                "running:  {} ({}) by {}{progress}\n",
+                u.version,
+                u.kind.as_str(),
+                u.applied_by
+            ));
+        } else {
+            s.push_str(&format!(
+                "dirty:    {} ({}) by {} at {} did not finish{progress}{}\n          \
+                 resolve with `schemagate migrate resolve {} --applied|--reverted`\n",
+                u.version,
+                u.kind.as_str(),
+                u.applied_by,
+                u.applied_at,
+                u.error
+                    .as_deref()
+                    .map(|e| format!(": {e}"))
+                    .unwrap_or_default(),
+                u.version
+            ));
+        }
+    }
+    if let Some(h) = &r.lock_holder {
+        s.push_str(&format!("lock:     held by {h}\n"));
+    }
+    let verdict = match r.verdict {
+        Verdict::UpToDate => "up to date",
+        Verdict::Pending => "migrations pending",
+        Verdict::Drift => "DRIFT: applied migrations differ from the files",
+        Verdict::Dirty => "DIRTY: a step did not finish",
+    };
+    s.push_str(&format!("status:   {verdict}\n"));
+    s
+}
+
+pub fn human_verify(verified: usize, d: &Drift) -> String {
+    if d.is_empty() {
+        return format!("OK: {verified} applied migration(s) match their files.\n");
+    }
+    let mut s = format!(
+        "DRIFT: {} changed, {} missing; {verified} match.\n",
+        d.changed.len(),
+        d.missing.len()
+    );
+    human_drift(d, &mut s);
+    s
+}
+
+/// A plan in both forms.
+pub struct RenderedPlan {
+    pub json: serde_json::Value,
+    pub human: String,
+}
+
+fn insert_text(
+    dialect: Dialect,
+    table: &HistoryTable,
+    row: &NewRow,
+    measured: bool,
+) -> (String, Vec<String>) {
+    let mut values = dialect::row_literals(row);
+    if measured {
+        values[10] = "<duration_ms, measured>".into();
+    }
+    (dialect::insert_sql(dialect, table), values)
+}
+
+/// Renders exactly what the runner would send, step by step.
+pub fn render_plan(
+    plan: &Plan<'_>,
+    prepared: &[Prepared<'_>],
+    dialect: Dialect,
+    table: &HistoryTable,
+    create_table: bool,
+    runner_id: &str,
+) -> RenderedPlan {
+    let from = plan.from.as_ref().map(|v| v.to_string());
+    let to = plan.to.as_ref().map(|v| v.to_string());
+    let mut human = String::new();
+    let mut steps_json = Vec::new();
+    let dir = match plan.direction {
+        Direction::Up => "upgrade",
+        Direction::Down => "downgrade",
+    };
+    if prepared.is_empty() {
+        human.push_str(&if plan.ahead {
+            "-- The database is above the requested target: an upgrade would do nothing.\n"
+                .to_string()
+        } else {
+            format!(
+                "-- Nothing to {dir}: the database is at {}.\n",
+                to.as_deref().unwrap_or("none")
+            )
+        });
+    } else {
+        human.push_str(&format!(
+            "-- Plan: {dir} {} -> {} in {} step(s), under the migration lock.\n",
+            from.as_deref().unwrap_or("none"),
+            to.as_deref().unwrap_or("none"),
+            prepared.len()
+        ));
+        if create_table {
+            human.push_str(&format!(
+                "{};\n\n",
+                dialect::create_table_sql(dialect, table)
+            ));
+        }
+    }
+    for p in prepared {
+        let m = p.step.migration;
+        let mut row = step_row(p, runner_id);
+        let mut sql_parts = Vec::new();
+        let header = format!(
+            "-- {} {} ({}, {}{})",
+            m.version,
+            m.description,
+            if p.step.direction == Direction::Up {
+                "up"
+            } else {
+                "down"
+            },
+            p.script.file,
+            if matches!(p.work, Work::Transactional { .. }) {
+                ", in one transaction with its history row"
+            } else {
+                ", no transaction: statement by statement, progress recorded"
+            }
+        );
+        human.push_str(&header);
+        human.push('\n');
+        let history;
+        match &p.work {
+            Work::Transactional { body, .. } => {
+                let text = format!("{};\n{}\n;", dialect::begin_sql(dialect), body.trim_end());
+                human.push_str(&text);
+                human.push('\n');
+                sql_parts.push(text);
+                let (insert, values) = insert_text(dialect, table, &row, true);
+                human.push_str(&format!(
+                    "{insert};\n-- parameters: {}\nCOMMIT;\n\n",
+                    values.join(", ")
+                ));
+                history = json!([{ "sql": insert, "parameters": values }]);
+                sql_parts.push("COMMIT;".into());
+            }
+            Work::NonTransactional { statements } => {
+                row.success = None;
+                row.transactional = false;
+                row.statements_done = Some(0);
+                let (insert, values) = insert_text(dialect, table, &row, false);
+                human.push_str(&format!(
+                    "{insert};\n-- parameters: {}\n",
+                    values.join(", ")
+                ));
+                let progress = dialect::progress_sql(dialect, table);
+                for (i, st) in statements.iter().enumerate() {
+                    let text = format!("{};", st.text(&p.script.sql));
+                    human.push_str(&format!("{text}\n{progress}; -- {} , <row id>\n", i + 1));
+                    sql_parts.push(text);
+                }
+                let finish = dialect::finish_sql(dialect, table);
+                human.push_str(&format!(
+                    "{finish}; -- TRUE, <duration_ms, measured>, NULL, {}, <row id>\n\n",
+                    statements.len()
+                ));
+                history = json!([
+                    { "sql": insert, "parameters": values },
+                    { "sql": progress, "after": "each statement" },
+                    { "sql": finish, "after": "the last statement" },
+                ]);
+            }
+        }
+        steps_json.push(json!({
+            "version": m.version.to_string(),
+            "description": m.description,
+            "direction": p.step.direction,
+            "file": p.script.file,
+            "transactional": matches!(p.work, Work::Transactional { .. }),
+            "statements": p.work.statements().iter().map(|s| s.text(&p.script.sql)).collect::<Vec<_>>(),
+            "sql": sql_parts,
+            "historyWrites": history,
+        }));
+    }
+    let json = json!({
+        "direction": plan.direction,
+        "from": from,
+        "to": to,
+        "ahead": plan.ahead,
+        "createsHistoryTable": create_table && !prepared.is_empty(),
+        "steps": steps_json,
+    });
+    RenderedPlan { json, human }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_stay_under_the_termination_message_limit() {
+        let huge = "x".repeat(50_000);
+        let err = CliError::new(Exit::MigrationFailed, "migration_failed", huge).details(json!({
+            "completedSteps": (0..2000).map(|i| json!({ "version": i.to_string() })).collect::<Vec<_>>(),
+            "version": "2001",
+            "file": "2001_x.up.sql",
+            "line": 3,
+        }));
+        let line = summary_line("upgrade", &Err(err), Duration::from_millis(5));
+        assert!(line.len() <= SUMMARY_MAX, "{}", line.len());
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["result"], "failed");
+        assert_eq!(v["appliedCount"], 2000);
+        assert_eq!(v["failedFile"], "2001_x.up.sql");
+        assert_eq!(v["exitCode"], 12);
+    }
+
+    #[test]
+    fn success_summary_lists_applied_versions() {
+        let ok = Outcome::ok(
+            json!({ "from": "1", "to": "3", "noop": false, "steps": [{ "version": "2" }, { "version": "3" }] }),
+            String::new(),
+        );
+        let line = summary_line("upgrade", &Ok(ok), Duration::from_millis(7));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["result"], "success");
+        assert_eq!(v["applied"], json!(["2", "3"]));
+        assert_eq!(v["from"], "1");
+        assert_eq!(v["durationMs"], 7);
+    }
+}

@@ -1,0 +1,281 @@
+//! SQLite: each step runs in `BEGIN IMMEDIATE` (SQLite's write lock, waited for up to the
+//! busy timeout), and the run as a whole holds an OS file lock (`flock`) on a sidecar file
+//! `<database>.schemagate-lock`, which the kernel releases when the process dies, exactly
+//! like a PostgreSQL session lock. The sidecar holds the holder's identity for waiters.
+//! (On network filesystems `flock` may not be shared between hosts; neither is SQLite's
+//! own locking, which SQLite documents.)
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{Read, Seek, Write};
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
+use sqlx::{AssertSqlSafe, Connection};
+
+use super::{
+    Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
+    begin_with, bind_finish, bind_row, count_results, decode_row, finish_sql, insert_sql,
+    progress_sql, select_sql,
+};
+use crate::engine::clock;
+use crate::engine::history::HistoryRow;
+use crate::engine::script::Dialect;
+
+const D: Dialect = Dialect::Sqlite;
+
+/// A SQLite connection dedicated to one run.
+pub struct SqliteBackend {
+    /// `None` when the database file does not exist and the command only reads.
+    conn: Option<SqliteConnection>,
+    /// The database file; `None` for an in-memory database.
+    path: Option<PathBuf>,
+    table: HistoryTable,
+    who: String,
+    lock: Option<File>,
+    insert: String,
+    progress: String,
+    finish: String,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct HolderFile {
+    who: String,
+    since_ms: i64,
+}
+
+impl SqliteBackend {
+    pub async fn connect(cfg: &ConnectConfig) -> Result<Self, DbError> {
+        let mut opts = SqliteConnectOptions::from_str(&cfg.url)
+            .map_err(DbError::from)?
+            .busy_timeout(cfg.busy_timeout)
+            // SQLite's own default. With foreign keys on, the DROP TABLE of a table rebuild
+            // (the usual way to alter a SQLite table) would cascade into the children's rows.
+            .foreign_keys(false);
+        let in_memory = cfg.url.contains(":memory:") || cfg.url.contains("mode=memory");
+        let path = (!in_memory).then(|| opts.get_filename().to_path_buf());
+        let mut backend = SqliteBackend {
+            conn: None,
+            path: path.clone(),
+            table: cfg.table.clone(),
+            who: cfg.application_name.clone(),
+            lock: None,
+            insert: insert_sql(D, &cfg.table),
+            progress: progress_sql(D, &cfg.table),
+            finish: finish_sql(D, &cfg.table),
+        };
+        if let Some(p) = &path
+            && !p.exists()
+        {
+            if !cfg.create {
+                return Ok(backend);
+            }
+            opts = opts.create_if_missing(true);
+        }
+        backend.conn = Some(
+            SqliteConnection::connect_with(&opts)
+                .await
+                .map_err(DbError::from)?,
+        );
+        Ok(backend)
+    }
+
+    fn conn(&mut self) -> Result<&mut SqliteConnection, DbError> {
+        self.conn.as_mut().ok_or_else(|| {
+            DbError::new(
+                DbErrorKind::NoDatabase,
+                "the SQLite database file does not exist",
+            )
+        })
+    }
+
+    fn lock_path(&self) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| {
+            let mut s = p.clone().into_os_string();
+            s.push(".schemagate-lock");
+            PathBuf::from(s)
+        })
+    }
+}
+
+fn lock_err(e: std::io::Error, path: &std::path::Path) -> DbError {
+    DbError::new(
+        DbErrorKind::Other,
+        format!("cannot use the lock file {}: {e}", path.display()),
+    )
+}
+
+impl Backend for SqliteBackend {
+    fn dialect(&self) -> Dialect {
+        D
+    }
+
+    async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
+        let sql = select_sql(D, &self.table);
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        match sqlx::raw_sql(AssertSqlSafe(sql)).fetch_all(conn).await {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| decode_row(r).map_err(DbError::from))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Err(sqlx::Error::Database(e)) if e.message().starts_with("no such table") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn create_history_table(&mut self) -> Result<(), DbError> {
+        let sql = super::create_table_sql(D, &self.table);
+        sqlx::raw_sql(AssertSqlSafe(sql))
+            .execute(self.conn()?)
+            .await?;
+        Ok(())
+    }
+
+    async fn try_lock(&mut self) -> Result<bool, DbError> {
+        let Some(path) = self.lock_path() else {
+            return Ok(true); // in-memory: nobody else can see this database
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| lock_err(e, &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => return Ok(false),
+            Err(TryLockError::Error(e)) => return Err(lock_err(e, &path)),
+        }
+        let holder = HolderFile {
+            who: self.who.clone(),
+            since_ms: clock::now_millis(),
+        };
+        let text = serde_json::to_string(&holder).unwrap_or_default();
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(text.as_bytes()))
+            .map_err(|e| lock_err(e, &path))?;
+        self.lock = Some(file);
+        Ok(true)
+    }
+
+    async fn unlock(&mut self) -> Result<(), DbError> {
+        if let Some(file) = self.lock.take() {
+            file.unlock().map_err(|e| {
+                DbError::new(
+                    DbErrorKind::Other,
+                    format!("cannot release the lock file: {e}"),
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn lock_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
+        let Some(path) = self.lock_path() else {
+            return Ok(None);
+        };
+        if self.lock.is_some() {
+            return Ok(Some(LockHolder {
+                who: self.who.clone(),
+                since: None,
+                age_seconds: None,
+            }));
+        }
+        let mut file = match OpenOptions::new().read(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(lock_err(e, &path)),
+        };
+        // Probe: if the lock can be taken, nobody holds it.
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                return Ok(None);
+            }
+            Err(TryLockError::WouldBlock) => {}
+            Err(TryLockError::Error(e)) => return Err(lock_err(e, &path)),
+        }
+        let mut text = String::new();
+        let _ = file.read_to_string(&mut text);
+        Ok(Some(match serde_json::from_str::<HolderFile>(&text) {
+            Ok(h) => LockHolder {
+                who: h.who,
+                since: Some(clock::iso_from_millis(h.since_ms)),
+                age_seconds: Some((clock::now_millis() - h.since_ms) / 1000),
+            },
+            Err(_) => LockHolder {
+                who: "another process (it has not written its name yet)".into(),
+                since: None,
+                age_seconds: None,
+            },
+        }))
+    }
+
+    async fn begin_and_run(&mut self, body: &str) -> Result<(), ExecFailure> {
+        let conn = self.conn().map_err(|error| ExecFailure {
+            began: false,
+            completed: 0,
+            error,
+        })?;
+        count_results(begin_with(D, body).execute_many(conn)).await
+    }
+
+    async fn commit(&mut self) -> Result<(), DbError> {
+        sqlx::raw_sql("COMMIT").execute(self.conn()?).await?;
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> Result<(), DbError> {
+        sqlx::raw_sql("ROLLBACK").execute(self.conn()?).await?;
+        Ok(())
+    }
+
+    async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
+        sqlx::raw_sql(AssertSqlSafe(statement.to_string()))
+            .execute(self.conn()?)
+            .await?;
+        Ok(())
+    }
+
+    async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
+        let q = sqlx::query(AssertSqlSafe(self.insert.clone()));
+        let done = bind_row(q, row).execute(self.conn()?).await?;
+        Ok(done.last_insert_rowid())
+    }
+
+    async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
+        sqlx::query(AssertSqlSafe(self.progress.clone()))
+            .bind(done)
+            .bind(id)
+            .execute(self.conn()?)
+            .await?;
+        Ok(())
+    }
+
+    async fn finish_row(
+        &mut self,
+        id: i64,
+        success: bool,
+        duration_ms: i64,
+        error: Option<&str>,
+        done: i64,
+    ) -> Result<(), DbError> {
+        let q = sqlx::query(AssertSqlSafe(self.finish.clone()));
+        bind_finish(q, id, success, duration_ms, error, done)
+            .execute(self.conn()?)
+            .await?;
+        Ok(())
+    }
+
+    async fn close(mut self) {
+        let _ = self.unlock().await;
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}

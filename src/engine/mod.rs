@@ -1,0 +1,22 @@
+//! The migration engine: sources, planning, history, locking and execution per dialect.
+//!
+//! No Kubernetes types here: the CLI, the controller's Jobs and the injected init
+//! containers all reach the engine through the same `schemagate migrate` commands.
+
+pub mod clock;
+pub mod dialect;
+pub mod history;
+pub mod plan;
+pub mod redact;
+pub mod runner;
+pub mod script;
+pub mod source;
+pub mod status;
+pub mod version;
+
+pub use dialect::{Backend, ConnectConfig, Db, DbError, DbErrorKind, HistoryTable};
+pub use history::DbState;
+pub use plan::{ChecksumMode, Direction, PlanOptions, Target};
+pub use runner::{Mode, RunError, RunReport, RunSettings};
+pub use source::MigrationSet;
+pub use version::Version;

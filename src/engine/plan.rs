@@ -1,0 +1,652 @@
+//! Planning: available migrations + database state + target -> the steps to run.
+//!
+//! Pure functions, no I/O: everything the runner does is decided here first, so that
+//! `plan` can print exactly what `upgrade`/`downgrade` would run, and so the rules are
+//! tested exhaustively without a database.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::Serialize;
+
+use super::history::{DbState, Unfinished};
+use super::source::{Migration, MigrationSet};
+use super::version::{Version, VersionError};
+
+/// Where an upgrade or downgrade should end.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The newest migration.
+    Head,
+    /// Nothing applied (downgrade only).
+    Base,
+    Version(Version),
+    /// `+N` (upgrade N steps) or `-N` (downgrade N steps).
+    Relative(i64),
+}
+
+impl FromStr for Target {
+    type Err = VersionError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        match s {
+            "head" | "heads" | "latest" => Ok(Target::Head),
+            "base" => Ok(Target::Base),
+            _ => {
+                if let Some(n) = s.strip_prefix(['+', '-'])
+                    && let Ok(n) = n.parse::<i64>()
+                    && n > 0
+                {
+                    return Ok(Target::Relative(if s.starts_with('-') { -n } else { n }));
+                }
+                Version::parse(s).map(Target::Version)
+            }
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Head => f.write_str("head"),
+            Target::Base => f.write_str("base"),
+            Target::Version(v) => write!(f, "{v}"),
+            Target::Relative(n) if *n > 0 => write!(f, "+{n}"),
+            Target::Relative(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Up,
+    Down,
+}
+
+/// How applied checksums are compared with the files.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ChecksumMode {
+    /// Every byte counts.
+    #[default]
+    Strict,
+    /// Line endings, trailing whitespace and a byte-order mark are ignored.
+    Normalized,
+}
+
+/// Options that relax the planning rules, each an explicit user choice.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PlanOptions {
+    /// Apply pending migrations older than the current version.
+    pub out_of_order: bool,
+    /// Go on although applied migrations have no file any more.
+    pub ignore_missing: bool,
+    pub checksum: ChecksumMode,
+}
+
+/// An applied migration whose file changed since it ran.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChecksumMismatch {
+    pub version: String,
+    pub file: String,
+    pub recorded: String,
+    pub actual: String,
+}
+
+/// An applied migration with no file in the source.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MissingFile {
+    pub version: String,
+    pub description: String,
+}
+
+/// Differences between the database's history and the migration files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Drift {
+    pub changed: Vec<ChecksumMismatch>,
+    pub missing: Vec<MissingFile>,
+}
+
+impl Drift {
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.missing.is_empty()
+    }
+}
+
+/// Compares applied checksums with the files.
+pub fn drift(set: &MigrationSet, state: &DbState, mode: ChecksumMode) -> Drift {
+    let mut d = Drift::default();
+    for (version, applied) in &state.applied {
+        let Some(m) = set.get(version) else {
+            d.missing.push(MissingFile {
+                version: applied.version.clone(),
+                description: applied.description.clone(),
+            });
+            continue;
+        };
+        let (recorded, actual) = match (mode, &applied.checksum_normalized) {
+            (ChecksumMode::Normalized, Some(n)) => (Some(n), &m.up.checksums.normalized),
+            _ => (applied.checksum.as_ref(), &m.up.checksums.strict),
+        };
+        // Baselines of versions whose file did not exist when stamped carry no checksum.
+        if let Some(recorded) = recorded
+            && recorded != actual
+        {
+            d.changed.push(ChecksumMismatch {
+                version: applied.version.clone(),
+                file: m.up.file.clone(),
+                recorded: recorded.clone(),
+                actual: actual.clone(),
+            });
+        }
+    }
+    d
+}
+
+/// Migrations in the source that the database has not applied, in version order.
+pub fn pending<'a>(set: &'a MigrationSet, state: &DbState) -> Vec<&'a Migration> {
+    set.migrations
+        .iter()
+        .filter(|m| !state.applied.contains_key(&m.version))
+        .collect()
+}
+
+/// One step of a plan.
+#[derive(Clone, Debug)]
+pub struct Step<'a> {
+    pub direction: Direction,
+    pub migration: &'a Migration,
+}
+
+/// The steps an upgrade or downgrade runs, in order.
+#[derive(Clone, Debug)]
+pub struct Plan<'a> {
+    pub direction: Direction,
+    pub from: Option<Version>,
+    /// The current version once every step has run.
+    pub to: Option<Version>,
+    pub steps: Vec<Step<'a>>,
+    /// Upgrade to a version below the current one: nothing runs, the database stays ahead.
+    pub ahead: bool,
+}
+
+/// Why no plan can be made.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PlanError {
+    #[error("step {} ({}) of an earlier run did not finish{}", .0.version, .0.kind.as_str(), progress(.0))]
+    Unfinished(Box<Unfinished>),
+    #[error("{}", drift_message(.0))]
+    Drift(Drift),
+    #[error("target {target} is not a known migration version")]
+    UnknownTarget { target: String },
+    #[error("pending migrations {} are older than the current version {current}", list(.versions))]
+    OutOfOrder {
+        versions: Vec<String>,
+        current: String,
+    },
+    #[error("{what} is not a valid {direction} target")]
+    WrongDirection {
+        what: String,
+        direction: &'static str,
+    },
+    #[error("target {target} is above the current version {current}; use `upgrade`")]
+    TargetAboveCurrent { target: String, current: String },
+    #[error("cannot go back {steps} step(s): only {applied} migration(s) are applied")]
+    NotEnoughApplied { steps: i64, applied: usize },
+    #[error("cannot downgrade: {}", missing_down_list(.0))]
+    MissingDown(Vec<(String, String)>),
+}
+
+fn list(v: &[String]) -> String {
+    v.join(", ")
+}
+
+fn progress(u: &Unfinished) -> String {
+    let state = if u.failed {
+        format!(
+            ": it failed ({})",
+            u.error.as_deref().unwrap_or("no message")
+        )
+    } else {
+        " (its runner stopped or died while it ran)".to_string()
+    };
+    match (u.statements_done, u.statements_total) {
+        (Some(done), Some(total)) => format!("{state}; {done} of {total} statements had run"),
+        _ => state,
+    }
+}
+
+fn drift_message(d: &Drift) -> String {
+    let mut parts = Vec::new();
+    for c in &d.changed {
+        parts.push(format!(
+            "applied migration {} changed since it ran: {} has checksum {} but {} was recorded",
+            c.version, c.file, c.actual, c.recorded
+        ));
+    }
+    for m in &d.missing {
+        parts.push(format!(
+            "applied migration {} ({}) has no file in the migrations source",
+            m.version, m.description
+        ));
+    }
+    parts.join("; ")
+}
+
+fn missing_down_list(v: &[(String, String)]) -> String {
+    v.iter()
+        .map(|(ver, why)| format!("{ver} {why}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl PlanError {
+    /// The next step for the user.
+    pub fn hint(&self) -> String {
+        match self {
+            PlanError::Unfinished(u) => format!(
+                "inspect the database; then record what happened with `schemagate migrate resolve {} \
+                 --applied` (its changes are all there) or `--reverted` (you undid them)",
+                u.version
+            ),
+            PlanError::Drift(d) if !d.changed.is_empty() => "restore the applied file (`git diff` it), \
+                 or if only line endings/whitespace changed, pass --checksum normalized"
+                .into(),
+            PlanError::Drift(_) => {
+                "restore the missing files, or pass --ignore-missing if they were removed on purpose"
+                    .into()
+            }
+            PlanError::UnknownTarget { .. } => {
+                "run `schemagate migrate heads` / `status` to see the known versions".into()
+            }
+            PlanError::OutOfOrder { .. } => {
+                "give the new migrations versions above the current one, or pass --out-of-order to \
+                 apply them anyway"
+                    .into()
+            }
+            PlanError::WrongDirection { .. } => {
+                "upgrade takes head, a version or +N; downgrade takes base, a version or -N".into()
+            }
+            PlanError::TargetAboveCurrent { .. } => "use `schemagate migrate upgrade`".into(),
+            PlanError::NotEnoughApplied { .. } => {
+                "use `schemagate migrate downgrade base` to revert everything".into()
+            }
+            PlanError::MissingDown(_) => {
+                "write the missing down scripts; nothing was reverted (a downgrade never skips a step)"
+                    .into()
+            }
+        }
+    }
+}
+
+fn check(set: &MigrationSet, state: &DbState, opts: &PlanOptions) -> Result<(), PlanError> {
+    if let Some(u) = &state.unfinished {
+        return Err(PlanError::Unfinished(Box::new(u.clone())));
+    }
+    let mut d = drift(set, state, opts.checksum);
+    if opts.ignore_missing {
+        d.missing.clear();
+    }
+    if !d.is_empty() {
+        return Err(PlanError::Drift(d));
+    }
+    Ok(())
+}
+
+/// Plans an upgrade to `target`.
+pub fn plan_upgrade<'a>(
+    set: &'a MigrationSet,
+    state: &DbState,
+    target: &Target,
+    opts: &PlanOptions,
+) -> Result<Plan<'a>, PlanError> {
+    check(set, state, opts)?;
+    let current = state.current().cloned();
+    let pending = pending(set, state);
+    let limit: Option<&Version> = match target {
+        Target::Head => None,
+        Target::Version(v) => {
+            if set.get(v).is_none() && !state.applied.contains_key(v) {
+                return Err(PlanError::UnknownTarget {
+                    target: v.to_string(),
+                });
+            }
+            Some(v)
+        }
+        Target::Relative(n) if *n > 0 => None,
+        other => {
+            return Err(PlanError::WrongDirection {
+                what: other.to_string(),
+                direction: "upgrade",
+            });
+        }
+    };
+    if let (Some(limit), Some(cur)) = (limit, &current)
+        && limit < cur
+    {
+        return Ok(Plan {
+            direction: Direction::Up,
+            from: current.clone(),
+            to: current,
+            steps: Vec::new(),
+            ahead: true,
+        });
+    }
+    let mut steps: Vec<&Migration> = pending
+        .into_iter()
+        .filter(|m| limit.is_none_or(|l| m.version <= *l))
+        .collect();
+    if let Some(cur) = &current {
+        let older: Vec<String> = steps
+            .iter()
+            .filter(|m| m.version < *cur)
+            .map(|m| m.version.to_string())
+            .collect();
+        if !older.is_empty() && !opts.out_of_order {
+            return Err(PlanError::OutOfOrder {
+                versions: older,
+                current: cur.to_string(),
+            });
+        }
+    }
+    if let Target::Relative(n) = target {
+        steps.truncate(usize::try_from(*n).unwrap_or(usize::MAX));
+    }
+    let to = steps
+        .iter()
+        .map(|m| m.version.clone())
+        .chain(current.clone())
+        .max();
+    Ok(Plan {
+        direction: Direction::Up,
+        from: current,
+        to,
+        steps: steps
+            .into_iter()
+            .map(|migration| Step {
+                direction: Direction::Up,
+                migration,
+            })
+            .collect(),
+        ahead: false,
+    })
+}
+
+/// Plans a downgrade to `target`. Every step needs a down script; if any is missing, nothing
+/// is planned (a downgrade never skips a step).
+pub fn plan_downgrade<'a>(
+    set: &'a MigrationSet,
+    state: &DbState,
+    target: &Target,
+    opts: &PlanOptions,
+) -> Result<Plan<'a>, PlanError> {
+    check(set, state, opts)?;
+    let current = state.current().cloned();
+    let applied_desc: Vec<&Version> = state.applied.keys().rev().collect();
+    let revert: Vec<&Version> = match target {
+        Target::Base => applied_desc,
+        Target::Version(v) => {
+            if set.get(v).is_none() && !state.applied.contains_key(v) {
+                return Err(PlanError::UnknownTarget {
+                    target: v.to_string(),
+                });
+            }
+            if let Some(cur) = &current
+                && v > cur
+            {
+                return Err(PlanError::TargetAboveCurrent {
+                    target: v.to_string(),
+                    current: cur.to_string(),
+                });
+            }
+            applied_desc.into_iter().filter(|a| *a > v).collect()
+        }
+        Target::Relative(n) if *n < 0 => {
+            let steps = usize::try_from(-n).unwrap_or(usize::MAX);
+            if steps > applied_desc.len() {
+                return Err(PlanError::NotEnoughApplied {
+                    steps: -n,
+                    applied: applied_desc.len(),
+                });
+            }
+            applied_desc.into_iter().take(steps).collect()
+        }
+        other => {
+            return Err(PlanError::WrongDirection {
+                what: other.to_string(),
+                direction: "downgrade",
+            });
+        }
+    };
+    let mut missing = Vec::new();
+    let mut steps = Vec::new();
+    for v in &revert {
+        match set.get(v) {
+            None => missing.push((v.to_string(), "has no file".to_string())),
+            Some(m) if m.down.is_none() => {
+                missing.push((v.to_string(), format!("has no down script ({})", m.up.file)))
+            }
+            Some(m) => steps.push(Step {
+                direction: Direction::Down,
+                migration: m,
+            }),
+        }
+    }
+    if !missing.is_empty() {
+        return Err(PlanError::MissingDown(missing));
+    }
+    let to = state.applied.keys().rfind(|a| !revert.contains(a)).cloned();
+    Ok(Plan {
+        direction: Direction::Down,
+        from: current,
+        to,
+        steps,
+        ahead: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::history::tests::row;
+    use crate::engine::history::{HistoryRow, Kind};
+    use crate::engine::source::load_files;
+
+    fn set(specs: &[(&str, bool)]) -> MigrationSet {
+        let mut files = Vec::new();
+        for (v, down) in specs {
+            files.push((format!("{v}_m.up.sql"), format!("select {v};")));
+            if *down {
+                files.push((format!("{v}_m.down.sql"), format!("select -{v};")));
+            }
+        }
+        load_files("test", files).unwrap()
+    }
+
+    fn applied_rows(set: &MigrationSet, versions: &[&str]) -> Vec<HistoryRow> {
+        versions
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let mut r = row(i as i64 + 1, v, Kind::Up, Some(true), true);
+                if let Some(m) = set.get(&Version::parse(v).unwrap()) {
+                    r.checksum = Some(m.up.checksums.strict.clone());
+                    r.checksum_normalized = Some(m.up.checksums.normalized.clone());
+                }
+                r
+            })
+            .collect()
+    }
+
+    fn state(set: &MigrationSet, versions: &[&str]) -> DbState {
+        DbState::from_rows(&applied_rows(set, versions))
+    }
+
+    fn t(s: &str) -> Target {
+        s.parse().unwrap()
+    }
+
+    fn versions(p: &Plan) -> Vec<String> {
+        p.steps
+            .iter()
+            .map(|s| s.migration.version.to_string())
+            .collect()
+    }
+
+    const OPTS: PlanOptions = PlanOptions {
+        out_of_order: false,
+        ignore_missing: false,
+        checksum: ChecksumMode::Strict,
+    };
+
+    #[test]
+    fn targets_parse() {
+        assert_eq!(t("head"), Target::Head);
+        assert_eq!(t("base"), Target::Base);
+        assert_eq!(t("-2"), Target::Relative(-2));
+        assert_eq!(t("+1"), Target::Relative(1));
+        assert_eq!(t("0003"), Target::Version(Version::parse("3").unwrap()));
+        assert!("-0".parse::<Target>().is_err());
+        assert!("x".parse::<Target>().is_err());
+    }
+
+    #[test]
+    fn upgrade_from_empty_to_head_and_to_a_target() {
+        let s = set(&[("1", true), ("2", true), ("10", true)]);
+        let empty = DbState::default();
+        let p = plan_upgrade(&s, &empty, &Target::Head, &OPTS).unwrap();
+        assert_eq!(versions(&p), vec!["1", "2", "10"]);
+        assert_eq!(p.to.unwrap().to_string(), "10");
+        let p = plan_upgrade(&s, &empty, &t("2"), &OPTS).unwrap();
+        assert_eq!(versions(&p), vec!["1", "2"]);
+        let p = plan_upgrade(&s, &empty, &t("+1"), &OPTS).unwrap();
+        assert_eq!(versions(&p), vec!["1"]);
+        let p = plan_upgrade(&s, &state(&s, &["1", "2", "10"]), &Target::Head, &OPTS).unwrap();
+        assert!(p.steps.is_empty());
+        assert_eq!(p.to.unwrap().to_string(), "10");
+    }
+
+    #[test]
+    fn upgrade_to_a_lower_target_leaves_the_database_ahead() {
+        let s = set(&[("1", true), ("2", true)]);
+        let p = plan_upgrade(&s, &state(&s, &["1", "2"]), &t("1"), &OPTS).unwrap();
+        assert!(p.ahead && p.steps.is_empty());
+    }
+
+    #[test]
+    fn upgrade_refuses_unknown_targets_and_wrong_directions() {
+        let s = set(&[("1", true)]);
+        let e = plan_upgrade(&s, &DbState::default(), &t("7"), &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::UnknownTarget { .. }));
+        let e = plan_upgrade(&s, &DbState::default(), &t("base"), &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::WrongDirection { .. }));
+        let e = plan_upgrade(&s, &DbState::default(), &t("-1"), &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::WrongDirection { .. }));
+    }
+
+    #[test]
+    fn out_of_order_needs_permission() {
+        let s = set(&[("1", true), ("2", true), ("3", true)]);
+        let st = state(&s, &["1", "3"]);
+        let e = plan_upgrade(&s, &st, &Target::Head, &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::OutOfOrder { .. }), "{e}");
+        let opts = PlanOptions {
+            out_of_order: true,
+            ..OPTS
+        };
+        let p = plan_upgrade(&s, &st, &Target::Head, &opts).unwrap();
+        assert_eq!(versions(&p), vec!["2"]);
+        assert_eq!(p.to.unwrap().to_string(), "3");
+    }
+
+    #[test]
+    fn drift_and_unfinished_steps_block_every_plan() {
+        let s = set(&[("1", true), ("2", true)]);
+        let mut rows = applied_rows(&s, &["1"]);
+        rows[0].checksum = Some("0000".into());
+        let st = DbState::from_rows(&rows);
+        let e = plan_upgrade(&s, &st, &Target::Head, &OPTS).unwrap_err();
+        let PlanError::Drift(d) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(d.changed[0].file, "1_m.up.sql");
+        assert!(e.to_string().contains("1_m.up.sql") && e.to_string().contains("0000"));
+        assert!(matches!(
+            plan_downgrade(&s, &st, &Target::Base, &OPTS),
+            Err(PlanError::Drift(_))
+        ));
+
+        let mut rows = applied_rows(&s, &["1"]);
+        rows.push(row(2, "2", Kind::Up, None, false));
+        let st = DbState::from_rows(&rows);
+        let e = plan_upgrade(&s, &st, &Target::Head, &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::Unfinished(_)));
+        assert!(e.hint().contains("resolve 2"));
+    }
+
+    #[test]
+    fn normalized_mode_accepts_whitespace_only_changes() {
+        let s = load_files(
+            "t",
+            vec![("1_a.up.sql".to_string(), "select 1;  \r\n".to_string())],
+        )
+        .unwrap();
+        let mut rows = applied_rows(&s, &["1"]);
+        rows[0].checksum = Some(crate::engine::script::Checksums::of("select 1;\n").strict);
+        rows[0].checksum_normalized =
+            Some(crate::engine::script::Checksums::of("select 1;\n").normalized);
+        let st = DbState::from_rows(&rows);
+        assert!(!drift(&s, &st, ChecksumMode::Strict).is_empty());
+        assert!(drift(&s, &st, ChecksumMode::Normalized).is_empty());
+    }
+
+    #[test]
+    fn missing_files_are_drift_unless_ignored() {
+        let s = set(&[("2", true)]);
+        let st = state(&s, &["1", "2"]);
+        let e = plan_upgrade(&s, &st, &Target::Head, &OPTS).unwrap_err();
+        assert!(matches!(&e, PlanError::Drift(d) if d.missing.len() == 1));
+        let opts = PlanOptions {
+            ignore_missing: true,
+            ..OPTS
+        };
+        assert!(plan_upgrade(&s, &st, &Target::Head, &opts).is_ok());
+    }
+
+    #[test]
+    fn downgrade_by_steps_to_a_version_and_to_base() {
+        let s = set(&[("1", true), ("2", true), ("3", true)]);
+        let st = state(&s, &["1", "2", "3"]);
+        let p = plan_downgrade(&s, &st, &t("-1"), &OPTS).unwrap();
+        assert_eq!(versions(&p), vec!["3"]);
+        assert_eq!(p.to.unwrap().to_string(), "2");
+        let p = plan_downgrade(&s, &st, &t("1"), &OPTS).unwrap();
+        assert_eq!(versions(&p), vec!["3", "2"]);
+        let p = plan_downgrade(&s, &st, &t("base"), &OPTS).unwrap();
+        assert_eq!(versions(&p), vec!["3", "2", "1"]);
+        assert!(p.to.is_none());
+        let e = plan_downgrade(&s, &st, &t("-4"), &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::NotEnoughApplied { .. }));
+        let e = plan_downgrade(&s, &state(&s, &["1"]), &t("3"), &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::TargetAboveCurrent { .. }));
+        let e = plan_downgrade(&s, &st, &t("head"), &OPTS).unwrap_err();
+        assert!(matches!(e, PlanError::WrongDirection { .. }));
+    }
+
+    #[test]
+    fn downgrade_never_skips_a_step_without_a_down_script() {
+        let s = set(&[("1", true), ("2", false), ("3", true)]);
+        let st = state(&s, &["1", "2", "3"]);
+        let e = plan_downgrade(&s, &st, &t("1"), &OPTS).unwrap_err();
+        let PlanError::MissingDown(m) = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].0, "2");
+        assert!(e.to_string().contains("2_m.up.sql"));
+        assert!(plan_downgrade(&s, &st, &t("-1"), &OPTS).is_ok());
+    }
+}

@@ -1,0 +1,757 @@
+//! Running plans: the lock, the steps, the history rows.
+//!
+//! The order of a run is fixed: read the history (no lock) -> plan -> if nothing to do,
+//! stop (the no-op path: one connect, one read) -> take the lock -> read the history again
+//! and plan again (another runner may have done the work meanwhile) -> run each step with
+//! its history row -> release the lock.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::dialect::{Backend, DbError, LockHolder, NewRow};
+use super::history::{DbState, Kind};
+use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
+use super::redact;
+use super::script::{self, Dialect, Statement, TxControlError};
+use super::source::{Migration, MigrationSet, Script};
+use super::version::Version;
+
+/// Settings of a run.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    /// Recorded in `applied_by` and shown to waiting runners: host or pod name and pid.
+    pub runner_id: String,
+    /// How long to wait for another runner's lock before giving up.
+    pub lock_timeout: Duration,
+    pub plan: PlanOptions,
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunReport {
+    pub direction: Direction,
+    pub from: Option<String>,
+    pub to: Option<String>,
+    pub steps: Vec<StepReport>,
+    /// Nothing had to run.
+    pub noop: bool,
+    /// The database is above the requested target; nothing ran (use downgrade to go back).
+    pub ahead: bool,
+    pub lock_wait_ms: u64,
+    pub duration_ms: u64,
+}
+
+/// One step that ran.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepReport {
+    pub version: String,
+    pub description: String,
+    pub direction: Direction,
+    pub file: String,
+    pub transactional: bool,
+    pub duration_ms: u64,
+}
+
+/// A step that failed.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepFailure {
+    pub version: String,
+    pub description: String,
+    pub direction: Direction,
+    pub file: String,
+    /// Line in the file of the failing statement (when it could be told).
+    pub line: Option<usize>,
+    /// 1-based number of the failing statement and the script's statement count.
+    pub statement_number: Option<usize>,
+    pub statements_total: usize,
+    pub statement: Option<String>,
+    pub message: String,
+    pub code: Option<String>,
+    /// True: the step's transaction rolled back, the database is as before the step.
+    /// False: a non-transactional step stopped part-way and is recorded as dirty.
+    pub rolled_back: bool,
+    /// Steps of this run that completed before the failure (they stay applied).
+    pub completed_steps: Vec<StepReport>,
+}
+
+impl std::fmt::Display for StepFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let verb = if self.direction == Direction::Up {
+            "migration"
+        } else {
+            "downgrade of"
+        };
+        write!(f, "{verb} {} ({}) failed", self.version, self.file)?;
+        if let (Some(n), Some(line)) = (self.statement_number, self.line) {
+            write!(
+                f,
+                " at statement {n} of {} (line {line})",
+                self.statements_total
+            )?;
+        }
+        if let Some(s) = &self.statement {
+            write!(f, ": `{s}`")?;
+        }
+        write!(f, ": {}", self.message)?;
+        if let Some(code) = &self.code {
+            write!(f, " [SQLSTATE {code}]")?;
+        }
+        if self.rolled_back {
+            write!(f, "; its transaction was rolled back")
+        } else {
+            write!(f, "; it ran outside a transaction and is recorded as dirty")
+        }
+    }
+}
+
+/// Why a run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{during}: {source}")]
+    Db {
+        during: &'static str,
+        #[source]
+        source: DbError,
+    },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("{file}: {source}")]
+    Script {
+        file: String,
+        #[source]
+        source: TxControlError,
+    },
+    #[error("gave up waiting for the migration lock after {}s{}", .waited.as_secs(), holder_text(.holder))]
+    LockTimeout {
+        waited: Duration,
+        holder: Option<LockHolder>,
+    },
+    #[error("{0}")]
+    StepFailed(Box<StepFailure>),
+    #[error("{0} is not an unfinished step; nothing to resolve{1}")]
+    NothingToResolve(String, String),
+    #[error("the database is at {current}, above {target}: stamp only records versions forward")]
+    StampBelowCurrent { target: String, current: String },
+}
+
+fn holder_text(h: &Option<LockHolder>) -> String {
+    match h {
+        Some(h) => format!("; it is held by {h}"),
+        None => String::new(),
+    }
+}
+
+impl RunError {
+    fn db(during: &'static str) -> impl FnOnce(DbError) -> RunError {
+        move |source| RunError::Db { during, source }
+    }
+}
+
+/// Reads the history and folds it into a state.
+pub async fn read_state(db: &mut impl Backend) -> Result<DbState, RunError> {
+    let rows = db
+        .read_history()
+        .await
+        .map_err(RunError::db("reading the history table"))?;
+    Ok(match rows {
+        Some(rows) => DbState::from_rows(&rows),
+        None => DbState::default(),
+    })
+}
+
+/// What a run should do.
+#[derive(Clone, Debug)]
+pub enum Mode {
+    Upgrade(Target),
+    Downgrade(Target),
+}
+
+fn make_plan<'a>(
+    set: &'a MigrationSet,
+    state: &DbState,
+    mode: &Mode,
+    opts: &PlanOptions,
+) -> Result<Plan<'a>, PlanError> {
+    match mode {
+        Mode::Upgrade(t) => plan::plan_upgrade(set, state, t, opts),
+        Mode::Downgrade(t) => plan::plan_downgrade(set, state, t, opts),
+    }
+}
+
+/// A step with its SQL worked out before anything runs.
+pub struct Prepared<'a> {
+    pub step: Step<'a>,
+    pub script: &'a Script,
+    pub work: Work,
+}
+
+/// How a step's SQL runs.
+pub enum Work {
+    /// In the engine's transaction: the body range of the script and its statements.
+    Transactional {
+        body: String,
+        statements: Vec<Statement>,
+    },
+    /// Statement by statement, progress recorded after each.
+    NonTransactional { statements: Vec<Statement> },
+}
+
+impl Work {
+    pub fn statements(&self) -> &[Statement] {
+        match self {
+            Work::Transactional { statements, .. } | Work::NonTransactional { statements } => {
+                statements
+            }
+        }
+    }
+}
+
+fn script_of<'a>(step: &Step<'a>) -> &'a Script {
+    match step.direction {
+        Direction::Up => &step.migration.up,
+        // The planner only makes down steps for migrations that have a down script.
+        Direction::Down => step.migration.down.as_ref().unwrap_or(&step.migration.up),
+    }
+}
+
+/// Works out every step's SQL; a script that cannot run as asked fails here, before the
+/// first step runs.
+pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>>, RunError> {
+    plan.steps
+        .iter()
+        .map(|step| {
+            let script = script_of(step);
+            let work = if script.directives.no_transaction {
+                Work::NonTransactional {
+                    statements: script::split(&script.sql, dialect),
+                }
+            } else {
+                let body = script::transactional_body(&script.sql, dialect).map_err(|e| {
+                    RunError::Script {
+                        file: script.file.clone(),
+                        source: TxControlError {
+                            line: e.line + script.first_line - 1,
+                            statement: e.statement,
+                        },
+                    }
+                })?;
+                Work::Transactional {
+                    body: script.sql[body.start..body.end].to_string(),
+                    statements: body.statements,
+                }
+            };
+            Ok(Prepared {
+                step: step.clone(),
+                script,
+                work,
+            })
+        })
+        .collect()
+}
+
+/// The history row a step writes.
+pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
+    let m: &Migration = p.step.migration;
+    let up = p.step.direction == Direction::Up;
+    NewRow {
+        version: m.version.to_string(),
+        description: m.description.clone(),
+        kind: if up { Kind::Up } else { Kind::Down },
+        success: Some(true),
+        checksum: Some(p.script.checksums.strict.clone()),
+        checksum_normalized: Some(p.script.checksums.normalized.clone()),
+        transactional: matches!(p.work, Work::Transactional { .. }),
+        statements_total: Some(p.work.statements().len() as i64),
+        statements_done: Some(p.work.statements().len() as i64),
+        applied_by: runner_id.to_string(),
+        duration_ms: None,
+        error: None,
+        note: None,
+    }
+}
+
+/// Xorshift jitter source seeded from the clock and pid; good enough to spread pollers.
+struct Jitter(u64);
+
+impl Jitter {
+    fn new() -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            ^ (u64::from(std::process::id()) << 32);
+        Jitter(seed | 1)
+    }
+    /// A factor in [0.8, 1.2).
+    fn factor(&mut self) -> f64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        0.8 + (self.0 % 4000) as f64 / 10_000.0
+    }
+}
+
+/// First poll interval while waiting for the lock, and the longest one.
+const POLL_MIN: Duration = Duration::from_millis(50);
+const POLL_MAX: Duration = Duration::from_secs(1);
+/// How often a waiting runner says who it waits for.
+const WAIT_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Polls the try-lock until it is ours or `timeout` passes, saying who holds it meanwhile.
+/// Polling (never a blocking lock call) means a waiter never holds anything the holder's
+/// own work could wait on.
+pub async fn acquire_lock(db: &mut impl Backend, timeout: Duration) -> Result<Duration, RunError> {
+    let start = Instant::now();
+    let mut delay = POLL_MIN;
+    let mut jitter = Jitter::new();
+    let mut last_report: Option<Instant> = None;
+    loop {
+        if db
+            .try_lock()
+            .await
+            .map_err(RunError::db("taking the migration lock"))?
+        {
+            return Ok(start.elapsed());
+        }
+        let waited = start.elapsed();
+        if waited >= timeout {
+            let holder = db.lock_holder().await.ok().flatten();
+            return Err(RunError::LockTimeout { waited, holder });
+        }
+        if last_report.is_none_or(|t| t.elapsed() >= WAIT_REPORT_EVERY) {
+            let holder = db.lock_holder().await.ok().flatten();
+            tracing::info!(
+                holder = %holder.map(|h| h.to_string()).unwrap_or_else(|| "another runner".into()),
+                waited_ms = waited.as_millis() as u64,
+                "waiting for the migration lock"
+            );
+            last_report = Some(Instant::now());
+        }
+        let sleep = delay.mul_f64(jitter.factor()).min(timeout - waited);
+        tokio::time::sleep(sleep).await;
+        delay = (delay * 3 / 2).min(POLL_MAX);
+    }
+}
+
+fn noop_report(plan: &Plan<'_>, waited: Duration, started: Instant) -> RunReport {
+    RunReport {
+        direction: plan.direction,
+        from: plan.from.as_ref().map(Version::to_string),
+        to: plan.to.as_ref().map(Version::to_string),
+        steps: Vec::new(),
+        noop: true,
+        ahead: plan.ahead,
+        lock_wait_ms: waited.as_millis() as u64,
+        duration_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+/// Runs an upgrade or downgrade.
+pub async fn run(
+    db: &mut impl Backend,
+    set: &MigrationSet,
+    mode: &Mode,
+    settings: &RunSettings,
+) -> Result<RunReport, RunError> {
+    let started = Instant::now();
+    let state = read_state(db).await?;
+    // A step with no outcome may belong to a runner that is alive: judge it under the lock.
+    let maybe_running = matches!(&state.unfinished, Some(u) if !u.failed);
+    if !maybe_running {
+        let plan = make_plan(set, &state, mode, &settings.plan)?;
+        if plan.steps.is_empty() {
+            return Ok(noop_report(&plan, Duration::ZERO, started));
+        }
+        prepare(&plan, db.dialect())?;
+    }
+    let waited = acquire_lock(db, settings.lock_timeout).await?;
+    let result = run_locked(db, set, mode, settings, waited, started).await;
+    if let Err(e) = db.unlock().await {
+        // Closing the connection releases it anyway; say so rather than fail the run.
+        tracing::warn!(error = %e, "could not release the migration lock; it is released when the connection closes");
+    }
+    result
+}
+
+async fn run_locked(
+    db: &mut impl Backend,
+    set: &MigrationSet,
+    mode: &Mode,
+    settings: &RunSettings,
+    waited: Duration,
+    started: Instant,
+) -> Result<RunReport, RunError> {
+    let state = read_state(db).await?;
+    let plan = make_plan(set, &state, mode, &settings.plan)?;
+    if plan.steps.is_empty() {
+        return Ok(noop_report(&plan, waited, started));
+    }
+    let prepared = prepare(&plan, db.dialect())?;
+    if !state.initialized {
+        db.create_history_table()
+            .await
+            .map_err(RunError::db("creating the history table"))?;
+    }
+    let mut done = Vec::with_capacity(prepared.len());
+    for p in &prepared {
+        match run_step(db, p, &settings.runner_id).await {
+            Ok(report) => done.push(report),
+            Err(mut failure) => {
+                failure.completed_steps = done;
+                return Err(RunError::StepFailed(failure));
+            }
+        }
+    }
+    Ok(RunReport {
+        direction: plan.direction,
+        from: plan.from.as_ref().map(Version::to_string),
+        to: plan.to.as_ref().map(Version::to_string),
+        steps: done,
+        noop: false,
+        ahead: false,
+        lock_wait_ms: waited.as_millis() as u64,
+        duration_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// Longest error text kept in a history row.
+const MAX_ERROR_LEN: usize = 2000;
+
+fn clip(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+fn failure(
+    p: &Prepared<'_>,
+    index: Option<usize>,
+    error: &DbError,
+    rolled_back: bool,
+) -> Box<StepFailure> {
+    let statements = p.work.statements();
+    let stmt = index.and_then(|i| statements.get(i));
+    Box::new(StepFailure {
+        version: p.step.migration.version.to_string(),
+        description: p.step.migration.description.clone(),
+        direction: p.step.direction,
+        file: p.script.file.clone(),
+        line: stmt.map(|s| s.line + p.script.first_line - 1),
+        statement_number: stmt.and(index.map(|i| i + 1)),
+        statements_total: statements.len(),
+        statement: stmt.map(|s| script::excerpt(s.text(&p.script.sql), 120)),
+        message: redact::redact(&error.message).into_owned(),
+        code: error.code.clone(),
+        rolled_back,
+        completed_steps: Vec::new(),
+    })
+}
+
+fn step_report(p: &Prepared<'_>, elapsed: Duration) -> StepReport {
+    StepReport {
+        version: p.step.migration.version.to_string(),
+        description: p.step.migration.description.clone(),
+        direction: p.step.direction,
+        file: p.script.file.clone(),
+        transactional: matches!(p.work, Work::Transactional { .. }),
+        duration_ms: elapsed.as_millis() as u64,
+    }
+}
+
+async fn run_step(
+    db: &mut impl Backend,
+    p: &Prepared<'_>,
+    runner_id: &str,
+) -> Result<StepReport, Box<StepFailure>> {
+    let m = p.step.migration;
+    let verb = if p.step.direction == Direction::Up {
+        "applying"
+    } else {
+        "reverting"
+    };
+    tracing::info!(version = %m.version, description = %m.description, file = %p.script.file, "{verb}");
+    let start = Instant::now();
+    let mut row = step_row(p, runner_id);
+    match &p.work {
+        Work::Transactional { body, statements } => {
+            if let Err(f) = db.begin_and_run(body).await {
+                if f.began {
+                    let _ = db.rollback().await;
+                }
+                // The statement count from the server maps onto our split when both agree;
+                // past the end it was the transaction itself that failed.
+                let index = (f.began && f.completed < statements.len()).then_some(f.completed);
+                let fail = failure(p, index, &f.error, true);
+                row.success = Some(false);
+                row.statements_done = Some(f.completed as i64);
+                row.duration_ms = Some(start.elapsed().as_millis() as i64);
+                row.error = Some(clip(&fail.message, MAX_ERROR_LEN));
+                if let Err(e) = db.insert_row(&row).await {
+                    tracing::warn!(error = %e, "could not record the failed step in the history");
+                }
+                return Err(fail);
+            }
+            row.duration_ms = Some(start.elapsed().as_millis() as i64);
+            let recorded = match db.insert_row(&row).await {
+                Ok(_) => db.commit().await,
+                Err(e) => {
+                    let _ = db.rollback().await;
+                    Err(e)
+                }
+            };
+            if let Err(e) = recorded {
+                let mut fail = failure(p, None, &e, true);
+                fail.message =
+                    format!("recording the step in the history failed: {}", fail.message);
+                return Err(fail);
+            }
+        }
+        Work::NonTransactional { statements } => {
+            row.success = None;
+            row.transactional = false;
+            row.statements_done = Some(0);
+            let id = db
+                .insert_row(&row)
+                .await
+                .map_err(|e| failure(p, None, &e, true))?;
+            for (i, st) in statements.iter().enumerate() {
+                if let Err(e) = db.execute(st.text(&p.script.sql)).await {
+                    let fail = failure(p, Some(i), &e, false);
+                    let elapsed = start.elapsed().as_millis() as i64;
+                    let msg = clip(&fail.message, MAX_ERROR_LEN);
+                    if let Err(e) = db
+                        .finish_row(id, false, elapsed, Some(&msg), i as i64)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not record the failure; the step shows as unfinished");
+                    }
+                    return Err(fail);
+                }
+                if let Err(e) = db.record_progress(id, i as i64 + 1).await {
+                    let mut fail = failure(p, Some(i), &e, false);
+                    fail.statement = None;
+                    fail.message = format!(
+                        "statement {} ran, but recording progress failed: {}",
+                        i + 1,
+                        fail.message
+                    );
+                    return Err(fail);
+                }
+            }
+            let elapsed = start.elapsed().as_millis() as i64;
+            db.finish_row(id, true, elapsed, None, statements.len() as i64)
+                .await
+                .map_err(|e| {
+                    let mut fail = failure(p, None, &e, false);
+                    fail.message = format!(
+                        "all statements ran, but recording success failed: {}",
+                        fail.message
+                    );
+                    fail
+                })?;
+        }
+    }
+    let report = step_report(p, start.elapsed());
+    tracing::info!(version = %m.version, duration_ms = report.duration_ms, "{verb} done");
+    Ok(report)
+}
+
+/// What `stamp` recorded.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StampReport {
+    pub stamped: Vec<String>,
+    pub current: Option<String>,
+}
+
+/// Records every migration up to `target` as applied without running it (adopting a
+/// database whose schema already has them). Runs under the lock, in one transaction.
+pub async fn stamp(
+    db: &mut impl Backend,
+    set: &MigrationSet,
+    target: &Target,
+    settings: &RunSettings,
+) -> Result<StampReport, RunError> {
+    acquire_lock(db, settings.lock_timeout).await?;
+    let result = stamp_locked(db, set, target, settings).await;
+    let _ = db.unlock().await;
+    result
+}
+
+async fn stamp_locked(
+    db: &mut impl Backend,
+    set: &MigrationSet,
+    target: &Target,
+    settings: &RunSettings,
+) -> Result<StampReport, RunError> {
+    let state = read_state(db).await?;
+    let version = match target {
+        Target::Head => set.head().map(|m| m.version.clone()),
+        Target::Version(v) => Some(v.clone()),
+        other => {
+            return Err(PlanError::WrongDirection {
+                what: other.to_string(),
+                direction: "stamp",
+            }
+            .into());
+        }
+    };
+    let Some(version) = version.filter(|v| set.get(v).is_some()) else {
+        return Err(PlanError::UnknownTarget {
+            target: target.to_string(),
+        }
+        .into());
+    };
+    if let Some(u) = &state.unfinished {
+        return Err(PlanError::Unfinished(Box::new(u.clone())).into());
+    }
+    if let Some(cur) = state.current()
+        && *cur > version
+    {
+        return Err(RunError::StampBelowCurrent {
+            target: version.to_string(),
+            current: cur.to_string(),
+        });
+    }
+    let todo: Vec<&Migration> = plan::pending(set, &state)
+        .into_iter()
+        .filter(|m| m.version <= version)
+        .collect();
+    if !todo.is_empty() {
+        if !state.initialized {
+            db.create_history_table()
+                .await
+                .map_err(RunError::db("creating the history table"))?;
+        }
+        db.begin_and_run("").await.map_err(|f| RunError::Db {
+            during: "opening the stamp transaction",
+            source: f.error,
+        })?;
+        for m in &todo {
+            let row = NewRow {
+                version: m.version.to_string(),
+                description: m.description.clone(),
+                kind: Kind::Baseline,
+                success: Some(true),
+                checksum: Some(m.up.checksums.strict.clone()),
+                checksum_normalized: Some(m.up.checksums.normalized.clone()),
+                transactional: true,
+                statements_total: None,
+                statements_done: None,
+                applied_by: settings.runner_id.clone(),
+                duration_ms: Some(0),
+                error: None,
+                note: Some("stamped: recorded as applied without running".into()),
+            };
+            if let Err(e) = db.insert_row(&row).await {
+                let _ = db.rollback().await;
+                return Err(RunError::Db {
+                    during: "recording the stamp",
+                    source: e,
+                });
+            }
+        }
+        db.commit()
+            .await
+            .map_err(RunError::db("committing the stamp"))?;
+    }
+    let current = state
+        .current()
+        .cloned()
+        .into_iter()
+        .chain(todo.iter().map(|m| m.version.clone()))
+        .max();
+    Ok(StampReport {
+        stamped: todo.iter().map(|m| m.version.to_string()).collect(),
+        current: current.map(|v| v.to_string()),
+    })
+}
+
+/// A person's verdict on an unfinished step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    /// The schema has all of the version's changes.
+    Applied,
+    /// The schema has none of the version's changes.
+    Reverted,
+}
+
+/// What `resolve` recorded.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ResolveReport {
+    pub version: String,
+    pub verdict: Verdict,
+    pub current: Option<String>,
+}
+
+/// Records a person's verdict on an unfinished (dirty) step, so runs can go on.
+pub async fn resolve(
+    db: &mut impl Backend,
+    set: &MigrationSet,
+    version: &Version,
+    verdict: Verdict,
+    reason: Option<String>,
+    settings: &RunSettings,
+) -> Result<ResolveReport, RunError> {
+    acquire_lock(db, settings.lock_timeout).await?;
+    let result = async {
+        let state = read_state(db).await?;
+        let Some(u) = state
+            .unfinished
+            .as_ref()
+            .filter(|u| Version::parse(&u.version).as_ref() == Ok(version))
+        else {
+            let what = match &state.unfinished {
+                Some(u) => format!("; the unfinished step is {}", u.version),
+                None => "; no step is unfinished".to_string(),
+            };
+            return Err(RunError::NothingToResolve(version.to_string(), what));
+        };
+        let file = set.get(version);
+        let row = NewRow {
+            version: u.version.clone(),
+            description: u.description.clone(),
+            kind: if verdict == Verdict::Applied {
+                Kind::MarkApplied
+            } else {
+                Kind::MarkReverted
+            },
+            success: Some(true),
+            checksum: file.map(|m| m.up.checksums.strict.clone()),
+            checksum_normalized: file.map(|m| m.up.checksums.normalized.clone()),
+            transactional: true,
+            statements_total: None,
+            statements_done: None,
+            applied_by: settings.runner_id.clone(),
+            duration_ms: Some(0),
+            error: None,
+            note: Some(match &reason {
+                Some(r) => format!("resolved row {}: {r}", u.row_id),
+                None => format!("resolved row {}", u.row_id),
+            }),
+        };
+        db.insert_row(&row)
+            .await
+            .map_err(RunError::db("recording the resolution"))?;
+        let after = read_state(db).await?;
+        Ok(ResolveReport {
+            version: u.version.clone(),
+            verdict,
+            current: after.current().map(Version::to_string),
+        })
+    }
+    .await;
+    let _ = db.unlock().await;
+    result
+}

@@ -1,0 +1,573 @@
+//! Migration sources: a directory (or any list of named files) in one of the formats teams
+//! already use, read as they are, without conversion.
+//!
+//! | format        | up                          | down                          |
+//! |---------------|-----------------------------|-------------------------------|
+//! | native / golang-migrate / sqlx reversible | `<ver>_<desc>.up.sql` | `<ver>_<desc>.down.sql` |
+//! | sqlx simple   | `<ver>_<desc>.sql`          | none (irreversible)           |
+//! | dbmate        | `<ver>_<desc>.sql` with `-- migrate:up` | its `-- migrate:down` section |
+//! | Flyway        | `V<ver>__<desc>.sql`        | `U<ver>__<desc>.sql`          |
+//!
+//! Files that do not end in `.sql` and hidden files are ignored (a README may live beside
+//! the migrations); a `.sql` file whose name fits no format is an error, as are duplicate
+//! versions and an empty source.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::script::{Checksums, DirectiveError, Directives, parse_directives};
+use super::version::Version;
+
+/// Which naming convention a migration came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Format {
+    /// `<ver>_<desc>.up.sql` + `.down.sql` (schemagate, golang-migrate, sqlx reversible).
+    Native,
+    /// `<ver>_<desc>.sql` (sqlx simple migrations).
+    SqlxSimple,
+    /// `<ver>_<desc>.sql` with `-- migrate:up` / `-- migrate:down` sections.
+    Dbmate,
+    /// `V<ver>__<desc>.sql` / `U<ver>__<desc>.sql`.
+    Flyway,
+}
+
+/// One script of a migration (its up or its down part).
+#[derive(Clone, Debug)]
+pub struct Script {
+    /// File name, relative to the source (what messages show).
+    pub file: String,
+    /// The SQL text (for dbmate: the section only).
+    pub sql: String,
+    /// 1-based line of the file where `sql` starts (dbmate sections start below their marker).
+    pub first_line: usize,
+    pub directives: Directives,
+    pub checksums: Checksums,
+}
+
+/// A versioned migration with its up script and, when one exists, its down script.
+#[derive(Clone, Debug)]
+pub struct Migration {
+    pub version: Version,
+    pub description: String,
+    pub format: Format,
+    pub up: Script,
+    pub down: Option<Script>,
+}
+
+/// The migrations of a source, ordered by version, with unique versions.
+#[derive(Clone, Debug, Default)]
+pub struct MigrationSet {
+    pub migrations: Vec<Migration>,
+}
+
+impl MigrationSet {
+    pub fn get(&self, v: &Version) -> Option<&Migration> {
+        self.migrations
+            .binary_search_by(|m| m.version.cmp(v))
+            .ok()
+            .map(|i| &self.migrations[i])
+    }
+
+    pub fn head(&self) -> Option<&Migration> {
+        self.migrations.last()
+    }
+
+    /// The format most files use, for `new` to follow.
+    pub fn dominant_format(&self) -> Option<Format> {
+        let mut counts: Vec<(Format, usize)> = Vec::new();
+        for m in &self.migrations {
+            match counts.iter_mut().find(|(f, _)| *f == m.format) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((m.format, 1)),
+            }
+        }
+        counts.into_iter().max_by_key(|(_, n)| *n).map(|(f, _)| f)
+    }
+}
+
+/// What is wrong with a migration source.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("migrations directory {dir} does not exist")]
+    DirMissing { dir: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file} is not valid UTF-8 text")]
+    NotUtf8 { file: String },
+    #[error("no migrations found in {origin}")]
+    Empty { origin: String },
+    #[error("{file}: file name fits no migration format ({reason})")]
+    UnparseableName { file: String, reason: String },
+    #[error("{file}: {reason}")]
+    Unsupported { file: String, reason: String },
+    #[error("version {version} is defined twice: {first} and {second}")]
+    DuplicateVersion {
+        version: String,
+        first: String,
+        second: String,
+    },
+    #[error("{file} is a down script without an up script for version {version}")]
+    OrphanDown { file: String, version: String },
+    #[error("{file}: has no `-- migrate:up` section")]
+    DbmateNoUp { file: String },
+    #[error("{file}: {source}")]
+    Directive {
+        file: String,
+        #[source]
+        source: DirectiveError,
+    },
+}
+
+impl SourceError {
+    /// The next step for the user.
+    pub fn hint(&self) -> String {
+        match self {
+            SourceError::DirMissing { .. } => {
+                "pass --dir (or SCHEMAGATE_DIR) pointing at your migrations, or create one with \
+                 `schemagate migrate new -m \"init\"`"
+                    .into()
+            }
+            SourceError::Read { .. } => "check the file's permissions".into(),
+            SourceError::NotUtf8 { .. } => "save the file as UTF-8".into(),
+            SourceError::Empty { .. } => {
+                "add a migration with `schemagate migrate new -m \"init\"`, or point --dir at the \
+                 right directory"
+                    .into()
+            }
+            SourceError::UnparseableName { .. } => format!(
+                "rename it to one of: {}; or give it another extension if it is not a migration",
+                NAME_FORMATS
+            ),
+            SourceError::Unsupported { .. } => {
+                "convert it to a versioned migration, or keep it outside the migrations directory"
+                    .into()
+            }
+            SourceError::DuplicateVersion { .. } => {
+                "give one of them a new version (versions compare numerically: 001 equals 1)".into()
+            }
+            SourceError::OrphanDown { .. } => {
+                "add the matching .up.sql file or remove the down script".into()
+            }
+            SourceError::DbmateNoUp { .. } => "add a `-- migrate:up` line before the SQL".into(),
+            SourceError::Directive { .. } => {
+                "fix the `-- schemagate:` line (known: no-transaction)".into()
+            }
+        }
+    }
+}
+
+const NAME_FORMATS: &str = "<version>_<description>.up.sql / .down.sql, <version>_<description>.sql \
+     (sqlx, or dbmate with -- migrate:up), V<version>__<description>.sql / U<version>__<description>.sql (Flyway)";
+
+/// A file name taken apart.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    Up {
+        version: Version,
+        description: String,
+        format: Format,
+    },
+    Down {
+        version: Version,
+        description: String,
+    },
+    /// `<ver>_<desc>.sql`: sqlx simple or dbmate, decided by its content.
+    Single {
+        version: Version,
+        description: String,
+    },
+}
+
+/// A name fitting no format; the string says why.
+type NameError = String;
+
+fn description_of(raw: &str) -> String {
+    raw.replace('_', " ").trim().to_string()
+}
+
+fn parse_name(name: &str) -> Result<Option<Parsed>, NameError> {
+    let Some(stem) = name.strip_suffix(".sql") else {
+        return Ok(None);
+    };
+    // Flyway: V1__x.sql, U1__x.sql (version segments separated by `.` or `_`).
+    let mut chars = stem.chars();
+    if let Some(prefix @ ('V' | 'U' | 'R' | 'B')) = chars.next() {
+        let rest = chars.as_str();
+        if prefix == 'R' && rest.starts_with("__") {
+            return Err(
+                "Flyway repeatable migrations (R__) are not supported: they re-run on every change"
+                    .into(),
+            );
+        }
+        if let Some((ver, desc)) = rest.split_once("__") {
+            if prefix == 'B' {
+                return Err(
+                    "Flyway baseline migrations (B<version>__) are not supported; use \
+                            `schemagate migrate stamp`"
+                        .into(),
+                );
+            }
+            let version = Version::parse(&ver.replace('_', "."))
+                .map_err(|e| format!("Flyway version: {}", e.reason))?;
+            let description = description_of(desc);
+            return Ok(Some(if prefix == 'V' {
+                Parsed::Up {
+                    version,
+                    description,
+                    format: Format::Flyway,
+                }
+            } else {
+                Parsed::Down {
+                    version,
+                    description,
+                }
+            }));
+        }
+    }
+    let (stem, direction) = if let Some(s) = stem.strip_suffix(".up") {
+        (s, Some(true))
+    } else if let Some(s) = stem.strip_suffix(".down") {
+        (s, Some(false))
+    } else {
+        (stem, None)
+    };
+    let digits_end = stem
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(stem.len());
+    if digits_end == 0 {
+        return Err("it does not start with a version number".into());
+    }
+    let (ver, rest) = stem.split_at(digits_end);
+    let description = match rest.strip_prefix('_') {
+        Some(d) => description_of(d),
+        None if rest.is_empty() => String::new(),
+        None => return Err("the version must be followed by `_` and a description".into()),
+    };
+    let version = Version::parse(ver).map_err(|e| e.reason.to_string())?;
+    Ok(Some(match direction {
+        Some(true) => Parsed::Up {
+            version,
+            description,
+            format: Format::Native,
+        },
+        Some(false) => Parsed::Down {
+            version,
+            description,
+        },
+        None => Parsed::Single {
+            version,
+            description,
+        },
+    }))
+}
+
+fn script(file: &str, sql: String, first_line: usize) -> Result<Script, SourceError> {
+    let directives = parse_directives(&sql).map_err(|source| SourceError::Directive {
+        file: file.to_string(),
+        source: DirectiveError {
+            line: source.line + first_line - 1,
+            message: source.message,
+        },
+    })?;
+    Ok(Script {
+        file: file.to_string(),
+        checksums: Checksums::of(&sql),
+        sql,
+        first_line,
+        directives,
+    })
+}
+
+/// A dbmate section marker: `-- migrate:up` or `-- migrate:down`, with options.
+fn dbmate_marker(line: &str) -> Option<(bool, bool)> {
+    let rest = line.trim().strip_prefix("--")?.trim_start();
+    let rest = rest.strip_prefix("migrate:")?;
+    let (dir, opts) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+    let up = match dir {
+        "up" => true,
+        "down" => false,
+        _ => return None,
+    };
+    let no_tx = opts.split_whitespace().any(|o| o == "transaction:false");
+    Some((up, no_tx))
+}
+
+fn dbmate_sections(file: &str, text: &str) -> Result<(Script, Option<Script>), SourceError> {
+    // (is_up, no_tx, first content line, content)
+    let mut sections: Vec<(bool, bool, usize, String)> = Vec::new();
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        if let Some((up, no_tx)) = dbmate_marker(line) {
+            sections.push((up, no_tx, n + 2, String::new()));
+        } else if let Some(s) = sections.last_mut() {
+            s.3.push_str(line);
+        }
+    }
+    let mut up = None;
+    let mut down = None;
+    for (is_up, no_tx, first_line, sql) in sections {
+        let mut s = script(file, sql, first_line)?;
+        s.directives.no_transaction |= no_tx;
+        if is_up {
+            up.get_or_insert(s)
+        } else {
+            down.get_or_insert(s)
+        };
+    }
+    let up = up.ok_or_else(|| SourceError::DbmateNoUp {
+        file: file.to_string(),
+    })?;
+    // An empty down section means "no down script", as in dbmate itself.
+    let down = down.filter(|d| !d.sql.trim().is_empty());
+    Ok((up, down))
+}
+
+#[derive(Default)]
+struct Pending {
+    up: Option<(Script, String, Format)>,
+    down: Option<(Script, String)>,
+}
+
+/// Builds a migration set from named files (a directory listing, a ConfigMap, inline text).
+/// `origin` names the source in messages.
+pub fn load_files<I>(origin: &str, files: I) -> Result<MigrationSet, SourceError>
+where
+    I: IntoIterator<Item = (String, String)>,
+{
+    let mut by_version: BTreeMap<Version, Pending> = BTreeMap::new();
+    for (name, text) in files {
+        if name.starts_with('.') {
+            continue;
+        }
+        let parsed = parse_name(&name).map_err(|reason| SourceError::UnparseableName {
+            file: name.clone(),
+            reason,
+        })?;
+        let Some(parsed) = parsed else { continue };
+        let dup = |version: &Version, first: &str| SourceError::DuplicateVersion {
+            version: version.to_string(),
+            first: first.to_string(),
+            second: name.clone(),
+        };
+        match parsed {
+            Parsed::Up {
+                version,
+                description,
+                format,
+            } => {
+                let entry = by_version.entry(version.clone()).or_default();
+                if let Some((s, _, _)) = &entry.up {
+                    return Err(dup(&version, &s.file));
+                }
+                entry.up = Some((script(&name, text, 1)?, description, format));
+            }
+            Parsed::Down {
+                version,
+                description,
+            } => {
+                let entry = by_version.entry(version.clone()).or_default();
+                if let Some((s, _)) = &entry.down {
+                    return Err(dup(&version, &s.file));
+                }
+                entry.down = Some((script(&name, text, 1)?, description));
+            }
+            Parsed::Single {
+                version,
+                description,
+            } => {
+                let entry = by_version.entry(version.clone()).or_default();
+                if let Some((s, _, _)) = &entry.up {
+                    return Err(dup(&version, &s.file));
+                }
+                let is_dbmate = text.lines().any(|l| dbmate_marker(l).is_some());
+                if is_dbmate {
+                    if let Some((s, _)) = &entry.down {
+                        return Err(dup(&version, &s.file));
+                    }
+                    let (up, down) = dbmate_sections(&name, &text)?;
+                    entry.up = Some((up, description.clone(), Format::Dbmate));
+                    entry.down = down.map(|d| (d, description));
+                } else {
+                    entry.up = Some((script(&name, text, 1)?, description, Format::SqlxSimple));
+                }
+            }
+        }
+    }
+    let mut migrations = Vec::with_capacity(by_version.len());
+    for (version, p) in by_version {
+        let Some((up, description, format)) = p.up else {
+            let (down, _) = p
+                .down
+                .expect("an entry is only created with an up or a down");
+            return Err(SourceError::OrphanDown {
+                file: down.file,
+                version: version.to_string(),
+            });
+        };
+        migrations.push(Migration {
+            version,
+            description,
+            format,
+            up,
+            down: p.down.map(|(s, _)| s),
+        });
+    }
+    if migrations.is_empty() {
+        return Err(SourceError::Empty {
+            origin: origin.to_string(),
+        });
+    }
+    Ok(MigrationSet { migrations })
+}
+
+/// Reads the migrations in `dir` (not recursive).
+pub fn load_dir(dir: &Path) -> Result<MigrationSet, SourceError> {
+    let entries = std::fs::read_dir(dir).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            SourceError::DirMissing {
+                dir: dir.to_path_buf(),
+            }
+        } else {
+            SourceError::Read {
+                path: dir.to_path_buf(),
+                source,
+            }
+        }
+    })?;
+    let mut files = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|source| SourceError::Read {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if !name.ends_with(".sql") || name.starts_with('.') || !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).map_err(|source| SourceError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        let text =
+            String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 { file: name.clone() })?;
+        files.push((name, text));
+    }
+    // Deterministic order, so that "defined twice" always names the same pair first.
+    files.sort();
+    load_files(&dir.display().to_string(), files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(files: &[(&str, &str)]) -> Result<MigrationSet, SourceError> {
+        load_files(
+            "test",
+            files.iter().map(|(n, t)| (n.to_string(), t.to_string())),
+        )
+    }
+
+    fn versions(set: &MigrationSet) -> Vec<String> {
+        set.migrations
+            .iter()
+            .map(|m| m.version.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn native_pairs_and_numeric_order() {
+        let set = load(&[
+            ("10_later.up.sql", "select 10;"),
+            ("2_add_users.up.sql", "create table users(id int);"),
+            ("2_add_users.down.sql", "drop table users;"),
+            ("1.10_x.up.sql", "select 1;"),
+            ("1.2_y.up.sql", "select 1;"),
+            ("README.md", "not sql"),
+            (".hidden.sql", "ignored"),
+        ])
+        .unwrap();
+        assert_eq!(versions(&set), vec!["1.2", "1.10", "2", "10"]);
+        let m = set.get(&Version::parse("2").unwrap()).unwrap();
+        assert_eq!(m.description, "add users");
+        assert_eq!(m.format, Format::Native);
+        assert_eq!(m.down.as_ref().unwrap().sql, "drop table users;");
+        assert!(set.migrations[0].down.is_none());
+    }
+
+    #[test]
+    fn flyway_names() {
+        let set = load(&[
+            ("V1__init.sql", "create table a(x int);"),
+            ("V1_1__add_column.sql", "alter table a add y int;"),
+            ("U1_1__add_column.sql", "alter table a drop column y;"),
+        ])
+        .unwrap();
+        assert_eq!(versions(&set), vec!["1", "1.1"]);
+        assert_eq!(set.migrations[1].description, "add column");
+        assert!(set.migrations[1].down.is_some());
+        assert_eq!(set.migrations[0].format, Format::Flyway);
+        let err = load(&[("R__views.sql", "x")]).unwrap_err();
+        assert!(matches!(err, SourceError::UnparseableName { .. }), "{err}");
+        assert!(err.to_string().contains("repeatable"));
+    }
+
+    #[test]
+    fn sqlx_simple_and_dbmate() {
+        let set = load(&[
+            ("20240101000000_init.sql", "create table a(x int);"),
+            (
+                "20240102000000_users.sql",
+                "-- migrate:up transaction:false\ncreate index concurrently i on a(x);\n\n-- migrate:down\ndrop index i;\n",
+            ),
+            ("20240103000000_no_down.sql", "-- migrate:up\nselect 1;\n-- migrate:down\n\n"),
+        ])
+        .unwrap();
+        assert_eq!(set.migrations[0].format, Format::SqlxSimple);
+        assert!(set.migrations[0].down.is_none());
+        let dbm = &set.migrations[1];
+        assert_eq!(dbm.format, Format::Dbmate);
+        assert!(dbm.up.directives.no_transaction);
+        assert_eq!(dbm.up.first_line, 2);
+        assert_eq!(dbm.up.sql.trim(), "create index concurrently i on a(x);");
+        assert_eq!(dbm.down.as_ref().unwrap().sql.trim(), "drop index i;");
+        assert_eq!(dbm.down.as_ref().unwrap().first_line, 5);
+        assert!(set.migrations[2].down.is_none());
+    }
+
+    #[test]
+    fn clear_errors() {
+        let e = load(&[("1_a.up.sql", "x"), ("001_b.up.sql", "y")]).unwrap_err();
+        assert!(matches!(e, SourceError::DuplicateVersion { .. }), "{e}");
+        assert!(e.to_string().contains("001_b.up.sql") && e.to_string().contains("1_a.up.sql"));
+        let e = load(&[("1_a.up.sql", "x"), ("1_b.sql", "y")]).unwrap_err();
+        assert!(matches!(e, SourceError::DuplicateVersion { .. }), "{e}");
+        let e = load(&[("init.sql", "x")]).unwrap_err();
+        assert!(matches!(e, SourceError::UnparseableName { .. }), "{e}");
+        let e = load(&[("1-init.up.sql", "x")]).unwrap_err();
+        assert!(matches!(e, SourceError::UnparseableName { .. }), "{e}");
+        let e = load(&[("1..2_x.up.sql", "x")]).unwrap_err();
+        assert!(matches!(e, SourceError::UnparseableName { .. }), "{e}");
+        let e = load(&[("2_x.down.sql", "x")]).unwrap_err();
+        assert!(matches!(e, SourceError::OrphanDown { .. }), "{e}");
+        let e = load(&[("README.md", "x")]).unwrap_err();
+        assert!(matches!(e, SourceError::Empty { .. }), "{e}");
+        let e = load(&[("1_x.up.sql", "select 1;\n-- schemagate:no-transaction\n")]).unwrap_err();
+        assert!(matches!(e, SourceError::Directive { .. }), "{e}");
+        assert!(e.to_string().contains("line 2"));
+        assert!(!e.hint().is_empty());
+    }
+
+    #[test]
+    fn dominant_format_follows_the_majority() {
+        let set = load(&[("V1__a.sql", "x"), ("V2__b.sql", "x"), ("3_c.up.sql", "x")]).unwrap();
+        assert_eq!(set.dominant_format(), Some(Format::Flyway));
+    }
+}
