@@ -113,7 +113,7 @@ impl Ctx {
         })
     }
 
-    fn connect_config(&self, create: bool) -> Result<ConnectConfig, CliError> {
+    fn connect_config(&self) -> Result<ConnectConfig, CliError> {
         let Some(url) = self.url.clone() else {
             return Err(CliError::new(Exit::Connect, "connection_failed", "no database URL given")
                 .hint("pass --database-url or set DATABASE_URL, e.g. sqlite:dev.db or postgres://user:password@localhost:5432/app"));
@@ -126,12 +126,11 @@ impl Ctx {
             connect_timeout: self.common.connect_timeout,
             busy_timeout: self.common.lock_timeout,
             application_name,
-            create,
         })
     }
 
-    async fn connect(&self, create: bool) -> Result<Db, CliError> {
-        let cfg = self.connect_config(create)?;
+    async fn connect(&self) -> Result<Db, CliError> {
+        let cfg = self.connect_config()?;
         Db::connect(&cfg).await.map_err(|e| {
             let err = CliError::from(e);
             CliError {
@@ -142,10 +141,10 @@ impl Ctx {
     }
 
     /// Loads the migrations on a blocking thread while the connection is being made.
-    async fn load_and_connect(&self, create: bool) -> Result<(MigrationSet, Db), CliError> {
+    async fn load_and_connect(&self) -> Result<(MigrationSet, Db), CliError> {
         let dir = self.common.dir.clone();
         let load = tokio::task::spawn_blocking(move || source::load_dir(&dir));
-        let (set, db) = tokio::join!(load, self.connect(create));
+        let (set, db) = tokio::join!(load, self.connect());
         let set = set
             .map_err(|e| {
                 CliError::new(
@@ -246,8 +245,7 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
 }
 
 async fn migrate(ctx: &Ctx, mode: Mode, flags: PlanFlags) -> Result<Outcome, CliError> {
-    let create = matches!(mode, Mode::Upgrade(_));
-    let (set, mut db) = ctx.load_and_connect(create).await?;
+    let (set, mut db) = ctx.load_and_connect().await?;
     let result = runner::run(&mut db, &set, &mode, &ctx.settings(flags)).await;
     db.close().await;
     let report = result?;
@@ -255,7 +253,7 @@ async fn migrate(ctx: &Ctx, mode: Mode, flags: PlanFlags) -> Result<Outcome, Cli
 }
 
 async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
-    let mut db = ctx.connect(false).await?;
+    let mut db = ctx.connect().await?;
     let state = runner::read_state(&mut db).await;
     db.close().await;
     let state = state?;
@@ -273,7 +271,7 @@ async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn history(ctx: &Ctx, limit: Option<usize>) -> Result<Outcome, CliError> {
-    let mut db = ctx.connect(false).await?;
+    let mut db = ctx.connect().await?;
     let rows = db.read_history().await;
     db.close().await;
     let rows = rows.map_err(|e| {
@@ -310,7 +308,7 @@ fn heads(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
-    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect().name();
     let state = runner::read_state(&mut db).await;
     let holder: Option<LockHolder> = db.lock_holder().await.ok().flatten();
@@ -337,7 +335,7 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
-    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let (set, mut db) = ctx.load_and_connect().await?;
     let state = runner::read_state(&mut db).await;
     db.close().await;
     let state = state?;
@@ -358,7 +356,7 @@ async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
 
 async fn stamp(ctx: &Ctx, version: &str) -> Result<Outcome, CliError> {
     let target = parse_target(version)?;
-    let (set, mut db) = ctx.load_and_connect(true).await?;
+    let (set, mut db) = ctx.load_and_connect().await?;
     let result = runner::stamp(&mut db, &set, &target, &ctx.settings(PlanFlags::default())).await;
     db.close().await;
     let report = result?;
@@ -387,7 +385,7 @@ async fn resolve(
     } else {
         Verdict::Reverted
     };
-    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let (set, mut db) = ctx.load_and_connect().await?;
     let result = runner::resolve(
         &mut db,
         &set,
@@ -420,7 +418,7 @@ fn plan_mode(target: Target, current: Option<&Version>) -> Mode {
 
 async fn plan_cmd(ctx: &Ctx, target: &str, flags: PlanFlags) -> Result<Outcome, CliError> {
     let target = parse_target(target)?;
-    let (set, mut db) = ctx.load_and_connect(false).await?;
+    let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
     db.close().await;
@@ -462,7 +460,7 @@ async fn wait(
                 CliError::new(Exit::Source, "invalid_source", "no migrations to wait for")
             })?,
     };
-    let cfg = ctx.connect_config(false)?;
+    let cfg = ctx.connect_config()?;
     let started = Instant::now();
     let mut delay = Duration::from_millis(200);
     let mut db: Option<Db> = None;

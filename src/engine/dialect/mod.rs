@@ -465,8 +465,6 @@ pub struct ConnectConfig {
     pub busy_timeout: Duration,
     /// Shown in `pg_stat_activity`, so a waiting runner can say who holds the lock.
     pub application_name: String,
-    /// Whether a missing SQLite file may be created (only commands that write history).
-    pub create: bool,
 }
 
 /// What each dialect provides to the runner. Every method works on one dedicated

@@ -5,7 +5,7 @@
 use std::str::FromStr;
 
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{AssertSqlSafe, Connection, Row};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
@@ -31,7 +31,8 @@ impl PgBackend {
     pub async fn connect(cfg: &ConnectConfig) -> Result<Self, DbError> {
         let opts = PgConnectOptions::from_str(&cfg.url)
             .map_err(DbError::from)?
-            .application_name(&cfg.application_name);
+            .application_name(&cfg.application_name)
+            .disable_statement_logging();
         let conn = match tokio::time::timeout(
             cfg.connect_timeout,
             PgConnection::connect_with(&opts),

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
-use sqlx::{AssertSqlSafe, Connection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
@@ -30,6 +30,7 @@ pub struct SqliteBackend {
     conn: Option<SqliteConnection>,
     /// The database file; `None` for an in-memory database.
     path: Option<PathBuf>,
+    opts: SqliteConnectOptions,
     table: HistoryTable,
     who: String,
     lock: Option<File>,
@@ -46,9 +47,10 @@ struct HolderFile {
 
 impl SqliteBackend {
     pub async fn connect(cfg: &ConnectConfig) -> Result<Self, DbError> {
-        let mut opts = SqliteConnectOptions::from_str(&cfg.url)
+        let opts = SqliteConnectOptions::from_str(&cfg.url)
             .map_err(DbError::from)?
             .busy_timeout(cfg.busy_timeout)
+            .disable_statement_logging()
             // SQLite's own default. With foreign keys on, the DROP TABLE of a table rebuild
             // (the usual way to alter a SQLite table) would cascade into the children's rows.
             .foreign_keys(false);
@@ -57,6 +59,7 @@ impl SqliteBackend {
         let mut backend = SqliteBackend {
             conn: None,
             path: path.clone(),
+            opts,
             table: cfg.table.clone(),
             who: cfg.application_name.clone(),
             lock: None,
@@ -64,20 +67,22 @@ impl SqliteBackend {
             progress: progress_sql(D, &cfg.table),
             finish: finish_sql(D, &cfg.table),
         };
-        if let Some(p) = &path
-            && !p.exists()
-        {
-            if !cfg.create {
-                return Ok(backend);
-            }
-            opts = opts.create_if_missing(true);
+        // A missing file stays missing until something is written: reading commands and
+        // failed runs must not leave an empty database behind.
+        if path.as_ref().is_none_or(|p| p.exists()) {
+            backend.open(false).await?;
         }
-        backend.conn = Some(
+        Ok(backend)
+    }
+
+    async fn open(&mut self, create: bool) -> Result<(), DbError> {
+        let opts = self.opts.clone().create_if_missing(create);
+        self.conn = Some(
             SqliteConnection::connect_with(&opts)
                 .await
                 .map_err(DbError::from)?,
         );
-        Ok(backend)
+        Ok(())
     }
 
     fn conn(&mut self) -> Result<&mut SqliteConnection, DbError> {
@@ -112,6 +117,10 @@ impl Backend for SqliteBackend {
 
     async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
         let sql = select_sql(D, &self.table);
+        // Another runner may have created the file since we looked: look again.
+        if self.conn.is_none() && self.path.as_ref().is_some_and(|p| p.exists()) {
+            self.open(false).await?;
+        }
         let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
         };
@@ -127,6 +136,9 @@ impl Backend for SqliteBackend {
     }
 
     async fn create_history_table(&mut self) -> Result<(), DbError> {
+        if self.conn.is_none() {
+            self.open(true).await?;
+        }
         let sql = super::create_table_sql(D, &self.table);
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(self.conn()?)
