@@ -524,7 +524,7 @@ pub trait Backend: Send {
 /// A connected database of any supported dialect.
 pub enum Db {
     Postgres(postgres::PgBackend),
-    Sqlite(sqlite::SqliteBackend),
+    Sqlite(Box<sqlite::SqliteBackend>),
 }
 
 /// The dialect a URL asks for.
@@ -558,7 +558,9 @@ impl Db {
     pub async fn connect(cfg: &ConnectConfig) -> Result<Db, DbError> {
         match dialect_of(&cfg.url)? {
             Dialect::Postgres => Ok(Db::Postgres(postgres::PgBackend::connect(cfg).await?)),
-            Dialect::Sqlite => Ok(Db::Sqlite(sqlite::SqliteBackend::connect(cfg).await?)),
+            Dialect::Sqlite => Ok(Db::Sqlite(Box::new(
+                sqlite::SqliteBackend::connect(cfg).await?,
+            ))),
             Dialect::MySql => Err(DbError::new(
                 DbErrorKind::Config,
                 "MySQL is not supported yet",
