@@ -251,3 +251,32 @@ fn help_never_shows_the_database_url() {
     assert_code(&o, 0);
     assert!(!text(&o).contains(secret), "{}", text(&o));
 }
+
+/// The README's first command works as written, and the examples migrate up and down.
+#[test]
+fn readme_quickstart_runs_on_the_examples() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    assert!(
+        readme.contains(
+            "cargo run -- migrate --database-url sqlite:demo.db --dir examples/migrations upgrade"
+        ),
+        "the README's quickstart command changed: update this test with it"
+    );
+    let db = sqlite_db();
+    let examples =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migrations"));
+    let mut c = std::process::Command::new(bin());
+    c.args(["migrate", "--database-url", &db.url, "--dir"])
+        .arg(examples)
+        .arg("upgrade");
+    assert_code(&run(c), 0);
+    for (args, expect) in [
+        (&["status"][..], 0),
+        (&["downgrade", "base"], 0),
+        (&["status"], 3),
+        (&["upgrade"], 0),
+    ] {
+        assert_code(&cmd(&db.url, examples, args), expect);
+    }
+}

@@ -337,3 +337,23 @@ fn successful_runs_never_print_the_password() {
         assert_no_secret(&o, &PASSWORD.replace('&', "%26"));
     }
 }
+
+#[test]
+fn examples_migrate_up_and_down() {
+    let url = server().fresh_db();
+    let examples =
+        std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/migrations"));
+    for (args, expect) in [
+        (&["upgrade"][..], 0),
+        (&["status"], 0),
+        (&["downgrade", "base"], 0),
+        (&["status"], 3),
+    ] {
+        let o = run({
+            let mut c = migrate(&url, examples);
+            c.args(args);
+            c
+        });
+        assert_code(&o, expect);
+    }
+}

@@ -1,0 +1,2 @@
+-- A new nullable column: existing rows keep their data.
+ALTER TABLE customers ADD COLUMN country TEXT;
