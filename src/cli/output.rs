@@ -105,16 +105,7 @@ pub fn summary_line(
                     obj.insert(key.into(), x.clone());
                 }
             }
-            let versions: Vec<serde_json::Value> = o
-                .json
-                .get("steps")
-                .and_then(|s| s.as_array())
-                .map(|steps| {
-                    steps
-                        .iter()
-                        .filter_map(|s| s.get("version").cloned())
-                        .collect()
-                })
+            let versions = versions_of(o.json.get("steps"))
                 .or_else(|| o.json.get("stamped").and_then(|s| s.as_array()).cloned())
                 .unwrap_or_default();
             obj.insert("applied".into(), json!(versions));
@@ -122,17 +113,7 @@ pub fn summary_line(
         Err(e) => {
             obj.insert("result".into(), json!("failed"));
             obj.insert("exitCode".into(), json!(e.exit.code()));
-            let completed: Vec<serde_json::Value> = e
-                .details
-                .as_ref()
-                .and_then(|d| d.get("completedSteps"))
-                .and_then(|s| s.as_array())
-                .map(|steps| {
-                    steps
-                        .iter()
-                        .filter_map(|s| s.get("version").cloned())
-                        .collect()
-                })
+            let completed = versions_of(e.details.as_ref().and_then(|d| d.get("completedSteps")))
                 .unwrap_or_default();
             obj.insert("applied".into(), json!(completed));
             if let Some(d) = &e.details {
@@ -149,6 +130,16 @@ pub fn summary_line(
         }
     }
     fit_summary(v)
+}
+
+/// The `version` of each step in a JSON array of steps.
+fn versions_of(steps: Option<&serde_json::Value>) -> Option<Vec<serde_json::Value>> {
+    steps.and_then(|s| s.as_array()).map(|steps| {
+        steps
+            .iter()
+            .filter_map(|s| s.get("version").cloned())
+            .collect()
+    })
 }
 
 fn capitalize(s: &str) -> String {

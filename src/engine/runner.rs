@@ -565,6 +565,32 @@ async fn run_step(
     Ok(report)
 }
 
+/// A history row that records a decision (stamp, resolve) rather than a run.
+fn record_row(
+    version: String,
+    description: String,
+    kind: Kind,
+    checksums: Option<&script::Checksums>,
+    runner_id: &str,
+    note: String,
+) -> NewRow {
+    NewRow {
+        version,
+        description,
+        kind,
+        success: Some(true),
+        checksum: checksums.map(|c| c.strict.clone()),
+        checksum_normalized: checksums.map(|c| c.normalized.clone()),
+        transactional: true,
+        statements_total: None,
+        statements_done: None,
+        applied_by: runner_id.to_string(),
+        duration_ms: Some(0),
+        error: None,
+        note: Some(note),
+    }
+}
+
 /// What `stamp` recorded.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -637,21 +663,14 @@ async fn stamp_locked(
             source: f.error,
         })?;
         for m in &todo {
-            let row = NewRow {
-                version: m.version.to_string(),
-                description: m.description.clone(),
-                kind: Kind::Baseline,
-                success: Some(true),
-                checksum: Some(m.up.checksums.strict.clone()),
-                checksum_normalized: Some(m.up.checksums.normalized.clone()),
-                transactional: true,
-                statements_total: None,
-                statements_done: None,
-                applied_by: settings.runner_id.clone(),
-                duration_ms: Some(0),
-                error: None,
-                note: Some("stamped: recorded as applied without running".into()),
-            };
+            let row = record_row(
+                m.version.to_string(),
+                m.description.clone(),
+                Kind::Baseline,
+                Some(&m.up.checksums),
+                &settings.runner_id,
+                "stamped: recorded as applied without running".into(),
+            );
             if let Err(e) = db.insert_row(&row).await {
                 let _ = db.rollback().await;
                 return Err(RunError::Db {
@@ -718,29 +737,23 @@ pub async fn resolve(
             };
             return Err(RunError::NothingToResolve(version.to_string(), what));
         };
-        let file = set.get(version);
-        let row = NewRow {
-            version: u.version.clone(),
-            description: u.description.clone(),
-            kind: if verdict == Verdict::Applied {
-                Kind::MarkApplied
-            } else {
-                Kind::MarkReverted
-            },
-            success: Some(true),
-            checksum: file.map(|m| m.up.checksums.strict.clone()),
-            checksum_normalized: file.map(|m| m.up.checksums.normalized.clone()),
-            transactional: true,
-            statements_total: None,
-            statements_done: None,
-            applied_by: settings.runner_id.clone(),
-            duration_ms: Some(0),
-            error: None,
-            note: Some(match &reason {
-                Some(r) => format!("resolved row {}: {r}", u.row_id),
-                None => format!("resolved row {}", u.row_id),
-            }),
+        let kind = match verdict {
+            Verdict::Applied => Kind::MarkApplied,
+            Verdict::Reverted => Kind::MarkReverted,
         };
+        let note = match &reason {
+            Some(r) => format!("resolved row {}: {r}", u.row_id),
+            None => format!("resolved row {}", u.row_id),
+        };
+        let checksums = set.get(version).map(|m| &m.up.checksums);
+        let row = record_row(
+            u.version.clone(),
+            u.description.clone(),
+            kind,
+            checksums,
+            &settings.runner_id,
+            note,
+        );
         db.insert_row(&row)
             .await
             .map_err(RunError::db("recording the resolution"))?;
