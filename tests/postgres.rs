@@ -65,6 +65,11 @@ fn kill9_mid_non_transactional_migration() {
 }
 
 #[test]
+fn dirty_downgrade_is_resolved() {
+    scenarios::dirty_downgrade_is_resolved(&Pg);
+}
+
+#[test]
 fn drift_is_detected() {
     scenarios::drift(&Pg);
 }
@@ -104,7 +109,8 @@ struct LockHolder(std::process::Child);
 
 impl LockHolder {
     fn hold(url: &str) -> Self {
-        let key = schemagate::engine::HistoryTable::parse("schemagate_history")
+        // The engine locks on the schema-qualified name, however the table was named.
+        let key = schemagate::engine::HistoryTable::parse("public.schemagate_history")
             .unwrap()
             .lock_key();
         let child = Command::new("psql")
@@ -356,4 +362,55 @@ fn examples_migrate_up_and_down() {
         });
         assert_code(&o, expect);
     }
+}
+
+#[test]
+fn a_migration_changing_the_search_path_cannot_redirect_the_history() {
+    let url = server().fresh_db();
+    let dir = MigDir::new();
+    dir.pair(
+        "1",
+        "app_schema",
+        "CREATE SCHEMA app;\nSET search_path = app;\nCREATE TABLE app_t (x INTEGER);\n",
+        None,
+    );
+    dir.pair("2", "public_t", "CREATE TABLE t2 (x INTEGER);\n", None);
+    dir.pair(
+        "3",
+        "non_tx",
+        "-- schemagate:no-transaction\nSET search_path = app;\nCREATE TABLE app_t3 (x INTEGER);\n",
+        None,
+    );
+    dir.pair("4", "public_t4", "CREATE TABLE t4 (x INTEGER);\n", None);
+    let o = run({
+        let mut c = migrate(&url, dir.path());
+        c.arg("upgrade");
+        c
+    });
+    assert_code(&o, 0);
+    let exists = |t: &str| {
+        count(
+            &url,
+            &format!("SELECT CASE WHEN to_regclass('{t}') IS NULL THEN '0' ELSE '1' END"),
+        ) == 1
+    };
+    assert!(exists("app.app_t") && exists("app.app_t3"));
+    assert!(
+        exists("public.t2") && exists("public.t4"),
+        "each step starts with the default search path"
+    );
+    assert!(!exists("app.schemagate_history"));
+    assert_eq!(
+        count(
+            &url,
+            "SELECT CAST(count(*) AS TEXT) FROM public.schemagate_history WHERE success"
+        ),
+        4
+    );
+    let o = run({
+        let mut c = migrate(&url, dir.path());
+        c.args(["status", "--history-table", "public.schemagate_history"]);
+        c
+    });
+    assert_code(&o, 0);
 }

@@ -120,6 +120,11 @@ fn kill9_mid_non_transactional_migration() {
 }
 
 #[test]
+fn dirty_downgrade_is_resolved() {
+    scenarios::dirty_downgrade_is_resolved(&Lite);
+}
+
+#[test]
 fn drift_is_detected() {
     scenarios::drift(&Lite);
 }

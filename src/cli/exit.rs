@@ -3,7 +3,9 @@
 
 use serde::Serialize;
 
-use crate::engine::plan::PlanError;
+use crate::engine::history::Kind;
+use crate::engine::plan::{self, Direction, PlanError};
+use crate::engine::runner::StepOutcome;
 use crate::engine::source::SourceError;
 use crate::engine::{DbError, DbErrorKind, RunError};
 
@@ -125,10 +127,10 @@ impl From<RunError> for CliError {
                 err.details = details;
                 err
             }
-            RunError::Script { .. } => CliError::new(Exit::Source, "invalid_script", message).hint(
-                "remove the transaction statements (the engine already runs each migration in a \
-                 transaction), or make the first line `-- schemagate:no-transaction`",
-            ),
+            RunError::Script { ref source, .. } => {
+                let hint = source.problem.hint();
+                CliError::new(Exit::Source, "invalid_script", message).hint(hint)
+            }
             RunError::LockTimeout { ref holder, .. } => {
                 let details = holder.clone();
                 CliError::new(Exit::LockTimeout, "lock_timeout", message)
@@ -140,15 +142,20 @@ impl From<RunError> for CliError {
                     .details(details)
             }
             RunError::StepFailed(f) => {
-                let hint = if f.rolled_back {
-                    "fix the migration file and run upgrade again; earlier migrations stay applied"
-                        .to_string()
-                } else {
-                    format!(
-                        "the step stopped part-way outside a transaction: inspect the database, \
-                         then `schemagate migrate resolve {} --applied` or `--reverted`",
-                        f.version
-                    )
+                let hint = match f.outcome {
+                    StepOutcome::RolledBack => "fix the migration file and run upgrade again; \
+                                                earlier migrations stay applied"
+                        .to_string(),
+                    StepOutcome::Dirty => {
+                        let kind = match f.direction {
+                            Direction::Up => Kind::Up,
+                            Direction::Down => Kind::Down,
+                        };
+                        plan::resolve_hint(&f.version, kind)
+                    }
+                    StepOutcome::Unknown => "run `schemagate migrate status`: the history says \
+                                             whether the step committed"
+                        .to_string(),
                 };
                 let hint = match f.code.as_deref() {
                     Some("25001") => format!(

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use super::exit::{CliError, Exit};
 use super::output::{self, Outcome};
-use super::{ChecksumArg, Common, MigrateArgs, MigrateCommand, NewFormat, PlanFlags};
+use super::{ChecksumArg, Common, MigrateArgs, MigrateCommand, NewFormat};
 use crate::engine::dialect::{Backend, LockHolder};
 use crate::engine::plan::{self, Plan};
 use crate::engine::runner::{self, Mode, Verdict};
@@ -168,13 +168,13 @@ impl Ctx {
         Ok(source::load_dir(&self.common.dir)?)
     }
 
-    fn settings(&self, flags: PlanFlags) -> RunSettings {
+    fn settings(&self) -> RunSettings {
         RunSettings {
             runner_id: self.runner_id.clone(),
             lock_timeout: self.common.lock_timeout,
             plan: PlanOptions {
-                out_of_order: flags.out_of_order,
-                ignore_missing: flags.ignore_missing,
+                out_of_order: self.common.out_of_order,
+                ignore_missing: self.common.ignore_missing,
                 checksum: self.checksum_mode(),
             },
         }
@@ -211,11 +211,11 @@ fn to_json(v: &impl Serialize) -> serde_json::Value {
 
 async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliError> {
     match command {
-        MigrateCommand::Upgrade { target, flags } => {
-            migrate(ctx, Mode::Upgrade(parse_target(&target)?), flags).await
+        MigrateCommand::Upgrade { target } => {
+            migrate(ctx, Mode::Upgrade(parse_target(&target)?)).await
         }
-        MigrateCommand::Downgrade { target, flags } => {
-            migrate(ctx, Mode::Downgrade(parse_target(&target)?), flags).await
+        MigrateCommand::Downgrade { target } => {
+            migrate(ctx, Mode::Downgrade(parse_target(&target)?)).await
         }
         MigrateCommand::Current => current(ctx).await,
         MigrateCommand::History { limit } => history(ctx, limit).await,
@@ -227,7 +227,7 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
             format,
             no_down,
         } => new(ctx, &message, version.as_deref(), format, no_down),
-        MigrateCommand::Plan { target, flags } => plan_cmd(ctx, &target, flags).await,
+        MigrateCommand::Plan { target } => plan_cmd(ctx, &target).await,
         MigrateCommand::Verify => verify(ctx).await,
         MigrateCommand::Stamp { version } => stamp(ctx, &version).await,
         MigrateCommand::Resolve {
@@ -244,9 +244,9 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
     }
 }
 
-async fn migrate(ctx: &Ctx, mode: Mode, flags: PlanFlags) -> Result<Outcome, CliError> {
+async fn migrate(ctx: &Ctx, mode: Mode) -> Result<Outcome, CliError> {
     let (set, mut db) = ctx.load_and_connect().await?;
-    let result = runner::run(&mut db, &set, &mode, &ctx.settings(flags)).await;
+    let result = runner::run(&mut db, &set, &mode, &ctx.settings()).await;
     db.close().await;
     let report = result?;
     Ok(Outcome::ok(to_json(&report), output::human_run(&report)))
@@ -317,7 +317,7 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
     let report = status::status(
         &set,
         &state,
-        ctx.checksum_mode(),
+        &ctx.settings().plan,
         ctx.shown_url.clone(),
         dialect,
         holder,
@@ -339,8 +339,11 @@ async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
     let state = runner::read_state(&mut db).await;
     db.close().await;
     let state = state?;
-    let drift = plan::drift(&set, &state, ctx.checksum_mode());
+    let mut drift = plan::drift(&set, &state, ctx.checksum_mode());
     let verified = state.applied.len() - drift.changed.len() - drift.missing.len();
+    if ctx.common.ignore_missing {
+        drift.missing.clear();
+    }
     let exit = if drift.is_empty() {
         Exit::Ok
     } else {
@@ -357,7 +360,7 @@ async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
 async fn stamp(ctx: &Ctx, version: &str) -> Result<Outcome, CliError> {
     let target = parse_target(version)?;
     let (set, mut db) = ctx.load_and_connect().await?;
-    let result = runner::stamp(&mut db, &set, &target, &ctx.settings(PlanFlags::default())).await;
+    let result = runner::stamp(&mut db, &set, &target, &ctx.settings()).await;
     db.close().await;
     let report = result?;
     let human = if report.stamped.is_empty() {
@@ -386,15 +389,7 @@ async fn resolve(
         Verdict::Reverted
     };
     let (set, mut db) = ctx.load_and_connect().await?;
-    let result = runner::resolve(
-        &mut db,
-        &set,
-        &v,
-        verdict,
-        reason,
-        &ctx.settings(PlanFlags::default()),
-    )
-    .await;
+    let result = runner::resolve(&mut db, &set, &v, verdict, reason, &ctx.settings()).await;
     db.close().await;
     let report = result?;
     let human = format!(
@@ -406,25 +401,29 @@ async fn resolve(
     Ok(Outcome::ok(to_json(&report), human))
 }
 
-/// The direction a `plan` target implies, given the current version.
-fn plan_mode(target: Target, current: Option<&Version>) -> Mode {
+/// The direction a `plan` target implies, given the current version. With --out-of-order a
+/// version below the current one means "apply the older pending ones up to it".
+fn plan_mode(target: Target, current: Option<&Version>, out_of_order: bool) -> Mode {
     match &target {
         Target::Base => Mode::Downgrade(target),
         Target::Relative(n) if *n < 0 => Mode::Downgrade(target),
-        Target::Version(v) if current.is_some_and(|c| v < c) => Mode::Downgrade(target),
+        Target::Version(v) if !out_of_order && current.is_some_and(|c| v < c) => {
+            Mode::Downgrade(target)
+        }
         _ => Mode::Upgrade(target),
     }
 }
 
-async fn plan_cmd(ctx: &Ctx, target: &str, flags: PlanFlags) -> Result<Outcome, CliError> {
+async fn plan_cmd(ctx: &Ctx, target: &str) -> Result<Outcome, CliError> {
     let target = parse_target(target)?;
     let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
+    let table = db.table().clone();
     db.close().await;
     let state = state?;
-    let mode = plan_mode(target, state.current());
-    let settings = ctx.settings(flags);
+    let settings = ctx.settings();
+    let mode = plan_mode(target, state.current(), settings.plan.out_of_order);
     let plan: Plan<'_> = match &mode {
         Mode::Upgrade(t) => plan::plan_upgrade(&set, &state, t, &settings.plan),
         Mode::Downgrade(t) => plan::plan_downgrade(&set, &state, t, &settings.plan),
@@ -435,7 +434,7 @@ async fn plan_cmd(ctx: &Ctx, target: &str, flags: PlanFlags) -> Result<Outcome, 
         &plan,
         &prepared,
         dialect,
-        &ctx.table,
+        &table,
         !state.initialized,
         &settings.runner_id,
     );
@@ -480,10 +479,14 @@ async fn wait(
         if let Some(conn) = db.as_mut() {
             match runner::read_state(conn).await {
                 Ok(state) => {
-                    if let Some(u) = state.unfinished.as_ref().filter(|u| u.failed) {
-                        return Err(CliError::from(crate::engine::RunError::Plan(
-                            plan::PlanError::Unfinished(Box::new(u.clone())),
-                        )));
+                    if let Some(u) = &state.unfinished {
+                        // A step with no outcome is only alive while its runner holds the lock.
+                        let dead = u.failed || matches!(conn.lock_holder().await, Ok(None));
+                        if dead {
+                            return Err(CliError::from(crate::engine::RunError::Plan(
+                                plan::PlanError::Unfinished(Box::new(u.clone())),
+                            )));
+                        }
                     }
                     let current = state.current().cloned();
                     let reached = current
@@ -778,22 +781,29 @@ mod tests {
     fn plan_direction_follows_the_target() {
         let v = |s: &str| Version::parse(s).unwrap();
         assert!(matches!(
-            plan_mode(Target::Head, Some(&v("3"))),
+            plan_mode(Target::Head, Some(&v("3")), false),
             Mode::Upgrade(_)
         ));
         assert!(matches!(
-            plan_mode(Target::Version(v("2")), Some(&v("3"))),
+            plan_mode(Target::Version(v("2")), Some(&v("3")), false),
             Mode::Downgrade(_)
         ));
         assert!(matches!(
-            plan_mode(Target::Version(v("4")), Some(&v("3"))),
+            plan_mode(Target::Version(v("4")), Some(&v("3")), false),
             Mode::Upgrade(_)
         ));
         assert!(matches!(
-            plan_mode(Target::Relative(-1), None),
+            plan_mode(Target::Relative(-1), None, false),
             Mode::Downgrade(_)
         ));
-        assert!(matches!(plan_mode(Target::Base, None), Mode::Downgrade(_)));
+        assert!(matches!(
+            plan_mode(Target::Base, None, false),
+            Mode::Downgrade(_)
+        ));
+        assert!(matches!(
+            plan_mode(Target::Version(v("2")), Some(&v("3")), true),
+            Mode::Upgrade(_)
+        ));
     }
 
     #[test]

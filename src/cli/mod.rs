@@ -108,6 +108,15 @@ pub struct Common {
     #[arg(long, env = "SCHEMAGATE_SUMMARY_FILE", global = true)]
     pub summary_file: Option<PathBuf>,
 
+    /// Also apply pending migrations older than the current version (they are refused by
+    /// default: a migration written against an older schema may not fit the current one).
+    #[arg(long, env = "SCHEMAGATE_OUT_OF_ORDER", global = true)]
+    pub out_of_order: bool,
+
+    /// Go on although applied migrations have no file any more (by default that is drift).
+    #[arg(long, env = "SCHEMAGATE_IGNORE_MISSING", global = true)]
+    pub ignore_missing: bool,
+
     /// Who is running, as recorded in the history and shown to waiting runners
     /// [default: $POD_NAME or the host name, plus the process id].
     #[arg(long, env = "SCHEMAGATE_RUNNER_ID", global = true)]
@@ -138,17 +147,6 @@ pub enum NewFormat {
     Sqlx,
 }
 
-/// Flags that relax the safety rules of a plan; each is an explicit choice.
-#[derive(Debug, Args, Clone, Copy, Default)]
-pub struct PlanFlags {
-    /// Also apply pending migrations older than the current version.
-    #[arg(long)]
-    pub out_of_order: bool,
-    /// Go on although applied migrations have no file any more.
-    #[arg(long)]
-    pub ignore_missing: bool,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
     /// Apply pending migrations up to TARGET (default: head). Waits for the lock when
@@ -157,8 +155,6 @@ pub enum MigrateCommand {
         /// `head`, a version, or `+N` (the next N migrations).
         #[arg(default_value = "head", allow_negative_numbers = true)]
         target: String,
-        #[command(flatten)]
-        flags: PlanFlags,
     },
     /// Revert applied migrations with their down scripts, down to TARGET (default: -1).
     /// Refuses to start if any step lacks a down script.
@@ -166,8 +162,6 @@ pub enum MigrateCommand {
         /// `-N` (the last N migrations), a version to end at, or `base` (revert everything).
         #[arg(default_value = "-1", allow_negative_numbers = true)]
         target: String,
-        #[command(flatten)]
-        flags: PlanFlags,
     },
     /// Show the database's current version.
     Current,
@@ -203,8 +197,6 @@ pub enum MigrateCommand {
         /// `head`, `+N`, a version (above current: upgrade; below: downgrade), `-N` or `base`.
         #[arg(default_value = "head", allow_negative_numbers = true)]
         target: String,
-        #[command(flatten)]
-        flags: PlanFlags,
     },
     /// Check the checksums of applied migrations against the files. Exit code 4 on drift.
     Verify,
@@ -216,7 +208,8 @@ pub enum MigrateCommand {
         version: String,
     },
     /// Record your verdict on a step that did not finish (a dirty non-transactional
-    /// migration), after inspecting the database.
+    /// migration or down script), after inspecting the database. The verdict is about the
+    /// version, whichever way the step was going: are its changes in the schema?
     Resolve {
         /// The unfinished step's version.
         version: String,

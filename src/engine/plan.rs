@@ -200,6 +200,24 @@ pub enum PlanError {
     MissingDown(Vec<(String, String)>),
 }
 
+/// How to resolve an unfinished step: the verdict names the state of the *version* (are
+/// its changes in the schema?), whichever way the step was going.
+pub fn resolve_hint(version: &str, kind: super::history::Kind) -> String {
+    if kind == super::history::Kind::Down {
+        format!(
+            "the down script of {version} stopped part-way: inspect the database and finish or \
+             undo it by hand, then `schemagate migrate resolve {version} --reverted` if \
+             {version}'s changes are now all gone, or `--applied` if they are all still there"
+        )
+    } else {
+        format!(
+            "inspect the database and finish or undo the step by hand, then `schemagate migrate \
+             resolve {version} --applied` if all of {version}'s changes are there, or \
+             `--reverted` if none are"
+        )
+    }
+}
+
 fn list(v: &[String]) -> String {
     v.join(", ")
 }
@@ -247,11 +265,7 @@ impl PlanError {
     /// The next step for the user.
     pub fn hint(&self) -> String {
         match self {
-            PlanError::Unfinished(u) => format!(
-                "inspect the database; then record what happened with `schemagate migrate resolve {} \
-                 --applied` (its changes are all there) or `--reverted` (you undid them)",
-                u.version
-            ),
+            PlanError::Unfinished(u) => resolve_hint(&u.version, u.kind),
             PlanError::Drift(d) if !d.changed.is_empty() => "restore the applied file (`git diff` it), \
                  or if only line endings/whitespace changed, pass --checksum normalized"
                 .into(),
@@ -324,8 +338,12 @@ pub fn plan_upgrade<'a>(
             });
         }
     };
+    // Below the current version there is nothing to do, unless the user asked to apply
+    // older pending migrations (up to that version).
+    let older_pending = |l: &Version| pending.iter().any(|m| m.version <= *l);
     if let (Some(limit), Some(cur)) = (limit, &current)
         && limit < cur
+        && !(opts.out_of_order && older_pending(limit))
     {
         return Ok(Plan {
             direction: Direction::Up,
@@ -560,6 +578,15 @@ mod tests {
         let p = plan_upgrade(&s, &st, &Target::Head, &opts).unwrap();
         assert_eq!(versions(&p), vec!["2"]);
         assert_eq!(p.to.unwrap().to_string(), "3");
+        let p = plan_upgrade(&s, &st, &t("2"), &opts).unwrap();
+        assert_eq!(
+            versions(&p),
+            vec!["2"],
+            "a version target below current applies older ones"
+        );
+        assert!(!p.ahead);
+        let p = plan_upgrade(&s, &st, &t("2"), &OPTS).unwrap();
+        assert!(p.ahead && p.steps.is_empty());
     }
 
     #[test]

@@ -24,6 +24,15 @@ pub fn register_secret(secret: &str) {
     if decoded != secret {
         forms.push(decoded);
     }
+    // As it appears inside JSON strings (quotes and backslashes escaped).
+    for f in forms.clone() {
+        if let Ok(json) = serde_json::to_string(&f) {
+            let inner = &json[1..json.len() - 1];
+            if inner != f {
+                forms.push(inner.to_string());
+            }
+        }
+    }
     let Ok(mut secrets) = SECRETS.write() else {
         return;
     };
@@ -63,60 +72,99 @@ fn is_secret_param(key: &str) -> bool {
         || k.contains("token")
 }
 
+/// True for a URL scheme (`postgres`, `sqlite`, ...).
+pub fn is_scheme(s: &str) -> bool {
+    s.len() <= 32
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '.' | '-'))
+}
+
+/// What is shown instead of something that is not a URL (it may be a key=value connection
+/// string, or a password pasted into the wrong variable).
+pub const NOT_A_URL: &str = "<database URL not shown: it is not a URL>";
+
 /// Registers the secrets in a database URL and returns it with them masked:
-/// `postgres://app:***@db:5432/orders?sslmode=require`.
+/// `postgres://app:***@db:5432/orders?sslmode=require`. Anything that does not parse as a
+/// URL is not shown at all, and its `password=` values (and the whole text) are registered.
 pub fn redact_url(url: &str) -> String {
-    let mut out = String::with_capacity(url.len());
-    let (head, query) = match url.split_once('?') {
-        Some((h, q)) => (h, Some(q)),
-        None => (url, None),
-    };
-    match head.split_once("://") {
-        Some((scheme, rest)) => {
-            let auth_end = rest.find('/').unwrap_or(rest.len());
-            let (authority, path) = rest.split_at(auth_end);
-            out.push_str(scheme);
-            out.push_str("://");
-            match authority.rsplit_once('@') {
-                Some((userinfo, host)) => {
-                    match userinfo.split_once(':') {
-                        Some((user, password)) => {
-                            register_secret(password);
-                            out.push_str(user);
-                            out.push(':');
-                            out.push_str(MASK);
-                        }
-                        None => out.push_str(userinfo),
+    let url = url.trim();
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if !is_scheme(scheme) {
+            return opaque(url);
+        }
+        let mut out = format!("{scheme}://");
+        // The user information ends at the last `@`: a password with an unencoded `@`, `/`
+        // or `?` must still be masked whole (over-masking a path is the safe mistake).
+        let rest = match rest.rfind('@') {
+            Some(at) => {
+                let userinfo = &rest[..at];
+                match userinfo.split_once(':') {
+                    Some((user, password)) => {
+                        register_secret(password);
+                        out.push_str(user);
+                        out.push(':');
+                        out.push_str(MASK);
                     }
-                    out.push('@');
-                    out.push_str(host);
+                    None => out.push_str(userinfo),
                 }
-                None => out.push_str(authority),
+                out.push('@');
+                &rest[at + 1..]
             }
-            out.push_str(path);
-        }
-        None => out.push_str(head),
+            None => rest,
+        };
+        out.push_str(&redact_query(rest));
+        return out;
     }
-    if let Some(query) = query {
-        out.push('?');
-        let mut first = true;
-        for pair in query.split('&') {
-            if !first {
-                out.push('&');
+    match url.split_once(':') {
+        Some((scheme, rest)) if is_scheme(scheme) => format!("{scheme}:{}", redact_query(rest)),
+        _ => opaque(url),
+    }
+}
+
+fn redact_query(s: &str) -> String {
+    let Some((head, query)) = s.split_once('?') else {
+        return s.to_string();
+    };
+    let pairs: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((k, v)) if is_secret_param(k) => {
+                register_secret(v);
+                format!("{k}={MASK}")
             }
-            first = false;
-            match pair.split_once('=') {
-                Some((k, v)) if is_secret_param(k) => {
-                    register_secret(v);
-                    out.push_str(k);
-                    out.push('=');
-                    out.push_str(MASK);
-                }
-                _ => out.push_str(pair),
-            }
+            _ => pair.to_string(),
+        })
+        .collect();
+    format!("{head}?{}", pairs.join("&"))
+}
+
+fn opaque(text: &str) -> String {
+    register_secret(text);
+    // A mistyped URL (`postgres//user:pw@host`): what follows the user name.
+    if let Some(at) = text.rfind('@') {
+        let before = &text[..at];
+        let userinfo = before.rsplit('/').next().unwrap_or(before);
+        if let Some((_, password)) = userinfo.split_once(':') {
+            register_secret(password);
         }
     }
-    out
+    // libpq-style `password=x` / `password = 'x y'` pairs.
+    let lower = text.to_ascii_lowercase();
+    let mut from = 0;
+    while let Some(i) = lower[from..].find("password") {
+        let after = &text[from + i + "password".len()..];
+        let value = after.trim_start().strip_prefix('=').map(str::trim_start);
+        if let Some(v) = value {
+            let secret = match v.strip_prefix('\'') {
+                Some(q) => q.split('\'').next().unwrap_or_default(),
+                None => v.split_whitespace().next().unwrap_or_default(),
+            };
+            register_secret(secret);
+        }
+        from += i + "password".len();
+    }
+    NOT_A_URL.to_string()
 }
 
 /// Decodes `%XX` escapes (invalid escapes are kept as written).
@@ -157,6 +205,26 @@ mod tests {
         );
         assert_eq!(redact("also Other-Secret here"), "also *** here");
         assert_eq!(redact("nothing to hide"), "nothing to hide");
+    }
+
+    #[test]
+    fn malformed_urls_and_key_value_strings_are_never_shown() {
+        let shown = redact_url("host=db user=app password=hunter22 dbname=x");
+        assert_eq!(shown, NOT_A_URL);
+        assert_eq!(redact("echo: hunter22"), "echo: ***");
+        assert_eq!(redact_url("postgres//app:pw-typo-123@db/x"), NOT_A_URL);
+        assert_eq!(redact("pw-typo-123"), "***");
+        // Unencoded `/`, `?` and `@` in a password are masked whole.
+        assert_eq!(
+            redact_url("postgres://app:ab/c?d@e@db/x"),
+            "postgres://app:***@db/x"
+        );
+        assert_eq!(redact("ab/c?d@e"), "***");
+        redact_url("postgres://app:q\"uo\\te@db/x");
+        assert_eq!(
+            redact(&serde_json::to_string("q\"uo\\te").unwrap()),
+            "\"***\""
+        );
     }
 
     #[test]

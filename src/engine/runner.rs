@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::dialect::{Backend, DbError, LockHolder, NewRow};
+use super::dialect::{Backend, DbError, DbErrorKind, LockHolder, NewRow};
 use super::history::{DbState, Kind};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
 use super::redact;
@@ -55,6 +55,19 @@ pub struct StepReport {
     pub duration_ms: u64,
 }
 
+/// What a failed step left behind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum StepOutcome {
+    /// The step's transaction rolled back: the database is as before the step.
+    RolledBack,
+    /// A non-transactional step stopped part-way and is recorded as dirty.
+    Dirty,
+    /// The connection broke during COMMIT: the next run's read of the history tells
+    /// whether the step (and its history row) committed.
+    Unknown,
+}
+
 /// A step that failed.
 #[derive(Clone, Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -71,9 +84,8 @@ pub struct StepFailure {
     pub statement: Option<String>,
     pub message: String,
     pub code: Option<String>,
-    /// True: the step's transaction rolled back, the database is as before the step.
-    /// False: a non-transactional step stopped part-way and is recorded as dirty.
-    pub rolled_back: bool,
+    /// What the failure left behind.
+    pub outcome: StepOutcome,
     /// Steps of this run that completed before the failure (they stay applied).
     pub completed_steps: Vec<StepReport>,
 }
@@ -100,11 +112,13 @@ impl std::fmt::Display for StepFailure {
         if let Some(code) = &self.code {
             write!(f, " [SQLSTATE {code}]")?;
         }
-        if self.rolled_back {
-            write!(f, "; its transaction was rolled back")
-        } else {
-            write!(f, "; it ran outside a transaction and is recorded as dirty")
-        }
+        f.write_str(match self.outcome {
+            StepOutcome::RolledBack => "; its transaction was rolled back",
+            StepOutcome::Dirty => "; it ran outside a transaction and is recorded as dirty",
+            StepOutcome::Unknown => {
+                "; whether it committed is unknown (`schemagate migrate status` will tell)"
+            }
+        })
     }
 }
 
@@ -225,20 +239,19 @@ pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>
         .iter()
         .map(|step| {
             let script = script_of(step);
+            let located = |e: TxControlError| RunError::Script {
+                file: script.file.clone(),
+                source: TxControlError {
+                    line: e.line + script.first_line - 1,
+                    ..e
+                },
+            };
             let work = if script.directives.no_transaction {
-                Work::NonTransactional {
-                    statements: script::split(&script.sql, dialect),
-                }
+                let statements = script::split(&script.sql, dialect);
+                script::check_balanced(&script.sql, &statements).map_err(located)?;
+                Work::NonTransactional { statements }
             } else {
-                let body = script::transactional_body(&script.sql, dialect).map_err(|e| {
-                    RunError::Script {
-                        file: script.file.clone(),
-                        source: TxControlError {
-                            line: e.line + script.first_line - 1,
-                            statement: e.statement,
-                        },
-                    }
-                })?;
+                let body = script::transactional_body(&script.sql, dialect).map_err(located)?;
                 Work::Transactional {
                     body: script.sql[body.start..body.end].to_string(),
                     statements: body.statements,
@@ -436,7 +449,7 @@ fn failure(
     p: &Prepared<'_>,
     index: Option<usize>,
     error: &DbError,
-    rolled_back: bool,
+    outcome: StepOutcome,
 ) -> Box<StepFailure> {
     let statements = p.work.statements();
     let stmt = index.and_then(|i| statements.get(i));
@@ -451,7 +464,7 @@ fn failure(
         statement: stmt.map(|s| script::excerpt(s.text(&p.script.sql), 120)),
         message: redact::redact(&error.message).into_owned(),
         code: error.code.clone(),
-        rolled_back,
+        outcome,
         completed_steps: Vec::new(),
     })
 }
@@ -490,7 +503,7 @@ async fn run_step(
                 // The statement count from the server maps onto our split when both agree;
                 // past the end it was the transaction itself that failed.
                 let index = (f.began && f.completed < statements.len()).then_some(f.completed);
-                let fail = failure(p, index, &f.error, true);
+                let fail = failure(p, index, &f.error, StepOutcome::RolledBack);
                 row.success = Some(false);
                 row.statements_done = Some(f.completed as i64);
                 row.duration_ms = Some(start.elapsed().as_millis() as i64);
@@ -501,17 +514,23 @@ async fn run_step(
                 return Err(fail);
             }
             row.duration_ms = Some(start.elapsed().as_millis() as i64);
-            let recorded = match db.insert_row(&row).await {
-                Ok(_) => db.commit().await,
-                Err(e) => {
-                    let _ = db.rollback().await;
-                    Err(e)
-                }
-            };
-            if let Err(e) = recorded {
-                let mut fail = failure(p, None, &e, true);
+            if let Err(e) = db.insert_row(&row).await {
+                let _ = db.rollback().await;
+                let mut fail = failure(p, None, &e, StepOutcome::RolledBack);
                 fail.message =
                     format!("recording the step in the history failed: {}", fail.message);
+                return Err(fail);
+            }
+            if let Err(e) = db.commit().await {
+                // The server refusing the COMMIT (a deferred constraint, say) rolls it back;
+                // a connection lost during COMMIT leaves the outcome to the server.
+                let outcome = if e.kind == DbErrorKind::Statement {
+                    StepOutcome::RolledBack
+                } else {
+                    StepOutcome::Unknown
+                };
+                let mut fail = failure(p, None, &e, outcome);
+                fail.message = format!("COMMIT failed: {}", fail.message);
                 return Err(fail);
             }
         }
@@ -522,10 +541,10 @@ async fn run_step(
             let id = db
                 .insert_row(&row)
                 .await
-                .map_err(|e| failure(p, None, &e, true))?;
+                .map_err(|e| failure(p, None, &e, StepOutcome::RolledBack))?;
             for (i, st) in statements.iter().enumerate() {
                 if let Err(e) = db.execute(st.text(&p.script.sql)).await {
-                    let fail = failure(p, Some(i), &e, false);
+                    let fail = failure(p, Some(i), &e, StepOutcome::Dirty);
                     let elapsed = start.elapsed().as_millis() as i64;
                     let msg = clip(&fail.message, MAX_ERROR_LEN);
                     if let Err(e) = db
@@ -537,7 +556,7 @@ async fn run_step(
                     return Err(fail);
                 }
                 if let Err(e) = db.record_progress(id, i as i64 + 1).await {
-                    let mut fail = failure(p, Some(i), &e, false);
+                    let mut fail = failure(p, Some(i), &e, StepOutcome::Dirty);
                     fail.statement = None;
                     fail.message = format!(
                         "statement {} ran, but recording progress failed: {}",
@@ -547,11 +566,14 @@ async fn run_step(
                     return Err(fail);
                 }
             }
+            if let Err(e) = db.reset_session().await {
+                tracing::warn!(error = %e, "could not reset the session after the step");
+            }
             let elapsed = start.elapsed().as_millis() as i64;
             db.finish_row(id, true, elapsed, None, statements.len() as i64)
                 .await
                 .map_err(|e| {
-                    let mut fail = failure(p, None, &e, false);
+                    let mut fail = failure(p, None, &e, StepOutcome::Dirty);
                     fail.message = format!(
                         "all statements ran, but recording success failed: {}",
                         fail.message
@@ -652,6 +674,22 @@ async fn stamp_locked(
         .into_iter()
         .filter(|m| m.version <= version)
         .collect();
+    // A pending migration older than the current version was never run; stamping it
+    // would record it as applied without anyone deciding so.
+    if let Some(cur) = state.current() {
+        let older: Vec<String> = todo
+            .iter()
+            .filter(|m| m.version < *cur)
+            .map(|m| m.version.to_string())
+            .collect();
+        if !older.is_empty() && !settings.plan.out_of_order {
+            return Err(PlanError::OutOfOrder {
+                versions: older,
+                current: cur.to_string(),
+            }
+            .into());
+        }
+    }
     if !todo.is_empty() {
         if !state.initialized {
             db.create_history_table()

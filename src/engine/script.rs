@@ -77,6 +77,8 @@ struct Current {
     end: usize,
     words: Vec<String>,
     depth: usize,
+    /// Open parentheses: a `;` inside them (a rule's `DO (a; b)`) does not end a statement.
+    parens: usize,
     begin_pending: bool,
     last_word_end: usize,
     last_word: String,
@@ -109,7 +111,7 @@ impl Splitter<'_> {
                 delimiter = new;
                 continue;
             }
-            if cur.depth == 0 && self.b[self.i..].starts_with(&delimiter) {
+            if cur.depth == 0 && cur.parens == 0 && self.b[self.i..].starts_with(&delimiter) {
                 self.i += delimiter.len();
                 self.finish(&mut cur);
                 continue;
@@ -175,6 +177,16 @@ impl Splitter<'_> {
                     self.on_word(&mut cur, word);
                 }
                 c if c.is_ascii_whitespace() => self.i += 1,
+                b'(' | b')' => {
+                    let at = self.i;
+                    self.i += 1;
+                    cur.parens = if c == b'(' {
+                        cur.parens + 1
+                    } else {
+                        cur.parens.saturating_sub(1)
+                    };
+                    cur.mark(at, self.line, self.i);
+                }
                 _ => {
                     let at = self.i;
                     self.i += 1;
@@ -389,12 +401,44 @@ pub fn tx_control(stmt: &Statement) -> Option<TxControl> {
     let w: Vec<&str> = stmt.words.iter().map(String::as_str).collect();
     match w.as_slice() {
         // PostgreSQL `BEGIN ATOMIC` only appears inside CREATE FUNCTION, never first.
-        ["BEGIN", ..] => Some(TxControl::Begin),
-        ["START", "TRANSACTION", ..] => Some(TxControl::Begin),
-        ["COMMIT", ..] | ["END", ..] => Some(TxControl::Commit),
-        ["ROLLBACK", "TO", ..] => None, // rolls back to a savepoint: harmless inside our transaction
+        ["BEGIN", ..] | ["START", "TRANSACTION", ..] => Some(TxControl::Begin),
+        // `ROLLBACK [WORK|TRANSACTION] TO [SAVEPOINT] s` stays inside our transaction.
+        ["ROLLBACK", rest @ ..] if rest.iter().take(2).any(|w| *w == "TO") => None,
+        // PREPARE TRANSACTION detaches the work from the session: as bad as a COMMIT.
+        ["COMMIT", ..] | ["END", ..] | ["PREPARE", "TRANSACTION", ..] => Some(TxControl::Commit),
         ["ROLLBACK", ..] | ["ABORT", ..] => Some(TxControl::Rollback),
         _ => None,
+    }
+}
+
+/// In a non-transactional script, every `BEGIN` the script opens must be closed by the
+/// script: otherwise the engine's progress records would land in a transaction that is
+/// never committed.
+pub fn check_balanced(sql: &str, statements: &[Statement]) -> Result<(), TxControlError> {
+    let mut open: Option<&Statement> = None;
+    for s in statements {
+        match tx_control(s) {
+            Some(TxControl::Begin) => {
+                if open.is_some() {
+                    return Err(TxControlError {
+                        line: s.line,
+                        statement: excerpt(s.text(sql), 60),
+                        problem: TxProblem::Nested,
+                    });
+                }
+                open = Some(s);
+            }
+            Some(TxControl::Commit | TxControl::Rollback) => open = None,
+            None => {}
+        }
+    }
+    match open {
+        Some(s) => Err(TxControlError {
+            line: s.line,
+            statement: excerpt(s.text(sql), 60),
+            problem: TxProblem::NeverClosed,
+        }),
+        None => Ok(()),
     }
 }
 
@@ -408,15 +452,53 @@ pub struct Body {
     pub statements: Vec<Statement>,
 }
 
-/// A transaction-control statement where the engine's transaction forbids one.
+/// A transaction-control statement where it cannot work.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "line {line}: `{statement}` controls the transaction, but this migration runs inside the \
-     engine's transaction (so that the migration and its history row commit together)"
-)]
+#[error("line {line}: `{statement}` {problem}")]
 pub struct TxControlError {
     pub line: usize,
     pub statement: String,
+    pub problem: TxProblem,
+}
+
+/// What is wrong with a transaction-control statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxProblem {
+    /// Inside a migration that runs in the engine's transaction.
+    InsideEngineTransaction,
+    /// A `BEGIN` while the script's own transaction is open.
+    Nested,
+    /// A `BEGIN` the script never commits.
+    NeverClosed,
+}
+
+impl std::fmt::Display for TxProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TxProblem::InsideEngineTransaction => {
+                "controls the transaction, but this migration runs inside the engine's \
+                 transaction (so that the migration and its history row commit together)"
+            }
+            TxProblem::Nested => "opens a transaction while the script's previous one is open",
+            TxProblem::NeverClosed => "opens a transaction that the script never commits",
+        })
+    }
+}
+
+impl TxProblem {
+    /// The next step for the user.
+    pub fn hint(self) -> &'static str {
+        match self {
+            TxProblem::InsideEngineTransaction => {
+                "remove the transaction statements (the engine already runs each migration in a \
+                 transaction), or make the first line `-- schemagate:no-transaction`"
+            }
+            TxProblem::Nested | TxProblem::NeverClosed => {
+                "in a no-transaction migration, close every transaction the script opens (COMMIT \
+                 before the next BEGIN and at the end)"
+            }
+        }
+    }
 }
 
 /// Computes the body of a transactional script. A script wrapped in exactly one
@@ -439,6 +521,7 @@ pub fn transactional_body(sql: &str, dialect: Dialect) -> Result<Body, TxControl
         return Err(TxControlError {
             line: s.line,
             statement: excerpt(s.text(sql), 60),
+            problem: TxProblem::InsideEngineTransaction,
         });
     }
     Ok(Body {
@@ -527,7 +610,13 @@ pub fn parse_directives(text: &str) -> Result<Directives, DirectiveError> {
     for (n, raw) in text.lines().enumerate() {
         let line = raw.trim();
         let comment = line.strip_prefix("--").map(str::trim_start);
-        let Some(body) = comment.and_then(|c| c.strip_prefix(DIRECTIVE_PREFIX)) else {
+        // Case-insensitive, so `-- SchemaGate:no-transaction` is not silently ignored.
+        let body = comment.and_then(|c| {
+            c.get(..DIRECTIVE_PREFIX.len())
+                .filter(|p| p.eq_ignore_ascii_case(DIRECTIVE_PREFIX))
+                .map(|_| &c[DIRECTIVE_PREFIX.len()..])
+        });
+        let Some(body) = body else {
             if !line.is_empty() && comment.is_none() {
                 in_header = false;
             }
@@ -678,7 +767,15 @@ mod tests {
         let err = transactional_body(bad, Dialect::Postgres).unwrap_err();
         assert_eq!(err.line, 2);
 
-        let savepoints = "savepoint s; create table a(x int); rollback to savepoint s;";
+        let prepared = "create table a(x int);\nprepare transaction 'x';";
+        assert_eq!(
+            transactional_body(prepared, Dialect::Postgres)
+                .unwrap_err()
+                .line,
+            2
+        );
+        let savepoints = "savepoint s; create table a(x int); rollback to savepoint s; \
+                          rollback transaction to s; rollback work to savepoint s;";
         assert!(transactional_body(savepoints, Dialect::Postgres).is_ok());
         let plain = "create table a(x int)";
         let body = transactional_body(plain, Dialect::Sqlite).unwrap();
@@ -686,7 +783,38 @@ mod tests {
     }
 
     #[test]
+    fn parentheses_hold_rule_bodies() {
+        let sql = "create rule r as on insert to a do also (insert into b values (1); insert into c values (2));\nselect 1;";
+        assert_eq!(texts(sql, Dialect::Postgres).len(), 2);
+    }
+
+    #[test]
+    fn non_transactional_scripts_must_close_what_they_open() {
+        let ok = "begin;\nupdate a set x = 1;\ncommit;\ncreate index concurrently i on a(x);";
+        assert!(check_balanced(ok, &split(ok, Dialect::Postgres)).is_ok());
+        let open = "create index concurrently i on a(x);\nbegin;\nupdate a set x = 1;";
+        assert_eq!(
+            check_balanced(open, &split(open, Dialect::Postgres))
+                .unwrap_err()
+                .line,
+            2
+        );
+        let nested = "begin;\nbegin;\ncommit;";
+        assert_eq!(
+            check_balanced(nested, &split(nested, Dialect::Postgres))
+                .unwrap_err()
+                .line,
+            2
+        );
+    }
+
+    #[test]
     fn directives_are_read_from_the_header_only() {
+        assert!(
+            parse_directives("-- SchemaGate:no-transaction\nselect 1;")
+                .unwrap()
+                .no_transaction
+        );
         assert!(
             parse_directives("-- schemagate:no-transaction\ncreate index concurrently i on t(x);")
                 .unwrap()

@@ -205,6 +205,13 @@ fn parse_name(name: &str) -> Result<Option<Parsed>, NameError> {
             );
         }
         if let Some((ver, desc)) = rest.split_once("__") {
+            if prefix == 'R' {
+                return Err(
+                    "`R` is not a Flyway prefix for versioned files (use V for up, U for \
+                            down)"
+                        .into(),
+                );
+            }
             if prefix == 'B' {
                 return Err(
                     "Flyway baseline migrations (B<version>__) are not supported; use \
@@ -300,11 +307,28 @@ fn dbmate_marker(line: &str) -> Option<(bool, bool)> {
 fn dbmate_sections(file: &str, text: &str) -> Result<(Script, Option<Script>), SourceError> {
     // (is_up, no_tx, first content line, content)
     let mut sections: Vec<(bool, bool, usize, String)> = Vec::new();
+    let unsupported = |reason: String| SourceError::Unsupported {
+        file: file.to_string(),
+        reason,
+    };
     for (n, line) in text.split_inclusive('\n').enumerate() {
         if let Some((up, no_tx)) = dbmate_marker(line) {
+            if sections.iter().any(|s| s.0 == up) {
+                let which = if up { "up" } else { "down" };
+                return Err(unsupported(format!(
+                    "line {}: a second `-- migrate:{which}` section (dbmate allows one of each)",
+                    n + 1
+                )));
+            }
             sections.push((up, no_tx, n + 2, String::new()));
         } else if let Some(s) = sections.last_mut() {
             s.3.push_str(line);
+        } else if !line.trim().is_empty() && !line.trim_start().starts_with("--") {
+            return Err(unsupported(format!(
+                "line {}: SQL before the first `-- migrate:up`/`-- migrate:down` marker would \
+                 never run",
+                n + 1
+            )));
         }
     }
     let mut up = None;
@@ -313,10 +337,10 @@ fn dbmate_sections(file: &str, text: &str) -> Result<(Script, Option<Script>), S
         let mut s = script(file, sql, first_line)?;
         s.directives.no_transaction |= no_tx;
         if is_up {
-            up.get_or_insert(s)
+            up = Some(s);
         } else {
-            down.get_or_insert(s)
-        };
+            down = Some(s);
+        }
     }
     let up = up.ok_or_else(|| SourceError::DbmateNoUp {
         file: file.to_string(),
@@ -514,6 +538,8 @@ mod tests {
         assert_eq!(set.migrations[1].description, "add column");
         assert!(set.migrations[1].down.is_some());
         assert_eq!(set.migrations[0].format, Format::Flyway);
+        let err = load(&[("R2__cleanup.sql", "x"), ("V2__x.sql", "y")]).unwrap_err();
+        assert!(matches!(err, SourceError::UnparseableName { .. }), "{err}");
         let err = load(&[("R__views.sql", "x")]).unwrap_err();
         assert!(matches!(err, SourceError::UnparseableName { .. }), "{err}");
         assert!(err.to_string().contains("repeatable"));
@@ -563,6 +589,23 @@ mod tests {
         assert!(matches!(e, SourceError::Directive { .. }), "{e}");
         assert!(e.to_string().contains("line 2"));
         assert!(!e.hint().is_empty());
+    }
+
+    #[test]
+    fn dbmate_files_that_dbmate_itself_rejects_are_errors() {
+        let e = load(&[(
+            "1_a.sql",
+            "create table x(i int);\n-- migrate:up\nselect 1;\n",
+        )])
+        .unwrap_err();
+        assert!(e.to_string().contains("before the first"), "{e}");
+        let e = load(&[(
+            "1_a.sql",
+            "-- migrate:up\nselect 1;\n-- migrate:up\nselect 2;\n",
+        )])
+        .unwrap_err();
+        assert!(e.to_string().contains("second `-- migrate:up`"), "{e}");
+        assert!(load(&[("1_a.sql", "-- a comment\n\n-- migrate:up\nselect 1;\n")]).is_ok());
     }
 
     #[test]

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::dialect::LockHolder;
 use super::history::{DbState, Unfinished};
-use super::plan::{self, ChecksumMode, Drift};
+use super::plan::{self, Drift, PlanOptions};
 use super::source::MigrationSet;
 
 /// The overall verdict, which decides `status`'s exit code.
@@ -57,7 +57,7 @@ pub struct StatusReport {
 pub fn status(
     set: &MigrationSet,
     state: &DbState,
-    mode: ChecksumMode,
+    opts: &PlanOptions,
     database: String,
     dialect: &'static str,
     lock_holder: Option<LockHolder>,
@@ -72,7 +72,10 @@ pub fn status(
             out_of_order: current.as_ref().is_some_and(|c| m.version < *c),
         })
         .collect();
-    let drift = plan::drift(set, state, mode);
+    let mut drift = plan::drift(set, state, opts.checksum);
+    if opts.ignore_missing {
+        drift.missing.clear();
+    }
     let running = state
         .unfinished
         .as_ref()
@@ -135,7 +138,7 @@ mod tests {
         status(
             &s,
             &DbState::from_rows(rows),
-            ChecksumMode::Strict,
+            &PlanOptions::default(),
             "db".into(),
             "sqlite",
             holder,
@@ -150,7 +153,7 @@ mod tests {
             status(
                 &s,
                 &DbState::default(),
-                ChecksumMode::Strict,
+                &PlanOptions::default(),
                 "db".into(),
                 "sqlite",
                 None
@@ -181,7 +184,14 @@ mod tests {
     fn out_of_order_pending_is_flagged() {
         let s = set();
         let st = DbState::from_rows(&applied(&s, &["1", "3"]));
-        let r = status(&s, &st, ChecksumMode::Strict, "db".into(), "sqlite", None);
+        let r = status(
+            &s,
+            &st,
+            &PlanOptions::default(),
+            "db".into(),
+            "sqlite",
+            None,
+        );
         assert_eq!(r.pending.len(), 1);
         assert!(r.pending[0].out_of_order);
         assert_eq!(r.current.as_deref(), Some("3"));

@@ -50,6 +50,19 @@ impl HistoryTable {
         self.parts.join(".")
     }
 
+    /// True when the name says its schema.
+    pub fn is_qualified(&self) -> bool {
+        self.parts.len() == 2
+    }
+
+    /// The same table in `schema` (the name as resolved by the server).
+    pub fn in_schema(&self, schema: &str) -> HistoryTable {
+        let table = self.parts.last().cloned().unwrap_or_default();
+        HistoryTable {
+            parts: vec![schema.to_string(), table],
+        }
+    }
+
     /// The name quoted for SQL.
     pub fn quoted(&self, dialect: Dialect) -> String {
         let q = if dialect == Dialect::MySql { '`' } else { '"' };
@@ -423,7 +436,11 @@ impl From<sqlx::Error> for DbError {
                 let kind = match code.as_deref() {
                     Some("28P01" | "28000") => DbErrorKind::Auth,
                     Some("3D000") => DbErrorKind::NoDatabase,
-                    Some(c) if c.starts_with("08") => DbErrorKind::Unreachable,
+                    // 08: connection exceptions; 57P03: the server is starting or shutting
+                    // down; 53300: too many connections. All worth retrying.
+                    Some(c) if c.starts_with("08") || c.starts_with("57P0") || c == "53300" => {
+                        DbErrorKind::Unreachable
+                    }
                     _ => DbErrorKind::Statement,
                 };
                 let mut err = DbError::new(kind, message);
@@ -517,6 +534,13 @@ pub trait Backend: Send {
         done: i64,
     ) -> impl Future<Output = Result<(), DbError>> + Send;
 
+    /// Restores session settings a migration may have changed (role, search path), so each
+    /// step starts from the same state whether it runs alone or after others.
+    fn reset_session(&mut self) -> impl Future<Output = Result<(), DbError>> + Send;
+
+    /// The history table as the database resolved it (schema-qualified where schemas exist).
+    fn table(&self) -> &HistoryTable;
+
     /// Closes the connection (releasing any session lock).
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -545,17 +569,36 @@ pub fn dialect_of(url: &str) -> Result<Dialect, DbError> {
             DbErrorKind::Config,
             "no database URL given (set --database-url or DATABASE_URL)",
         )),
-        other => Err(DbError::new(
+        other if redact::is_scheme(other) => Err(DbError::new(
             DbErrorKind::Config,
             format!(
                 "unsupported database URL scheme {other:?}; use postgres://, postgresql:// or sqlite:"
             ),
+        )),
+        // Never echo what is not a scheme: it may be a password or a whole DSN.
+        _ => Err(DbError::new(
+            DbErrorKind::Config,
+            "the database URL does not start with a scheme such as postgres:// or sqlite:",
         )),
     }
 }
 
 impl Db {
     pub async fn connect(cfg: &ConnectConfig) -> Result<Db, DbError> {
+        Self::connect_dialect(cfg).await.map_err(|mut e| {
+            // Whatever fails while connecting is a connection failure: a missing CONNECT
+            // privilege is about credentials, the rest (a server that is starting, out of
+            // connections, or broke the protocol) is worth retrying.
+            e.kind = match (e.kind, e.code.as_deref()) {
+                (DbErrorKind::Statement, Some("42501")) => DbErrorKind::Auth,
+                (DbErrorKind::Statement | DbErrorKind::Other, _) => DbErrorKind::Unreachable,
+                (kind, _) => kind,
+            };
+            e
+        })
+    }
+
+    async fn connect_dialect(cfg: &ConnectConfig) -> Result<Db, DbError> {
         match dialect_of(&cfg.url)? {
             Dialect::Postgres => Ok(Db::Postgres(postgres::PgBackend::connect(cfg).await?)),
             Dialect::Sqlite => Ok(Db::Sqlite(Box::new(
@@ -624,6 +667,12 @@ impl Backend for Db {
         done: i64,
     ) -> Result<(), DbError> {
         dispatch!(self, b => b.finish_row(id, success, duration_ms, error, done).await)
+    }
+    async fn reset_session(&mut self) -> Result<(), DbError> {
+        dispatch!(self, b => b.reset_session().await)
+    }
+    fn table(&self) -> &HistoryTable {
+        dispatch!(self, b => b.table())
     }
     async fn close(self) {
         dispatch!(self, b => b.close().await)

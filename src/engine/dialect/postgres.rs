@@ -4,8 +4,9 @@
 
 use std::str::FromStr;
 
+use futures_util::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Either, Row};
 
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
@@ -18,7 +19,11 @@ use crate::engine::script::Dialect;
 /// A PostgreSQL connection dedicated to one run.
 pub struct PgBackend {
     conn: PgConnection,
+    /// The history table; schema-qualified once `resolved`, so that a migration's
+    /// `SET search_path` can never redirect the history writes, and so that
+    /// `schemagate_history` and `public.schemagate_history` share one lock.
     table: HistoryTable,
+    resolved: bool,
     key: i64,
     insert: String,
     progress: String,
@@ -26,6 +31,12 @@ pub struct PgBackend {
 }
 
 const D: Dialect = Dialect::Postgres;
+
+/// Restores what a migration may have changed for the session.
+const RESET_SESSION: &str = "RESET ROLE; RESET search_path";
+/// A step's COMMIT and the session reset in one message (the reset is skipped if the
+/// COMMIT fails).
+const COMMIT_AND_RESET: &str = "COMMIT; RESET ROLE; RESET search_path";
 
 impl PgBackend {
     pub async fn connect(cfg: &ConnectConfig) -> Result<Self, DbError> {
@@ -50,14 +61,64 @@ impl PgBackend {
                 ));
             }
         };
-        Ok(PgBackend {
+        let mut backend = PgBackend {
             conn,
-            key: cfg.table.lock_key(),
-            insert: format!("{} RETURNING id", insert_sql(D, &cfg.table)),
-            progress: progress_sql(D, &cfg.table),
-            finish: finish_sql(D, &cfg.table),
             table: cfg.table.clone(),
-        })
+            resolved: false,
+            key: 0,
+            insert: String::new(),
+            progress: String::new(),
+            finish: String::new(),
+        };
+        if cfg.table.is_qualified() {
+            backend.set_table(cfg.table.clone());
+        }
+        Ok(backend)
+    }
+
+    fn set_table(&mut self, table: HistoryTable) {
+        self.key = table.lock_key();
+        self.insert = format!("{} RETURNING id", insert_sql(D, &table));
+        self.progress = progress_sql(D, &table);
+        self.finish = finish_sql(D, &table);
+        self.table = table;
+        self.resolved = true;
+    }
+
+    /// The schema that holds the table if the search path finds it, else the one `CREATE`
+    /// would put it in.
+    fn resolve_sql(&self) -> String {
+        format!(
+            "SELECT coalesce((SELECT n.nspname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass('{}')), \
+             current_schema()::text)",
+            self.table.quoted(D)
+        )
+    }
+
+    fn resolved_to(&mut self, schema: Option<String>) -> Result<(), DbError> {
+        let Some(schema) = schema else {
+            return Err(DbError::new(
+                DbErrorKind::Config,
+                "the search_path names no existing schema to hold the history table; pass \
+                 --history-table schema.name",
+            ));
+        };
+        let table = self.table.in_schema(&schema);
+        self.set_table(table);
+        Ok(())
+    }
+
+    async fn resolve(&mut self) -> Result<(), DbError> {
+        if !self.resolved {
+            let sql = self.resolve_sql();
+            let schema: Option<String> = sqlx::raw_sql(AssertSqlSafe(sql))
+                .fetch_one(&mut self.conn)
+                .await?
+                .try_get(0)?;
+            self.resolved_to(schema)?;
+        }
+        Ok(())
     }
 
     /// The advisory lock key split the way `pg_locks` shows a bigint key.
@@ -78,23 +139,45 @@ impl Backend for PgBackend {
     }
 
     async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
-        // A simple query: one round trip, no prepare. A missing table is "never migrated".
-        let sql = select_sql(D, &self.table);
-        match sqlx::raw_sql(AssertSqlSafe(sql))
-            .fetch_all(&mut self.conn)
-            .await
+        // Simple queries in one message: one round trip, no prepare. The first run on a
+        // connection also resolves the table's schema in the same message.
+        let select = select_sql(D, &self.table);
+        let resolving = !self.resolved;
+        let text = if resolving {
+            format!("{};\n{select}", self.resolve_sql())
+        } else {
+            select
+        };
+        let mut schema = None;
+        let mut rows = Vec::new();
+        let mut missing = false;
         {
-            Ok(rows) => rows
-                .iter()
-                .map(|r| decode_row(r).map_err(DbError::from))
-                .collect::<Result<Vec<_>, _>>()
-                .map(Some),
-            Err(e) if is_missing_relation(&e) => Ok(None),
-            Err(e) => Err(e.into()),
+            let mut results = sqlx::raw_sql(AssertSqlSafe(text)).fetch_many(&mut self.conn);
+            let mut statement = 0;
+            while let Some(item) = results.next().await {
+                match item {
+                    Ok(Either::Left(_)) => statement += 1,
+                    Ok(Either::Right(row)) if resolving && statement == 0 => {
+                        schema = row.try_get::<Option<String>, _>(0)?;
+                    }
+                    Ok(Either::Right(row)) => rows.push(decode_row(&row)?),
+                    // A missing table is "never migrated".
+                    Err(e) if is_missing_relation(&e) => {
+                        missing = true;
+                        break;
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
         }
+        if resolving {
+            self.resolved_to(schema)?;
+        }
+        Ok((!missing).then_some(rows))
     }
 
     async fn create_history_table(&mut self) -> Result<(), DbError> {
+        self.resolve().await?;
         let sql = super::create_table_sql(D, &self.table);
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(&mut self.conn)
@@ -103,6 +186,7 @@ impl Backend for PgBackend {
     }
 
     async fn try_lock(&mut self) -> Result<bool, DbError> {
+        self.resolve().await?;
         let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
             .bind(self.key)
             .fetch_one(&mut self.conn)
@@ -125,6 +209,7 @@ impl Backend for PgBackend {
     }
 
     async fn lock_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
+        self.resolve().await?;
         let (hi, lo) = self.key_parts();
         let row = sqlx::query(
             "SELECT coalesce(nullif(a.application_name, ''), 'pid ' || a.pid::text) || \
@@ -153,7 +238,9 @@ impl Backend for PgBackend {
     }
 
     async fn commit(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
+        sqlx::raw_sql(COMMIT_AND_RESET)
+            .execute(&mut self.conn)
+            .await?;
         Ok(())
     }
 
@@ -197,6 +284,15 @@ impl Backend for PgBackend {
             .execute(&mut self.conn)
             .await?;
         Ok(())
+    }
+
+    async fn reset_session(&mut self) -> Result<(), DbError> {
+        sqlx::raw_sql(RESET_SESSION).execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    fn table(&self) -> &HistoryTable {
+        &self.table
     }
 
     async fn close(self) {

@@ -55,7 +55,7 @@ impl SqliteBackend {
             // (the usual way to alter a SQLite table) would cascade into the children's rows.
             .foreign_keys(false);
         let in_memory = cfg.url.contains(":memory:") || cfg.url.contains("mode=memory");
-        let path = (!in_memory).then(|| opts.get_filename().to_path_buf());
+        let path = (!in_memory).then(|| canonical(opts.get_filename()));
         let mut backend = SqliteBackend {
             conn: None,
             path: path.clone(),
@@ -100,6 +100,28 @@ impl SqliteBackend {
             s.push(".schemagate-lock");
             PathBuf::from(s)
         })
+    }
+}
+
+/// The database file's canonical path, so that every runner (whatever relative path or
+/// symlink it was given) locks the same sidecar file.
+fn canonical(path: &std::path::Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                std::path::Path::new(".")
+            } else {
+                parent
+            };
+            parent
+                .canonicalize()
+                .map(|p| p.join(name))
+                .unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
     }
 }
 
@@ -282,6 +304,14 @@ impl Backend for SqliteBackend {
             .execute(self.conn()?)
             .await?;
         Ok(())
+    }
+
+    async fn reset_session(&mut self) -> Result<(), DbError> {
+        Ok(()) // SQLite has no roles or search path
+    }
+
+    fn table(&self) -> &HistoryTable {
+        &self.table
     }
 
     async fn close(mut self) {
