@@ -782,6 +782,33 @@ mod tests {
         assert_eq!((body.start, body.end), (0, plain.len()));
     }
 
+    proptest::proptest! {
+        #[test]
+        fn splitting_never_panics_and_statements_are_ordered(
+            sql in "[a-zA-Z0-9 ;'\"$`#()\\[\\]\\-/*\n\\\\é]{0,120}",
+        ) {
+            for d in [Dialect::Postgres, Dialect::Sqlite, Dialect::MySql] {
+                let st = split(&sql, d);
+                let mut last = 0;
+                for s in &st {
+                    proptest::prop_assert!(last <= s.start && s.start < s.end && s.end <= s.after);
+                    proptest::prop_assert!(s.after <= sql.len());
+                    let _ = s.text(&sql); // slicing on char boundaries
+                    last = s.after;
+                }
+                let _ = transactional_body(&sql, d);
+                let _ = check_balanced(&sql, &st);
+            }
+        }
+
+        #[test]
+        fn plain_statements_split_one_for_one(words in proptest::collection::vec("[a-z]{1,8}( [a-z0-9]{1,8}){0,4}", 1..8)) {
+            let sql = words.join(";\n");
+            let got: Vec<String> = split(&sql, Dialect::Postgres).iter().map(|s| s.text(&sql).to_string()).collect();
+            proptest::prop_assert_eq!(got, words);
+        }
+    }
+
     #[test]
     fn parentheses_hold_rule_bodies() {
         let sql = "create rule r as on insert to a do also (insert into b values (1); insert into c values (2));\nselect 1;";
