@@ -36,8 +36,11 @@ pub enum Exit {
     /// `wait`: the database did not reach the version in time.
     WaitTimeout = 15,
     /// Refused: the request does not fit this database (unknown target, missing down
-    /// script, out-of-order migrations, nothing to resolve).
+    /// script, out-of-order migrations, nothing to resolve, destructive changes denied).
     Refused = 16,
+    /// The lock cannot be trusted: a pooler shares or moves sessions (use the lease lock),
+    /// or this runner lost its lease. Nothing was recorded for the step it stopped at.
+    LockUnusable = 17,
 }
 
 impl Exit {
@@ -94,6 +97,7 @@ fn db_exit(kind: DbErrorKind) -> (Exit, &'static str) {
         | DbErrorKind::Config
         | DbErrorKind::NoDatabase => (Exit::Connect, "connection_failed"),
         DbErrorKind::Statement | DbErrorKind::Other => (Exit::Internal, "database_error"),
+        DbErrorKind::Lock => (Exit::LockUnusable, "lock_unusable"),
     }
 }
 
@@ -172,6 +176,13 @@ impl From<RunError> for CliError {
                 .hint("`schemagate migrate status` shows the unfinished step, if any"),
             RunError::StampBelowCurrent { .. } => CliError::new(Exit::Refused, "refused", message)
                 .hint("to go back, use `schemagate migrate downgrade`"),
+            RunError::Directive { .. } => CliError::new(Exit::Source, "invalid_script", message)
+                .hint("fix the `-- schemagate:` line"),
+            RunError::LockLost(_) => CliError::new(Exit::LockUnusable, "lock_unusable", message)
+                .hint(
+                    "run again: the next runner reads the history and goes on from where this \
+                     one stopped; behind a pooler in transaction mode use --lock lease",
+                ),
         }
     }
 }

@@ -8,8 +8,9 @@ use serde_json::json;
 
 use super::exit::{CliError, Exit};
 use super::output::{self, Outcome};
-use super::{ChecksumArg, Common, MigrateArgs, MigrateCommand, NewFormat};
-use crate::engine::dialect::{Backend, LockHolder};
+use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
+use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts};
+use crate::engine::lock::{self, LockMode};
 use crate::engine::plan::{self, Plan};
 use crate::engine::runner::{self, Mode, Verdict};
 use crate::engine::source::{self, Format, SourceError};
@@ -73,10 +74,12 @@ fn write_summary(path: &Path, line: &str) -> std::io::Result<()> {
 /// Everything a command needs besides its own arguments.
 struct Ctx {
     common: Common,
+    /// The URL for the driver (schemagate's own parameters removed).
     url: Option<String>,
     shown_url: String,
     table: HistoryTable,
     runner_id: String,
+    lease: bool,
 }
 
 /// `$POD_NAME` (set by the Downward API in schemagate's pods) or the host name.
@@ -96,8 +99,31 @@ fn host_identity() -> String {
 
 impl Ctx {
     fn new(common: Common) -> Result<Self, CliError> {
-        let url = common.database_url.clone().filter(|u| !u.trim().is_empty());
-        let shown_url = url.as_deref().map(redact::redact_url).unwrap_or_default();
+        let raw = common.database_url.clone().filter(|u| !u.trim().is_empty());
+        // Mask (and register) the secrets before anything else can print the URL.
+        let shown_url = raw.as_deref().map(redact::redact_url).unwrap_or_default();
+        let (url, lock_param) = match raw {
+            Some(u) => {
+                let (u, lock) = dialect::split_url_params(&u);
+                (Some(u), lock)
+            }
+            None => (None, None),
+        };
+        let lease = match lock_param.as_deref() {
+            None => common.lock == LockArg::Lease,
+            Some("lease") => true,
+            Some("session") => false,
+            Some(other) => {
+                return Err(CliError::new(
+                    Exit::Usage,
+                    "usage",
+                    format!(
+                        "{}={other} in the database URL: use session or lease",
+                        dialect::LOCK_URL_PARAM
+                    ),
+                ));
+            }
+        };
         let table = HistoryTable::parse(&common.history_table)
             .map_err(|m| CliError::new(Exit::Usage, "usage", m))?;
         let runner_id = common
@@ -110,6 +136,7 @@ impl Ctx {
             shown_url,
             table,
             runner_id,
+            lease,
         })
     }
 
@@ -168,16 +195,36 @@ impl Ctx {
         Ok(source::load_dir(&self.common.dir)?)
     }
 
-    fn settings(&self) -> RunSettings {
-        RunSettings {
+    fn lock_mode(&self) -> Result<LockMode, CliError> {
+        if !self.lease {
+            return Ok(LockMode::Session);
+        }
+        let heartbeat = self
+            .common
+            .lease_heartbeat
+            .max(std::time::Duration::from_millis(100));
+        Ok(LockMode::Lease {
+            heartbeat,
+            ttl: self.common.lease_ttl.unwrap_or(heartbeat * 3),
+            connect: Box::new(self.connect_config()?),
+        })
+    }
+
+    fn settings(&self) -> Result<RunSettings, CliError> {
+        Ok(RunSettings {
             runner_id: self.runner_id.clone(),
             lock_timeout: self.common.lock_timeout,
+            lock: self.lock_mode()?,
+            timeouts: StepTimeouts {
+                lock: self.common.migration_lock_timeout,
+                statement: self.common.migration_statement_timeout,
+            },
             plan: PlanOptions {
                 out_of_order: self.common.out_of_order,
                 ignore_missing: self.common.ignore_missing,
                 checksum: self.checksum_mode(),
             },
-        }
+        })
     }
 
     fn checksum_mode(&self) -> ChecksumMode {
@@ -246,7 +293,7 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
 
 async fn migrate(ctx: &Ctx, mode: Mode) -> Result<Outcome, CliError> {
     let (set, mut db) = ctx.load_and_connect().await?;
-    let result = runner::run(&mut db, &set, &mode, &ctx.settings()).await;
+    let result = runner::run(&mut db, &set, &mode, &ctx.settings()?).await;
     db.close().await;
     let report = result?;
     Ok(Outcome::ok(to_json(&report), output::human_run(&report)))
@@ -311,13 +358,14 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
     let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect().name();
     let state = runner::read_state(&mut db).await;
-    let holder: Option<LockHolder> = db.lock_holder().await.ok().flatten();
+    let mode = ctx.lock_mode()?;
+    let holder: Option<LockHolder> = lock::holder(&mut db, &mode).await;
     db.close().await;
     let state = state?;
     let report = status::status(
         &set,
         &state,
-        &ctx.settings().plan,
+        &ctx.settings()?.plan,
         ctx.shown_url.clone(),
         dialect,
         holder,
@@ -360,7 +408,7 @@ async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
 async fn stamp(ctx: &Ctx, version: &str) -> Result<Outcome, CliError> {
     let target = parse_target(version)?;
     let (set, mut db) = ctx.load_and_connect().await?;
-    let result = runner::stamp(&mut db, &set, &target, &ctx.settings()).await;
+    let result = runner::stamp(&mut db, &set, &target, &ctx.settings()?).await;
     db.close().await;
     let report = result?;
     let human = if report.stamped.is_empty() {
@@ -389,7 +437,7 @@ async fn resolve(
         Verdict::Reverted
     };
     let (set, mut db) = ctx.load_and_connect().await?;
-    let result = runner::resolve(&mut db, &set, &v, verdict, reason, &ctx.settings()).await;
+    let result = runner::resolve(&mut db, &set, &v, verdict, reason, &ctx.settings()?).await;
     db.close().await;
     let report = result?;
     let human = format!(
@@ -422,7 +470,7 @@ async fn plan_cmd(ctx: &Ctx, target: &str) -> Result<Outcome, CliError> {
     let table = db.table().clone();
     db.close().await;
     let state = state?;
-    let settings = ctx.settings();
+    let settings = ctx.settings()?;
     let mode = plan_mode(target, state.current(), settings.plan.out_of_order);
     let plan: Plan<'_> = match &mode {
         Mode::Upgrade(t) => plan::plan_upgrade(&set, &state, t, &settings.plan),
@@ -437,6 +485,7 @@ async fn plan_cmd(ctx: &Ctx, target: &str) -> Result<Outcome, CliError> {
         &table,
         !state.initialized,
         &settings.runner_id,
+        &settings.timeouts,
     );
     Ok(Outcome::ok(rendered.json, rendered.human))
 }
@@ -460,6 +509,7 @@ async fn wait(
             })?,
     };
     let cfg = ctx.connect_config()?;
+    let mode = ctx.lock_mode()?;
     let started = Instant::now();
     let mut delay = Duration::from_millis(200);
     let mut db: Option<Db> = None;
@@ -481,7 +531,7 @@ async fn wait(
                 Ok(state) => {
                     if let Some(u) = &state.unfinished {
                         // A step with no outcome is only alive while its runner holds the lock.
-                        let dead = u.failed || matches!(conn.lock_holder().await, Ok(None));
+                        let dead = u.failed || lock::holder(conn, &mode).await.is_none();
                         if dead {
                             return Err(CliError::from(crate::engine::RunError::Plan(
                                 plan::PlanError::Unfinished(Box::new(u.clone())),

@@ -51,8 +51,8 @@ pub struct MigrateArgs {
 /// Settings every `migrate` command shares.
 #[derive(Debug, Args, Clone)]
 pub struct Common {
-    /// Database URL: postgres://user:password@host:5432/db, or sqlite:path/to/file.db.
-    /// Its password is never printed.
+    /// Database URL: postgres://user:password@host:5432/db, mysql:// or mariadb://
+    /// user:password@host:3306/db, or sqlite:path/to/file.db. Its password is never printed.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
 
@@ -117,6 +117,38 @@ pub struct Common {
     #[arg(long, env = "SCHEMAGATE_IGNORE_MISSING", global = true)]
     pub ignore_missing: bool,
 
+    /// How runners exclude each other: `session` (the database's session lock: advisory
+    /// lock, GET_LOCK, SQLite file lock) or `lease` (a lease row with heartbeats, for
+    /// PgBouncer in transaction mode or clusters where GET_LOCK is node-local). A URL
+    /// parameter `schemagate_lock=lease` overrides it per database.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_LOCK",
+        value_enum,
+        default_value = "session",
+        global = true
+    )]
+    pub lock: LockArg,
+
+    /// Lease lock: how often the holder renews its lease.
+    #[arg(long, env = "SCHEMAGATE_LEASE_HEARTBEAT", default_value = "5s", value_parser = parse_duration, global = true)]
+    pub lease_heartbeat: Duration,
+
+    /// Lease lock: how long after its last renewal a lease may be taken over
+    /// [default: 3 x --lease-heartbeat].
+    #[arg(long, env = "SCHEMAGATE_LEASE_TTL", value_parser = parse_duration, global = true)]
+    pub lease_ttl: Option<Duration>,
+
+    /// How long each migration's statements may wait for locks held by other sessions,
+    /// unless the file sets `-- schemagate:lock-timeout` [default: the server's].
+    #[arg(long, env = "SCHEMAGATE_MIGRATION_LOCK_TIMEOUT", value_parser = parse_duration, global = true)]
+    pub migration_lock_timeout: Option<Duration>,
+
+    /// How long each migration statement may run, unless the file sets
+    /// `-- schemagate:statement-timeout` [default: the server's].
+    #[arg(long, env = "SCHEMAGATE_MIGRATION_STATEMENT_TIMEOUT", value_parser = parse_duration, global = true)]
+    pub migration_statement_timeout: Option<Duration>,
+
     /// Who is running, as recorded in the history and shown to waiting runners
     /// [default: $POD_NAME or the host name, plus the process id].
     #[arg(long, env = "SCHEMAGATE_RUNNER_ID", global = true)]
@@ -127,6 +159,12 @@ pub struct Common {
 pub enum OutputFormat {
     Human,
     Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LockArg {
+    Session,
+    Lease,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -243,25 +281,7 @@ pub enum MigrateCommand {
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (examples: 500ms, 30s, 5m, 1h)"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
-    };
-    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
-        return Err(format!("{s:?} is out of range"));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    crate::engine::clock::parse_duration(s)
 }
 
 /// Parses arguments, sets up logging and runs the command; returns the exit code.

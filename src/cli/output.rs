@@ -9,11 +9,11 @@ use serde_json::json;
 
 use super::OutputFormat;
 use super::exit::{CliError, Exit};
-use crate::engine::dialect::{self, HistoryTable, NewRow};
+use crate::engine::dialect::{HistoryTable, StepTimeouts, sql};
 use crate::engine::history::{DbState, HistoryRow, Kind};
 use crate::engine::plan::{Direction, Drift, Plan};
 use crate::engine::redact::redact;
-use crate::engine::runner::{Prepared, RunReport, Work, step_row};
+use crate::engine::runner::{Prepared, RunReport, Work, step_row, step_timeouts};
 use crate::engine::script::Dialect;
 use crate::engine::status::{StatusReport, Verdict};
 
@@ -400,20 +400,8 @@ pub struct RenderedPlan {
     pub human: String,
 }
 
-fn insert_text(
-    dialect: Dialect,
-    table: &HistoryTable,
-    row: &NewRow,
-    measured: bool,
-) -> (String, Vec<String>) {
-    let mut values = dialect::row_literals(row);
-    if measured {
-        values[10] = "<duration_ms, measured>".into();
-    }
-    (dialect::insert_sql(dialect, table), values)
-}
-
-/// Renders exactly what the runner would send, step by step.
+/// Renders exactly what the runner would send, step by step. At run time every history
+/// write is also made conditional on holding the lock (see `dialect::sql::Guard`).
 pub fn render_plan(
     plan: &Plan<'_>,
     prepared: &[Prepared<'_>],
@@ -421,6 +409,7 @@ pub fn render_plan(
     table: &HistoryTable,
     create_table: bool,
     runner_id: &str,
+    defaults: &StepTimeouts,
 ) -> RenderedPlan {
     let from = plan.from.as_ref().map(|v| v.to_string());
     let to = plan.to.as_ref().map(|v| v.to_string());
@@ -448,18 +437,29 @@ pub fn render_plan(
             prepared.len()
         ));
         if create_table {
-            human.push_str(&format!(
-                "{};\n\n",
-                dialect::create_table_sql(dialect, table)
-            ));
+            human.push_str(&format!("{};\n\n", sql::create_history(dialect, table)));
         }
     }
     for p in prepared {
         let m = p.step.migration;
         let mut row = step_row(p, runner_id);
-        let mut sql_parts = Vec::new();
-        let header = format!(
-            "-- {} {} ({}, {}{})",
+        let timeouts = step_timeouts(p.script, defaults);
+        let settings = sql::timeouts(dialect, &timeouts, true, false);
+        let mut sql_parts: Vec<String> = Vec::new();
+        let how = match &p.work {
+            Work::Transactional { .. } => "in one transaction with its history row",
+            Work::NonTransactional {
+                requested: true, ..
+            } => "no transaction (as the file asks): statement by statement, progress recorded",
+            Work::NonTransactional {
+                requested: false, ..
+            } => {
+                "no transaction (MySQL commits DDL implicitly): statement by statement, progress \
+                 recorded"
+            }
+        };
+        human.push_str(&format!(
+            "-- {} {} ({}, {}, {how})\n",
             m.version,
             m.description,
             if p.step.direction == Direction::Up {
@@ -468,56 +468,54 @@ pub fn render_plan(
                 "down"
             },
             p.script.file,
-            if matches!(p.work, Work::Transactional { .. }) {
-                ", in one transaction with its history row"
-            } else {
-                ", no transaction: statement by statement, progress recorded"
-            }
-        );
-        human.push_str(&header);
-        human.push('\n');
+        ));
+        let mut push = |text: String, human: &mut String| {
+            human.push_str(&text);
+            human.push_str(";\n");
+            sql_parts.push(text);
+        };
         let history;
         match &p.work {
             Work::Transactional { body, .. } => {
-                let text = format!("{};\n{}\n;", dialect::begin_sql(dialect), body.trim_end());
-                human.push_str(&text);
-                human.push('\n');
-                sql_parts.push(text);
-                let (insert, values) = insert_text(dialect, table, &row, true);
-                human.push_str(&format!(
-                    "{insert};\n-- parameters: {}\nCOMMIT;\n\n",
-                    values.join(", ")
-                ));
-                history = json!([{ "sql": insert, "parameters": values }]);
-                sql_parts.push("COMMIT;".into());
+                push(sql::begin(dialect).to_string(), &mut human);
+                for t in settings {
+                    push(t, &mut human);
+                }
+                push(
+                    body.trim_end().trim_end_matches(';').to_string(),
+                    &mut human,
+                );
+                human.push_str("-- duration_ms is measured when the step runs:\n");
+                let insert = sql::insert_row(dialect, table, &row, &sql::Guard::None);
+                push(insert.clone(), &mut human);
+                push("COMMIT".into(), &mut human);
+                history = json!([insert]);
             }
-            Work::NonTransactional { statements } => {
+            Work::NonTransactional { statements, .. } => {
                 row.success = None;
                 row.transactional = false;
                 row.statements_done = Some(0);
-                let (insert, values) = insert_text(dialect, table, &row, false);
-                human.push_str(&format!(
-                    "{insert};\n-- parameters: {}\n",
-                    values.join(", ")
-                ));
-                let progress = dialect::progress_sql(dialect, table);
-                for (i, st) in statements.iter().enumerate() {
-                    let text = format!("{};", st.text(&p.script.sql));
-                    human.push_str(&format!("{text}\n{progress}; -- {} , <row id>\n", i + 1));
-                    sql_parts.push(text);
+                let insert = sql::insert_row(dialect, table, &row, &sql::Guard::None);
+                push(insert.clone(), &mut human);
+                for t in sql::timeouts(dialect, &timeouts, false, false) {
+                    push(t, &mut human);
                 }
-                let finish = dialect::finish_sql(dialect, table);
-                human.push_str(&format!(
-                    "{finish}; -- TRUE, <duration_ms, measured>, NULL, {}, <row id>\n\n",
-                    statements.len()
-                ));
-                history = json!([
-                    { "sql": insert, "parameters": values },
-                    { "sql": progress, "after": "each statement" },
-                    { "sql": finish, "after": "the last statement" },
-                ]);
+                for (i, st) in statements.iter().enumerate() {
+                    push(st.text(&p.script.sql).to_string(), &mut human);
+                    human.push_str(&format!(
+                        "{};\n",
+                        sql::progress(dialect, table, 0, i as i64 + 1)
+                            .replace("id = 0", "id = <row id>")
+                    ));
+                }
+                let finish = sql::finish(dialect, table, 0, true, 0, None, statements.len() as i64)
+                    .replace("id = 0", "id = <row id>")
+                    .replace("duration_ms = 0", "duration_ms = <measured>");
+                human.push_str(&format!("{finish};\n"));
+                history = json!([insert, sql::progress(dialect, table, 0, 1), finish]);
             }
         }
+        human.push('\n');
         steps_json.push(json!({
             "version": m.version.to_string(),
             "description": m.description,

@@ -6,6 +6,7 @@
 pub mod clock;
 pub mod dialect;
 pub mod history;
+pub mod lock;
 pub mod plan;
 pub mod redact;
 pub mod runner;

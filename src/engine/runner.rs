@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::dialect::{Backend, DbError, DbErrorKind, LockHolder, NewRow};
+use super::dialect::{Backend, DbError, DbErrorKind, LockHolder, NewRow, StepTimeouts};
 use super::history::{DbState, Kind};
+use super::lock::{self, Held, LockError, LockMode};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
 use super::redact;
 use super::script::{self, Dialect, Statement, TxControlError};
@@ -24,6 +25,10 @@ pub struct RunSettings {
     pub runner_id: String,
     /// How long to wait for another runner's lock before giving up.
     pub lock_timeout: Duration,
+    /// Session lock or lease.
+    pub lock: LockMode,
+    /// Timeouts for every step that does not set its own.
+    pub timeouts: StepTimeouts,
     pub plan: PlanOptions,
 }
 
@@ -150,6 +155,19 @@ pub enum RunError {
     NothingToResolve(String, String),
     #[error("the database is at {current}, above {target}: stamp only records versions forward")]
     StampBelowCurrent { target: String, current: String },
+    #[error("{file}: {message}")]
+    Directive { file: String, message: String },
+    #[error("stopped: {0}")]
+    LockLost(String),
+}
+
+impl From<LockError> for RunError {
+    fn from(e: LockError) -> Self {
+        match e {
+            LockError::Db { during, source } => RunError::Db { during, source },
+            LockError::Timeout { waited, holder } => RunError::LockTimeout { waited, holder },
+        }
+    }
 }
 
 fn holder_text(h: &Option<LockHolder>) -> String {
@@ -211,13 +229,18 @@ pub enum Work {
         statements: Vec<Statement>,
     },
     /// Statement by statement, progress recorded after each.
-    NonTransactional { statements: Vec<Statement> },
+    NonTransactional {
+        statements: Vec<Statement>,
+        /// True when the file asked for it; false when the dialect forces it (MySQL
+        /// commits DDL implicitly).
+        requested: bool,
+    },
 }
 
 impl Work {
     pub fn statements(&self) -> &[Statement] {
         match self {
-            Work::Transactional { statements, .. } | Work::NonTransactional { statements } => {
+            Work::Transactional { statements, .. } | Work::NonTransactional { statements, .. } => {
                 statements
             }
         }
@@ -246,14 +269,38 @@ pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>
                     ..e
                 },
             };
-            let work = if script.directives.no_transaction {
-                let statements = script::split(&script.sql, dialect);
+            if dialect == Dialect::Sqlite && script.directives.statement_timeout.is_some() {
+                return Err(RunError::Directive {
+                    file: script.file.clone(),
+                    message: "SQLite has no statement timeout; remove \
+                              `-- schemagate:statement-timeout` (lock-timeout works)"
+                        .into(),
+                });
+            }
+            let statements = script::split(&script.sql, dialect);
+            // MySQL commits DDL implicitly: only a script of data statements can run in a
+            // transaction with its history row; anything else runs statement by statement.
+            let implicit_commits = dialect == Dialect::MySql && !script::dml_only(&statements);
+            let work = if script.directives.no_transaction || implicit_commits {
                 script::check_balanced(&script.sql, &statements).map_err(located)?;
-                Work::NonTransactional { statements }
+                Work::NonTransactional {
+                    statements,
+                    requested: script.directives.no_transaction,
+                }
             } else {
                 let body = script::transactional_body(&script.sql, dialect).map_err(located)?;
+                let text = if dialect == Dialect::MySql {
+                    // Sent statement by statement text (no client-side DELIMITER lines).
+                    body.statements
+                        .iter()
+                        .map(|s| s.text(&script.sql))
+                        .collect::<Vec<_>>()
+                        .join(";\n")
+                } else {
+                    script.sql[body.start..body.end].to_string()
+                };
                 Work::Transactional {
-                    body: script.sql[body.start..body.end].to_string(),
+                    body: text,
                     statements: body.statements,
                 }
             };
@@ -287,66 +334,11 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
     }
 }
 
-/// Xorshift jitter source seeded from the clock and pid; good enough to spread pollers.
-struct Jitter(u64);
-
-impl Jitter {
-    fn new() -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            ^ (u64::from(std::process::id()) << 32);
-        Jitter(seed | 1)
-    }
-    /// A factor in [0.8, 1.2).
-    fn factor(&mut self) -> f64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        0.8 + (self.0 % 4000) as f64 / 10_000.0
-    }
-}
-
-/// First poll interval while waiting for the lock, and the longest one.
-const POLL_MIN: Duration = Duration::from_millis(50);
-const POLL_MAX: Duration = Duration::from_secs(1);
-/// How often a waiting runner says who it waits for.
-const WAIT_REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// Polls the try-lock until it is ours or `timeout` passes, saying who holds it meanwhile.
-/// Polling (never a blocking lock call) means a waiter never holds anything the holder's
-/// own work could wait on.
-pub async fn acquire_lock(db: &mut impl Backend, timeout: Duration) -> Result<Duration, RunError> {
-    let start = Instant::now();
-    let mut delay = POLL_MIN;
-    let mut jitter = Jitter::new();
-    let mut last_report: Option<Instant> = None;
-    loop {
-        if db
-            .try_lock()
-            .await
-            .map_err(RunError::db("taking the migration lock"))?
-        {
-            return Ok(start.elapsed());
-        }
-        let waited = start.elapsed();
-        if waited >= timeout {
-            let holder = db.lock_holder().await.ok().flatten();
-            return Err(RunError::LockTimeout { waited, holder });
-        }
-        if last_report.is_none_or(|t| t.elapsed() >= WAIT_REPORT_EVERY) {
-            let holder = db.lock_holder().await.ok().flatten();
-            tracing::info!(
-                holder = %holder.map(|h| h.to_string()).unwrap_or_else(|| "another runner".into()),
-                waited_ms = waited.as_millis() as u64,
-                "waiting for the migration lock"
-            );
-            last_report = Some(Instant::now());
-        }
-        let sleep = delay.mul_f64(jitter.factor()).min(timeout - waited);
-        tokio::time::sleep(sleep).await;
-        delay = (delay * 3 / 2).min(POLL_MAX);
+/// A step's timeouts: its own directives, else the run's defaults.
+pub fn step_timeouts(script: &Script, defaults: &StepTimeouts) -> StepTimeouts {
+    StepTimeouts {
+        lock: script.directives.lock_timeout.or(defaults.lock),
+        statement: script.directives.statement_timeout.or(defaults.statement),
     }
 }
 
@@ -381,12 +373,15 @@ pub async fn run(
         }
         prepare(&plan, db.dialect())?;
     }
-    let waited = acquire_lock(db, settings.lock_timeout).await?;
-    let result = run_locked(db, set, mode, settings, waited, started).await;
-    if let Err(e) = db.unlock().await {
-        // Closing the connection releases it anyway; say so rather than fail the run.
-        tracing::warn!(error = %e, "could not release the migration lock; it is released when the connection closes");
-    }
+    let held = lock::acquire(
+        db,
+        &settings.lock,
+        &settings.runner_id,
+        settings.lock_timeout,
+    )
+    .await?;
+    let result = run_locked(db, set, mode, settings, &held, started).await;
+    lock::release(db, held).await;
     result
 }
 
@@ -395,9 +390,10 @@ async fn run_locked(
     set: &MigrationSet,
     mode: &Mode,
     settings: &RunSettings,
-    waited: Duration,
+    held: &Held,
     started: Instant,
 ) -> Result<RunReport, RunError> {
+    let waited = held.waited;
     let state = read_state(db).await?;
     let plan = make_plan(set, &state, mode, &settings.plan)?;
     if plan.steps.is_empty() {
@@ -411,11 +407,28 @@ async fn run_locked(
     }
     let mut done = Vec::with_capacity(prepared.len());
     for p in &prepared {
-        match run_step(db, p, &settings.runner_id).await {
+        if held.lost() {
+            return Err(RunError::LockLost(format!(
+                "the migration lease was lost before {} ({}); {} step(s) of this run completed",
+                p.step.migration.version,
+                p.script.file,
+                done.len()
+            )));
+        }
+        let timeouts = step_timeouts(p.script, &settings.timeouts);
+        match run_step(db, p, &settings.runner_id, &timeouts).await {
             Ok(report) => done.push(report),
-            Err(mut failure) => {
+            Err(StepError::Failed(mut failure)) => {
                 failure.completed_steps = done;
                 return Err(RunError::StepFailed(failure));
+            }
+            Err(StepError::Lock(e)) => {
+                return Err(RunError::LockLost(format!(
+                    "{} ({}) was not run: {e}; {} step(s) of this run completed",
+                    p.step.migration.version,
+                    p.script.file,
+                    done.len()
+                )));
             }
         }
     }
@@ -480,11 +493,27 @@ fn step_report(p: &Prepared<'_>, elapsed: Duration) -> StepReport {
     }
 }
 
+/// How a step can fail.
+enum StepError {
+    /// Its SQL (or its history write) failed.
+    Failed(Box<StepFailure>),
+    /// The lock turned out not to be ours: nothing of the step was recorded, its
+    /// transaction (if any) rolled back.
+    Lock(DbError),
+}
+
+impl From<Box<StepFailure>> for StepError {
+    fn from(f: Box<StepFailure>) -> Self {
+        StepError::Failed(f)
+    }
+}
+
 async fn run_step(
     db: &mut impl Backend,
     p: &Prepared<'_>,
     runner_id: &str,
-) -> Result<StepReport, Box<StepFailure>> {
+    timeouts: &StepTimeouts,
+) -> Result<StepReport, StepError> {
     let m = p.step.migration;
     let verb = if p.step.direction == Direction::Up {
         "applying"
@@ -496,9 +525,12 @@ async fn run_step(
     let mut row = step_row(p, runner_id);
     match &p.work {
         Work::Transactional { body, statements } => {
-            if let Err(f) = db.begin_and_run(body).await {
+            if let Err(f) = db.begin_and_run(timeouts, body).await {
                 if f.began {
                     let _ = db.rollback().await;
+                }
+                if f.error.kind == DbErrorKind::Lock {
+                    return Err(StepError::Lock(f.error));
                 }
                 // The statement count from the server maps onto our split when both agree;
                 // past the end it was the transaction itself that failed.
@@ -511,15 +543,19 @@ async fn run_step(
                 if let Err(e) = db.insert_row(&row).await {
                     tracing::warn!(error = %e, "could not record the failed step in the history");
                 }
-                return Err(fail);
+                let _ = db.reset_session().await;
+                return Err(fail.into());
             }
             row.duration_ms = Some(start.elapsed().as_millis() as i64);
             if let Err(e) = db.insert_row(&row).await {
                 let _ = db.rollback().await;
+                if e.kind == DbErrorKind::Lock {
+                    return Err(StepError::Lock(e));
+                }
                 let mut fail = failure(p, None, &e, StepOutcome::RolledBack);
                 fail.message =
                     format!("recording the step in the history failed: {}", fail.message);
-                return Err(fail);
+                return Err(fail.into());
             }
             if let Err(e) = db.commit().await {
                 // The server refusing the COMMIT (a deferred constraint, say) rolls it back;
@@ -531,60 +567,82 @@ async fn run_step(
                 };
                 let mut fail = failure(p, None, &e, outcome);
                 fail.message = format!("COMMIT failed: {}", fail.message);
-                return Err(fail);
+                return Err(fail.into());
             }
         }
-        Work::NonTransactional { statements } => {
+        Work::NonTransactional { statements, .. } => {
             row.success = None;
             row.transactional = false;
             row.statements_done = Some(0);
-            let id = db
-                .insert_row(&row)
-                .await
-                .map_err(|e| failure(p, None, &e, StepOutcome::RolledBack))?;
-            for (i, st) in statements.iter().enumerate() {
-                if let Err(e) = db.execute(st.text(&p.script.sql)).await {
-                    let fail = failure(p, Some(i), &e, StepOutcome::Dirty);
-                    let elapsed = start.elapsed().as_millis() as i64;
-                    let msg = clip(&fail.message, MAX_ERROR_LEN);
-                    if let Err(e) = db
-                        .finish_row(id, false, elapsed, Some(&msg), i as i64)
-                        .await
-                    {
-                        tracing::warn!(error = %e, "could not record the failure; the step shows as unfinished");
-                    }
-                    return Err(fail);
-                }
-                if let Err(e) = db.record_progress(id, i as i64 + 1).await {
-                    let mut fail = failure(p, Some(i), &e, StepOutcome::Dirty);
-                    fail.statement = None;
-                    fail.message = format!(
-                        "statement {} ran, but recording progress failed: {}",
-                        i + 1,
-                        fail.message
-                    );
-                    return Err(fail);
-                }
-            }
+            // Claiming the step (its running row) is what the lock guards: if the claim is
+            // refused, nothing ran.
+            let id = match db.insert_row(&row).await {
+                Ok(id) => id,
+                Err(e) if e.kind == DbErrorKind::Lock => return Err(StepError::Lock(e)),
+                Err(e) => return Err(failure(p, None, &e, StepOutcome::RolledBack).into()),
+            };
+            let outcome = run_statements(db, p, statements, id, timeouts, start).await;
             if let Err(e) = db.reset_session().await {
                 tracing::warn!(error = %e, "could not reset the session after the step");
             }
-            let elapsed = start.elapsed().as_millis() as i64;
-            db.finish_row(id, true, elapsed, None, statements.len() as i64)
-                .await
-                .map_err(|e| {
-                    let mut fail = failure(p, None, &e, StepOutcome::Dirty);
-                    fail.message = format!(
-                        "all statements ran, but recording success failed: {}",
-                        fail.message
-                    );
-                    fail
-                })?;
+            outcome?;
         }
     }
     let report = step_report(p, start.elapsed());
     tracing::info!(version = %m.version, duration_ms = report.duration_ms, "{verb} done");
     Ok(report)
+}
+
+/// The statements of a non-transactional step, each followed by its progress record.
+async fn run_statements(
+    db: &mut impl Backend,
+    p: &Prepared<'_>,
+    statements: &[Statement],
+    id: i64,
+    timeouts: &StepTimeouts,
+    start: Instant,
+) -> Result<(), Box<StepFailure>> {
+    if let Err(e) = db.set_timeouts(timeouts).await {
+        let fail = failure(p, None, &e, StepOutcome::Dirty);
+        let msg = clip(&fail.message, MAX_ERROR_LEN);
+        let _ = db.finish_row(id, false, 0, Some(&msg), 0).await;
+        return Err(fail);
+    }
+    for (i, st) in statements.iter().enumerate() {
+        if let Err(e) = db.execute(st.text(&p.script.sql)).await {
+            let fail = failure(p, Some(i), &e, StepOutcome::Dirty);
+            let elapsed = start.elapsed().as_millis() as i64;
+            let msg = clip(&fail.message, MAX_ERROR_LEN);
+            if let Err(e) = db
+                .finish_row(id, false, elapsed, Some(&msg), i as i64)
+                .await
+            {
+                tracing::warn!(error = %e, "could not record the failure; the step shows as unfinished");
+            }
+            return Err(fail);
+        }
+        if let Err(e) = db.record_progress(id, i as i64 + 1).await {
+            let mut fail = failure(p, Some(i), &e, StepOutcome::Dirty);
+            fail.statement = None;
+            fail.message = format!(
+                "statement {} ran, but recording progress failed: {}",
+                i + 1,
+                fail.message
+            );
+            return Err(fail);
+        }
+    }
+    let elapsed = start.elapsed().as_millis() as i64;
+    db.finish_row(id, true, elapsed, None, statements.len() as i64)
+        .await
+        .map_err(|e| {
+            let mut fail = failure(p, None, &e, StepOutcome::Dirty);
+            fail.message = format!(
+                "all statements ran, but recording success failed: {}",
+                fail.message
+            );
+            fail
+        })
 }
 
 /// A history row that records a decision (stamp, resolve) rather than a run.
@@ -629,9 +687,17 @@ pub async fn stamp(
     target: &Target,
     settings: &RunSettings,
 ) -> Result<StampReport, RunError> {
-    acquire_lock(db, settings.lock_timeout).await?;
+    // The history read first resolves the table (and its lease table) on this connection.
+    read_state(db).await?;
+    let held = lock::acquire(
+        db,
+        &settings.lock,
+        &settings.runner_id,
+        settings.lock_timeout,
+    )
+    .await?;
     let result = stamp_locked(db, set, target, settings).await;
-    let _ = db.unlock().await;
+    lock::release(db, held).await;
     result
 }
 
@@ -696,10 +762,12 @@ async fn stamp_locked(
                 .await
                 .map_err(RunError::db("creating the history table"))?;
         }
-        db.begin_and_run("").await.map_err(|f| RunError::Db {
-            during: "opening the stamp transaction",
-            source: f.error,
-        })?;
+        db.begin_and_run(&StepTimeouts::default(), "")
+            .await
+            .map_err(|f| RunError::Db {
+                during: "opening the stamp transaction",
+                source: f.error,
+            })?;
         for m in &todo {
             let row = record_row(
                 m.version.to_string(),
@@ -761,7 +829,14 @@ pub async fn resolve(
     reason: Option<String>,
     settings: &RunSettings,
 ) -> Result<ResolveReport, RunError> {
-    acquire_lock(db, settings.lock_timeout).await?;
+    read_state(db).await?;
+    let held = lock::acquire(
+        db,
+        &settings.lock,
+        &settings.runner_id,
+        settings.lock_timeout,
+    )
+    .await?;
     let result = async {
         let state = read_state(db).await?;
         let Some(u) = state
@@ -803,6 +878,6 @@ pub async fn resolve(
         })
     }
     .await;
-    let _ = db.unlock().await;
+    lock::release(db, held).await;
     result
 }

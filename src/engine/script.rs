@@ -442,6 +442,17 @@ pub fn check_balanced(sql: &str, statements: &[Statement]) -> Result<(), TxContr
     }
 }
 
+/// True when every statement only reads or writes rows: on MySQL (which commits DDL
+/// implicitly) only such a script can run in a transaction with its history row.
+pub fn dml_only(statements: &[Statement]) -> bool {
+    statements.iter().all(|s| {
+        matches!(
+            s.words.first().map(String::as_str),
+            Some("INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "SELECT" | "WITH" | "VALUES" | "DO")
+        )
+    })
+}
+
 /// The part of a script that runs inside the engine's transaction.
 #[derive(Clone, Debug)]
 pub struct Body {
@@ -589,7 +600,17 @@ impl Checksums {
 pub struct Directives {
     /// `-- schemagate:no-transaction`: run statement by statement, recording progress.
     pub no_transaction: bool,
+    /// `-- schemagate:lock-timeout 5s`: how long a statement may wait for locks held by
+    /// others (so a migration cannot queue behind production traffic forever).
+    pub lock_timeout: Option<std::time::Duration>,
+    /// `-- schemagate:statement-timeout 10m`: how long a statement may run.
+    pub statement_timeout: Option<std::time::Duration>,
+    /// `-- schemagate:allow-destructive <reason>`: this migration may lose data on purpose.
+    pub allow_destructive: Option<String>,
 }
+
+/// The directives, for messages.
+pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, statement-timeout <duration>, allow-destructive <reason>";
 
 /// A malformed or misplaced directive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -635,16 +656,29 @@ pub fn parse_directives(text: &str) -> Result<Directives, DirectiveError> {
         let mut parts = body.trim().splitn(2, char::is_whitespace);
         let name = parts.next().unwrap_or_default();
         let arg = parts.next().map(str::trim).unwrap_or_default();
-        match (name, arg) {
+        let duration = |what: &str| {
+            super::clock::parse_duration(arg).map_err(|e| err(format!("`{what}`: {e}")))
+        };
+        match (name.to_ascii_lowercase().as_str(), arg) {
             ("no-transaction", "") => d.no_transaction = true,
             ("no-transaction", extra) => {
                 return Err(err(format!(
                     "`no-transaction` takes no argument, found {extra:?}"
                 )));
             }
+            ("lock-timeout", _) => d.lock_timeout = Some(duration("lock-timeout")?),
+            ("statement-timeout", _) => d.statement_timeout = Some(duration("statement-timeout")?),
+            ("allow-destructive", "") => {
+                return Err(err(
+                    "`allow-destructive` needs a reason, e.g. `-- schemagate:allow-destructive \
+                     column unused since v2`"
+                        .into(),
+                ));
+            }
+            ("allow-destructive", reason) => d.allow_destructive = Some(reason.to_string()),
             (other, _) => {
                 return Err(err(format!(
-                    "unknown directive `{DIRECTIVE_PREFIX}{other}`; known: no-transaction"
+                    "unknown directive `{DIRECTIVE_PREFIX}{other}`; known: {KNOWN_DIRECTIVES}"
                 )));
             }
         }
@@ -857,6 +891,22 @@ mod tests {
         assert_eq!(late.line, 2);
         let typo = parse_directives("-- schemagate:no-transactoin\n").unwrap_err();
         assert!(typo.message.contains("unknown directive"));
+        let d = parse_directives(
+            "-- schemagate:lock-timeout 5s\n-- schemagate:statement-timeout 10m\n\
+             -- schemagate:allow-destructive old column, unused since v2\nselect 1;",
+        )
+        .unwrap();
+        assert_eq!(d.lock_timeout, Some(std::time::Duration::from_secs(5)));
+        assert_eq!(
+            d.statement_timeout,
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert_eq!(
+            d.allow_destructive.as_deref(),
+            Some("old column, unused since v2")
+        );
+        assert!(parse_directives("-- schemagate:allow-destructive\n").is_err());
+        assert!(parse_directives("-- schemagate:lock-timeout soon\n").is_err());
     }
 
     #[test]

@@ -1,20 +1,28 @@
 //! PostgreSQL: session advisory lock polled with `pg_try_advisory_lock` on the runner's one
-//! dedicated connection; a step's body, BEGIN included, goes to the server as one
-//! simple-query message.
+//! dedicated connection (or a lease row, behind poolers); a step's BEGIN, fence, timeouts
+//! and body go to the server as one simple-query message; no prepared statements anywhere,
+//! so every statement also works through PgBouncer in transaction mode.
 
 use std::str::FromStr;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Either, Row};
 
+use super::sql::{self, Guard, SessionKey};
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    begin_with, bind_finish, bind_row, count_results, decode_row, finish_sql, insert_sql,
-    progress_sql, select_sql,
+    StepTimeouts, begin_with, count_results, decode_row, lock_lost,
 };
 use crate::engine::history::HistoryRow;
 use crate::engine::script::Dialect;
+
+const D: Dialect = Dialect::Postgres;
+
+/// Restores what a migration may have changed for the session.
+const RESET_SESSION: &str =
+    "RESET ROLE; RESET search_path; RESET lock_timeout; RESET statement_timeout";
 
 /// A PostgreSQL connection dedicated to one run.
 pub struct PgBackend {
@@ -24,19 +32,12 @@ pub struct PgBackend {
     /// `schemagate_history` and `public.schemagate_history` share one lock.
     table: HistoryTable,
     resolved: bool,
-    key: i64,
-    insert: String,
-    progress: String,
-    finish: String,
+    guard: Guard,
 }
 
-const D: Dialect = Dialect::Postgres;
-
-/// Restores what a migration may have changed for the session.
-const RESET_SESSION: &str = "RESET ROLE; RESET search_path";
-/// A step's COMMIT and the session reset in one message (the reset is skipped if the
-/// COMMIT fails).
-const COMMIT_AND_RESET: &str = "COMMIT; RESET ROLE; RESET search_path";
+fn raw(text: String) -> sqlx::RawSql {
+    sqlx::raw_sql(AssertSqlSafe(text))
+}
 
 impl PgBackend {
     pub async fn connect(cfg: &ConnectConfig) -> Result<Self, DbError> {
@@ -61,28 +62,12 @@ impl PgBackend {
                 ));
             }
         };
-        let mut backend = PgBackend {
+        Ok(PgBackend {
             conn,
+            resolved: cfg.table.is_qualified(),
             table: cfg.table.clone(),
-            resolved: false,
-            key: 0,
-            insert: String::new(),
-            progress: String::new(),
-            finish: String::new(),
-        };
-        if cfg.table.is_qualified() {
-            backend.set_table(cfg.table.clone());
-        }
-        Ok(backend)
-    }
-
-    fn set_table(&mut self, table: HistoryTable) {
-        self.key = table.lock_key();
-        self.insert = format!("{} RETURNING id", insert_sql(D, &table));
-        self.progress = progress_sql(D, &table);
-        self.finish = finish_sql(D, &table);
-        self.table = table;
-        self.resolved = true;
+            guard: Guard::None,
+        })
     }
 
     /// The schema that holds the table if the search path finds it, else the one `CREATE`
@@ -104,15 +89,14 @@ impl PgBackend {
                  --history-table schema.name",
             ));
         };
-        let table = self.table.in_schema(&schema);
-        self.set_table(table);
+        self.table = self.table.in_schema(&schema);
+        self.resolved = true;
         Ok(())
     }
 
     async fn resolve(&mut self) -> Result<(), DbError> {
         if !self.resolved {
-            let sql = self.resolve_sql();
-            let schema: Option<String> = sqlx::raw_sql(AssertSqlSafe(sql))
+            let schema: Option<String> = raw(self.resolve_sql())
                 .fetch_one(&mut self.conn)
                 .await?
                 .try_get(0)?;
@@ -121,16 +105,30 @@ impl PgBackend {
         Ok(())
     }
 
-    /// The advisory lock key split the way `pg_locks` shows a bigint key.
-    fn key_parts(&self) -> (i64, i64) {
-        let k = self.key as u64;
-        ((k >> 32) as i64, (k & 0xffff_ffff) as i64)
+    fn key(&self) -> i64 {
+        self.table.lock_key()
+    }
+
+    /// Runs a statement that returns at most one row with one text column.
+    async fn fetch_text(&mut self, text: String) -> Result<Option<String>, DbError> {
+        let row = raw(text).fetch_optional(&mut self.conn).await?;
+        Ok(match row {
+            Some(r) => r.try_get::<Option<String>, _>(0)?,
+            None => None,
+        })
+    }
+}
+
+fn code_of(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
     }
 }
 
 fn is_missing_relation(e: &sqlx::Error) -> bool {
     // 42P01 undefined_table, 3F000 invalid_schema_name
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("42P01" | "3F000")))
+    matches!(code_of(e).as_deref(), Some("42P01" | "3F000"))
 }
 
 impl Backend for PgBackend {
@@ -138,10 +136,14 @@ impl Backend for PgBackend {
         D
     }
 
+    fn table(&self) -> &HistoryTable {
+        &self.table
+    }
+
     async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
-        // Simple queries in one message: one round trip, no prepare. The first run on a
+        // Simple queries in one message: one round trip, no prepare. The first read on a
         // connection also resolves the table's schema in the same message.
-        let select = select_sql(D, &self.table);
+        let select = sql::select_history(D, &self.table);
         let resolving = !self.resolved;
         let text = if resolving {
             format!("{};\n{select}", self.resolve_sql())
@@ -152,7 +154,7 @@ impl Backend for PgBackend {
         let mut rows = Vec::new();
         let mut missing = false;
         {
-            let mut results = sqlx::raw_sql(AssertSqlSafe(text)).fetch_many(&mut self.conn);
+            let mut results = raw(text).fetch_many(&mut self.conn);
             let mut statement = 0;
             while let Some(item) = results.next().await {
                 match item {
@@ -178,8 +180,7 @@ impl Backend for PgBackend {
 
     async fn create_history_table(&mut self) -> Result<(), DbError> {
         self.resolve().await?;
-        let sql = super::create_table_sql(D, &self.table);
-        sqlx::raw_sql(AssertSqlSafe(sql))
+        raw(sql::create_history(D, &self.table))
             .execute(&mut self.conn)
             .await?;
         Ok(())
@@ -187,21 +188,36 @@ impl Backend for PgBackend {
 
     async fn try_lock(&mut self) -> Result<bool, DbError> {
         self.resolve().await?;
-        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-            .bind(self.key)
-            .fetch_one(&mut self.conn)
+        let key = self.key();
+        // Taking a lock this very server session already holds would succeed (advisory
+        // locks are re-entrant): the sign of a pooler sharing one server session between
+        // clients. Refuse rather than let two runners both "hold" it.
+        let got = self
+            .fetch_text(format!(
+                "SELECT CASE WHEN {} THEN NULL ELSE pg_try_advisory_lock({key})::text END",
+                sql::holds_session_lock(D, &SessionKey::Advisory(key))
+            ))
             .await?;
-        Ok(got)
+        match got.as_deref() {
+            Some("true") => Ok(true),
+            Some(_) => Ok(false),
+            None => Err(DbError::new(
+                DbErrorKind::Lock,
+                "this server session already holds the migration lock before schemagate took \
+                 it: a connection pooler (PgBouncer in transaction mode) is sharing server \
+                 sessions between clients, so the session lock cannot work",
+            )),
+        }
     }
 
     async fn unlock(&mut self) -> Result<(), DbError> {
-        let released: bool = sqlx::query_scalar("SELECT pg_advisory_unlock($1)")
-            .bind(self.key)
-            .fetch_one(&mut self.conn)
+        let key = self.key();
+        let released = self
+            .fetch_text(format!("SELECT pg_advisory_unlock({key})::text"))
             .await?;
-        if !released {
+        if released.as_deref() != Some("true") {
             return Err(DbError::new(
-                DbErrorKind::Other,
+                DbErrorKind::Lock,
                 "the migration lock was not held by this session when releasing it",
             ));
         }
@@ -210,20 +226,18 @@ impl Backend for PgBackend {
 
     async fn lock_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
         self.resolve().await?;
-        let (hi, lo) = self.key_parts();
-        let row = sqlx::query(
+        let (hi, lo) = sql::advisory_parts(self.key());
+        let row = raw(format!(
             "SELECT coalesce(nullif(a.application_name, ''), 'pid ' || a.pid::text) || \
                     ' (server pid ' || a.pid::text || coalesce(', from ' || host(a.client_addr), '') || ')', \
                     to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'), \
                     extract(epoch FROM now() - a.backend_start)::bigint \
              FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid \
              WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 \
-               AND l.classid::bigint = $1 AND l.objid::bigint = $2 \
+               AND l.classid::bigint = {hi} AND l.objid::bigint = {lo} \
                AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             LIMIT 1",
-        )
-        .bind(hi)
-        .bind(lo)
+             LIMIT 1"
+        ))
         .fetch_optional(&mut self.conn)
         .await?;
         Ok(row.map(|r| LockHolder {
@@ -233,14 +247,108 @@ impl Backend for PgBackend {
         }))
     }
 
-    async fn begin_and_run(&mut self, body: &str) -> Result<(), ExecFailure> {
-        count_results(begin_with(D, body).execute_many(&mut self.conn)).await
+    fn session_guard(&self) -> Guard {
+        Guard::Session {
+            key: SessionKey::Advisory(self.key()),
+        }
+    }
+
+    async fn lease_acquire(
+        &mut self,
+        holder: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, DbError> {
+        self.resolve().await?;
+        let lease = self.table.lease_table();
+        // One message = one implicit transaction (pinned to one server connection even
+        // through a pooler): make sure the row exists, then take it if it is free.
+        let text = format!(
+            "{};\n{}",
+            sql::lease_seed(D, &lease),
+            sql::lease_take(D, &lease, holder, token, ttl)
+        );
+        let taken = match raw(text.clone()).fetch_optional(&mut self.conn).await {
+            Err(e) if is_missing_relation(&e) => {
+                // Several runners may create it at once; whoever loses just polls again.
+                if let Err(e) = raw(sql::create_lease(D, &lease))
+                    .execute(&mut self.conn)
+                    .await
+                {
+                    tracing::debug!(error = %e, "creating the lease table");
+                    return Ok(false);
+                }
+                raw(text).fetch_optional(&mut self.conn).await?
+            }
+            other => other?,
+        };
+        Ok(taken.is_some())
+    }
+
+    async fn lease_renew(&mut self, token: &str, ttl: Duration) -> Result<bool, DbError> {
+        let lease = self.table.lease_table();
+        let row = raw(sql::lease_renew(D, &lease, token, ttl))
+            .fetch_optional(&mut self.conn)
+            .await?;
+        Ok(row.is_some())
+    }
+
+    async fn lease_release(&mut self, token: &str) -> Result<(), DbError> {
+        let lease = self.table.lease_table();
+        raw(sql::lease_release(D, &lease, token))
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn lease_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
+        self.resolve().await?;
+        let lease = self.table.lease_table();
+        match raw(sql::lease_holder(D, &lease))
+            .fetch_optional(&mut self.conn)
+            .await
+        {
+            Ok(row) => Ok(row.map(|r| LockHolder {
+                who: r.try_get(0).unwrap_or_default(),
+                since: r.try_get(1).ok(),
+                age_seconds: r.try_get(2).ok(),
+            })),
+            Err(e) if is_missing_relation(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_guard(&mut self, guard: Guard) {
+        self.guard = guard;
+    }
+
+    async fn begin_and_run(
+        &mut self,
+        timeouts: &StepTimeouts,
+        body: &str,
+    ) -> Result<(), ExecFailure> {
+        let mut prelude: Vec<String> = sql::fence(D, &self.guard).into_iter().collect();
+        prelude.extend(sql::timeouts(D, timeouts, true, false));
+        let prefix = 1 + prelude.len();
+        count_results(
+            begin_with(D, &prelude, body).execute_many(&mut self.conn),
+            prefix,
+        )
+        .await
     }
 
     async fn commit(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql(COMMIT_AND_RESET)
-            .execute(&mut self.conn)
-            .await?;
+        // One message: extend the lease inside the step's transaction (so it cannot lapse
+        // between the commit and the next heartbeat), COMMIT, then reset the session (the
+        // reset is skipped if the COMMIT fails).
+        let mut text = String::new();
+        if let Guard::Lease { table, token, ttl } = &self.guard {
+            text.push_str(&sql::lease_renew(D, table, token, *ttl));
+            text.push_str(";\n");
+        }
+        text.push_str("COMMIT;\n");
+        text.push_str(RESET_SESSION);
+        raw(text).execute(&mut self.conn).await?;
         Ok(())
     }
 
@@ -249,23 +357,29 @@ impl Backend for PgBackend {
         Ok(())
     }
 
+    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
+        let statements = sql::timeouts(D, timeouts, false, false);
+        if !statements.is_empty() {
+            raw(statements.join(";\n")).execute(&mut self.conn).await?;
+        }
+        Ok(())
+    }
+
     async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
-        sqlx::raw_sql(AssertSqlSafe(statement.to_string()))
-            .execute(&mut self.conn)
-            .await?;
+        raw(statement.to_string()).execute(&mut self.conn).await?;
         Ok(())
     }
 
     async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
-        let q = sqlx::query(AssertSqlSafe(self.insert.clone()));
-        let r = bind_row(q, row).fetch_one(&mut self.conn).await?;
-        Ok(r.try_get(0)?)
+        let text = sql::insert_row(D, &self.table, row, &self.guard);
+        match raw(text).fetch_optional(&mut self.conn).await? {
+            Some(r) => Ok(r.try_get(0)?),
+            None => Err(lock_lost()),
+        }
     }
 
     async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        sqlx::query(AssertSqlSafe(self.progress.clone()))
-            .bind(done)
-            .bind(id)
+        raw(sql::progress(D, &self.table, id, done))
             .execute(&mut self.conn)
             .await?;
         Ok(())
@@ -279,20 +393,14 @@ impl Backend for PgBackend {
         error: Option<&str>,
         done: i64,
     ) -> Result<(), DbError> {
-        let q = sqlx::query(AssertSqlSafe(self.finish.clone()));
-        bind_finish(q, id, success, duration_ms, error, done)
-            .execute(&mut self.conn)
-            .await?;
+        let text = sql::finish(D, &self.table, id, success, duration_ms, error, done);
+        raw(text).execute(&mut self.conn).await?;
         Ok(())
     }
 
     async fn reset_session(&mut self) -> Result<(), DbError> {
         sqlx::raw_sql(RESET_SESSION).execute(&mut self.conn).await?;
         Ok(())
-    }
-
-    fn table(&self) -> &HistoryTable {
-        &self.table
     }
 
     async fn close(self) {

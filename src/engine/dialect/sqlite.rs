@@ -9,14 +9,15 @@ use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
+use super::sql::{self, Guard};
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    begin_with, bind_finish, bind_row, count_results, decode_row, finish_sql, insert_sql,
-    progress_sql, select_sql,
+    StepTimeouts, begin_with, count_results, decode_row,
 };
 use crate::engine::clock;
 use crate::engine::history::HistoryRow;
@@ -34,9 +35,7 @@ pub struct SqliteBackend {
     table: HistoryTable,
     who: String,
     lock: Option<File>,
-    insert: String,
-    progress: String,
-    finish: String,
+    busy_timeout: Duration,
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -63,9 +62,7 @@ impl SqliteBackend {
             table: cfg.table.clone(),
             who: cfg.application_name.clone(),
             lock: None,
-            insert: insert_sql(D, &cfg.table),
-            progress: progress_sql(D, &cfg.table),
-            finish: finish_sql(D, &cfg.table),
+            busy_timeout: cfg.busy_timeout,
         };
         // A missing file stays missing until something is written: reading commands and
         // failed runs must not leave an empty database behind.
@@ -125,6 +122,13 @@ fn canonical(path: &std::path::Path) -> PathBuf {
     }
 }
 
+fn lease_unsupported() -> DbError {
+    DbError::new(
+        DbErrorKind::Config,
+        "the lease lock is for PostgreSQL and MySQL; SQLite always uses its file lock",
+    )
+}
+
 fn lock_err(e: std::io::Error, path: &std::path::Path) -> DbError {
     DbError::new(
         DbErrorKind::Other,
@@ -137,8 +141,35 @@ impl Backend for SqliteBackend {
         D
     }
 
+    fn table(&self) -> &HistoryTable {
+        &self.table
+    }
+
+    fn session_guard(&self) -> Guard {
+        // A file lock cannot be lost while the process lives.
+        Guard::None
+    }
+
+    async fn lease_acquire(&mut self, _: &str, _: &str, _: Duration) -> Result<bool, DbError> {
+        Err(lease_unsupported())
+    }
+
+    async fn lease_renew(&mut self, _: &str, _: Duration) -> Result<bool, DbError> {
+        Err(lease_unsupported())
+    }
+
+    async fn lease_release(&mut self, _: &str) -> Result<(), DbError> {
+        Err(lease_unsupported())
+    }
+
+    async fn lease_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
+        Ok(None)
+    }
+
+    fn set_guard(&mut self, _: Guard) {}
+
     async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
-        let sql = select_sql(D, &self.table);
+        let sql = sql::select_history(D, &self.table);
         // Another runner may have created the file since we looked: look again.
         if self.conn.is_none() && self.path.as_ref().is_some_and(|p| p.exists()) {
             self.open(false).await?;
@@ -161,7 +192,7 @@ impl Backend for SqliteBackend {
         if self.conn.is_none() {
             self.open(true).await?;
         }
-        let sql = super::create_table_sql(D, &self.table);
+        let sql = sql::create_history(D, &self.table);
         sqlx::raw_sql(AssertSqlSafe(sql))
             .execute(self.conn()?)
             .await?;
@@ -250,13 +281,20 @@ impl Backend for SqliteBackend {
         }))
     }
 
-    async fn begin_and_run(&mut self, body: &str) -> Result<(), ExecFailure> {
-        let conn = self.conn().map_err(|error| ExecFailure {
+    async fn begin_and_run(
+        &mut self,
+        timeouts: &StepTimeouts,
+        body: &str,
+    ) -> Result<(), ExecFailure> {
+        let not_begun = |error| ExecFailure {
             began: false,
             completed: 0,
             error,
-        })?;
-        count_results(begin_with(D, body).execute_many(conn)).await
+        };
+        // The busy timeout must be in place before BEGIN IMMEDIATE waits on it.
+        self.set_timeouts(timeouts).await.map_err(not_begun)?;
+        let conn = self.conn().map_err(not_begun)?;
+        count_results(begin_with(D, &[], body).execute_many(conn), 1).await
     }
 
     async fn commit(&mut self) -> Result<(), DbError> {
@@ -269,6 +307,13 @@ impl Backend for SqliteBackend {
         Ok(())
     }
 
+    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
+        for statement in sql::timeouts(D, timeouts, false, false) {
+            self.execute(&statement).await?;
+        }
+        Ok(())
+    }
+
     async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
         sqlx::raw_sql(AssertSqlSafe(statement.to_string()))
             .execute(self.conn()?)
@@ -277,18 +322,16 @@ impl Backend for SqliteBackend {
     }
 
     async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
-        let q = sqlx::query(AssertSqlSafe(self.insert.clone()));
-        let done = bind_row(q, row).execute(self.conn()?).await?;
-        Ok(done.last_insert_rowid())
+        let text = sql::insert_row(D, &self.table, row, &Guard::None);
+        let r = sqlx::raw_sql(AssertSqlSafe(text))
+            .fetch_one(self.conn()?)
+            .await?;
+        Ok(sqlx::Row::try_get(&r, 0)?)
     }
 
     async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        sqlx::query(AssertSqlSafe(self.progress.clone()))
-            .bind(done)
-            .bind(id)
-            .execute(self.conn()?)
-            .await?;
-        Ok(())
+        let text = sql::progress(D, &self.table, id, done);
+        self.execute(&text).await
     }
 
     async fn finish_row(
@@ -299,19 +342,14 @@ impl Backend for SqliteBackend {
         error: Option<&str>,
         done: i64,
     ) -> Result<(), DbError> {
-        let q = sqlx::query(AssertSqlSafe(self.finish.clone()));
-        bind_finish(q, id, success, duration_ms, error, done)
-            .execute(self.conn()?)
-            .await?;
-        Ok(())
+        let text = sql::finish(D, &self.table, id, success, duration_ms, error, done);
+        self.execute(&text).await
     }
 
     async fn reset_session(&mut self) -> Result<(), DbError> {
-        Ok(()) // SQLite has no roles or search path
-    }
-
-    fn table(&self) -> &HistoryTable {
-        &self.table
+        // SQLite has no roles or search path; only a step's busy timeout to undo.
+        let text = format!("PRAGMA busy_timeout = {}", self.busy_timeout.as_millis());
+        self.execute(&text).await
     }
 
     async fn close(mut self) {

@@ -1,0 +1,427 @@
+//! MySQL and MariaDB: `GET_LOCK`/`RELEASE_LOCK` on the runner's dedicated connection (or a
+//! lease row, where `GET_LOCK` is node-local). MySQL commits DDL implicitly, so only steps
+//! made entirely of data statements run in a transaction with their history row; the rest
+//! run statement by statement with their progress recorded (see `runner::prepare`).
+//!
+//! schemagate leaves the session's `sql_mode` and `time_zone` as the server has them
+//! (sqlx would otherwise add `PIPES_AS_CONCAT` and switch to UTC, changing what a
+//! migration's `||` or `NOW()` means).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
+
+use super::sql::{self, Guard, SessionKey};
+use super::{
+    Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
+    StepTimeouts, count_results, decode_row, lock_lost,
+};
+use crate::engine::history::HistoryRow;
+use crate::engine::script::{Dialect, sha256_hex};
+
+const D: Dialect = Dialect::MySql;
+
+/// A MySQL/MariaDB connection dedicated to one run.
+pub struct MySqlBackend {
+    conn: MySqlConnection,
+    /// Qualified with the URL's database, so a migration's `USE other` cannot redirect it.
+    table: HistoryTable,
+    database: Option<String>,
+    guard: Guard,
+    /// MariaDB (vs MySQL), once asked: they name the statement timeout differently.
+    mariadb: Option<bool>,
+    /// The lease connection waits at most a second for a row lock.
+    lease_session_set: bool,
+}
+
+fn raw(text: String) -> sqlx::RawSql {
+    sqlx::raw_sql(AssertSqlSafe(text))
+}
+
+fn sqlstate(e: &sqlx::Error) -> Option<String> {
+    match e {
+        sqlx::Error::Database(db) => db.code().map(|c| c.into_owned()),
+        _ => None,
+    }
+}
+
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    sqlstate(e).as_deref() == Some("42S02")
+}
+
+fn is_lock_wait_timeout(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.message().contains("Lock wait timeout"))
+}
+
+impl MySqlBackend {
+    pub async fn connect(cfg: &ConnectConfig) -> Result<Self, DbError> {
+        // sqlx knows the `mysql` scheme only.
+        let url = match cfg.url.split_once("://") {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("mariadb") => {
+                format!("mysql://{rest}")
+            }
+            _ => cfg.url.clone(),
+        };
+        let opts = MySqlConnectOptions::from_str(&url)
+            .map_err(DbError::from)?
+            .pipes_as_concat(false)
+            .no_engine_substitution(false)
+            .timezone(None)
+            .disable_statement_logging();
+        let database = opts.get_database().map(str::to_string);
+        let conn =
+            match tokio::time::timeout(cfg.connect_timeout, MySqlConnection::connect_with(&opts))
+                .await
+            {
+                Ok(r) => r.map_err(DbError::from)?,
+                Err(_) => {
+                    return Err(DbError::new(
+                        DbErrorKind::Unreachable,
+                        format!(
+                            "no answer from the database server within {}s",
+                            cfg.connect_timeout.as_secs_f32()
+                        ),
+                    ));
+                }
+            };
+        let table = match &database {
+            Some(db) if !cfg.table.is_qualified() => cfg.table.in_schema(db),
+            _ => cfg.table.clone(),
+        };
+        Ok(MySqlBackend {
+            conn,
+            table,
+            database,
+            guard: Guard::None,
+            mariadb: None,
+            lease_session_set: false,
+        })
+    }
+
+    /// The `GET_LOCK` name: locks are server-wide, so it names the database and table (as
+    /// a hash, since names are limited to 64 characters).
+    fn lock_name(&self) -> String {
+        format!(
+            "schemagate:{}",
+            &sha256_hex(self.table.name().as_bytes())[..40]
+        )
+    }
+
+    async fn is_mariadb(&mut self) -> Result<bool, DbError> {
+        if let Some(m) = self.mariadb {
+            return Ok(m);
+        }
+        let version: String = sqlx::raw_sql("SELECT VERSION()")
+            .fetch_one(&mut self.conn)
+            .await?
+            .try_get(0)?;
+        let m = version.to_ascii_lowercase().contains("mariadb");
+        self.mariadb = Some(m);
+        Ok(m)
+    }
+
+    async fn fetch_int(&mut self, text: String) -> Result<Option<i64>, DbError> {
+        let row = raw(text).fetch_optional(&mut self.conn).await?;
+        Ok(match row {
+            Some(r) => r.try_get::<Option<i64>, _>(0)?,
+            None => None,
+        })
+    }
+
+    async fn lease_session(&mut self) -> Result<(), DbError> {
+        if !self.lease_session_set {
+            // Lease statements must never queue behind a step holding the lease row.
+            sqlx::raw_sql("SET SESSION innodb_lock_wait_timeout = 1")
+                .execute(&mut self.conn)
+                .await?;
+            self.lease_session_set = true;
+        }
+        Ok(())
+    }
+
+    async fn reset_statements(&mut self) -> Result<String, DbError> {
+        let timeout = if self.is_mariadb().await? {
+            "max_statement_time"
+        } else {
+            "max_execution_time"
+        };
+        let mut text = format!(
+            "SET SESSION foreign_key_checks = DEFAULT, unique_checks = DEFAULT, \
+             sql_mode = DEFAULT, lock_wait_timeout = DEFAULT, \
+             innodb_lock_wait_timeout = DEFAULT, {timeout} = DEFAULT"
+        );
+        if let Some(db) = &self.database {
+            text.push_str(&format!(";\nUSE `{}`", db.replace('`', "``")));
+        }
+        Ok(text)
+    }
+}
+
+impl Backend for MySqlBackend {
+    fn dialect(&self) -> Dialect {
+        D
+    }
+
+    fn table(&self) -> &HistoryTable {
+        &self.table
+    }
+
+    async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
+        match raw(sql::select_history(D, &self.table))
+            .fetch_all(&mut self.conn)
+            .await
+        {
+            Ok(rows) => rows
+                .iter()
+                .map(|r| decode_row(r).map_err(DbError::from))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Err(e) if is_missing_table(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn create_history_table(&mut self) -> Result<(), DbError> {
+        raw(sql::create_history(D, &self.table))
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn try_lock(&mut self) -> Result<bool, DbError> {
+        let name = sql::literal(D, &self.lock_name());
+        // GET_LOCK is re-entrant for one connection: a proxy that multiplexes connections
+        // (ProxySQL, MaxScale) could make two runners share one. Refuse that.
+        let got = self
+            .fetch_int(format!(
+                "SELECT CAST(CASE WHEN IS_USED_LOCK({name}) = CONNECTION_ID() THEN -1 \
+                 ELSE GET_LOCK({name}, 0) END AS SIGNED)"
+            ))
+            .await?;
+        match got {
+            Some(1) => Ok(true),
+            Some(0) => Ok(false),
+            Some(_) => Err(DbError::new(
+                DbErrorKind::Lock,
+                "this server connection already holds the migration lock before schemagate \
+                 took it: a proxy is sharing server connections between clients",
+            )),
+            None => Err(DbError::new(
+                DbErrorKind::Other,
+                "GET_LOCK failed (the server returned NULL)",
+            )),
+        }
+    }
+
+    async fn unlock(&mut self) -> Result<(), DbError> {
+        let name = sql::literal(D, &self.lock_name());
+        let released = self
+            .fetch_int(format!("SELECT CAST(RELEASE_LOCK({name}) AS SIGNED)"))
+            .await?;
+        if released != Some(1) {
+            return Err(DbError::new(
+                DbErrorKind::Lock,
+                "RELEASE_LOCK reports that this connection did not hold the migration lock",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn lock_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
+        let name = sql::literal(D, &self.lock_name());
+        let row = raw(format!(
+            "SELECT CAST(p.ID AS SIGNED), p.USER, p.HOST, CAST(p.TIME AS SIGNED) \
+             FROM information_schema.PROCESSLIST p WHERE p.ID = IS_USED_LOCK({name})"
+        ))
+        .fetch_optional(&mut self.conn)
+        .await?;
+        Ok(row.map(|r| {
+            let id: i64 = r.try_get(0).unwrap_or_default();
+            let user: String = r.try_get(1).unwrap_or_default();
+            let host: String = r.try_get(2).unwrap_or_default();
+            LockHolder {
+                who: format!("MySQL connection {id} ({user}@{host})"),
+                since: None,
+                age_seconds: r.try_get(3).ok(),
+            }
+        }))
+    }
+
+    fn session_guard(&self) -> Guard {
+        Guard::Session {
+            key: SessionKey::Named(self.lock_name()),
+        }
+    }
+
+    async fn lease_acquire(
+        &mut self,
+        holder: &str,
+        token: &str,
+        ttl: Duration,
+    ) -> Result<bool, DbError> {
+        self.lease_session().await?;
+        let lease = self.table.lease_table();
+        let seed = sql::lease_seed(D, &lease);
+        let take = sql::lease_take(D, &lease, holder, token, ttl);
+        for attempt in 0..2 {
+            match raw(seed.clone()).execute(&mut self.conn).await {
+                Err(e) if is_missing_table(&e) && attempt == 0 => {
+                    raw(sql::create_lease(D, &lease))
+                        .execute(&mut self.conn)
+                        .await?;
+                    continue;
+                }
+                other => {
+                    other?;
+                }
+            }
+            return match raw(take.clone()).execute(&mut self.conn).await {
+                Ok(done) => Ok(done.rows_affected() == 1),
+                Err(e) if is_lock_wait_timeout(&e) => Ok(false),
+                Err(e) => Err(e.into()),
+            };
+        }
+        Ok(false)
+    }
+
+    async fn lease_renew(&mut self, token: &str, ttl: Duration) -> Result<bool, DbError> {
+        self.lease_session().await?;
+        let lease = self.table.lease_table();
+        let done = raw(sql::lease_renew(D, &lease, token, ttl))
+            .execute(&mut self.conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn lease_release(&mut self, token: &str) -> Result<(), DbError> {
+        let lease = self.table.lease_table();
+        raw(sql::lease_release(D, &lease, token))
+            .execute(&mut self.conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn lease_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
+        let lease = self.table.lease_table();
+        match raw(sql::lease_holder(D, &lease))
+            .fetch_optional(&mut self.conn)
+            .await
+        {
+            Ok(row) => Ok(row.map(|r| {
+                let since: Option<String> = r.try_get(1).ok();
+                LockHolder {
+                    who: r.try_get(0).unwrap_or_default(),
+                    since: since
+                        .and_then(|ms| ms.parse::<i64>().ok())
+                        .map(crate::engine::clock::iso_from_millis),
+                    age_seconds: r.try_get(2).ok(),
+                }
+            })),
+            Err(e) if is_missing_table(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn set_guard(&mut self, guard: Guard) {
+        self.guard = guard;
+    }
+
+    async fn begin_and_run(
+        &mut self,
+        timeouts: &StepTimeouts,
+        body: &str,
+    ) -> Result<(), ExecFailure> {
+        let not_begun = |error| ExecFailure {
+            began: false,
+            completed: 0,
+            error,
+        };
+        self.set_timeouts(timeouts).await.map_err(not_begun)?;
+        sqlx::raw_sql("START TRANSACTION")
+            .execute(&mut self.conn)
+            .await
+            .map_err(|e| not_begun(e.into()))?;
+        if let Some(fence) = sql::fence_query(D, &self.guard) {
+            let held = self.fetch_int(fence).await.map_err(|error| ExecFailure {
+                began: true,
+                completed: 0,
+                error,
+            })?;
+            if held != Some(1) {
+                return Err(ExecFailure {
+                    began: true,
+                    completed: 0,
+                    error: lock_lost(),
+                });
+            }
+        }
+        count_results(raw(body.to_string()).execute_many(&mut self.conn), 0).await
+    }
+
+    async fn commit(&mut self) -> Result<(), DbError> {
+        if let Guard::Lease { table, token, ttl } = &self.guard {
+            let text = sql::lease_renew(D, table, token, *ttl);
+            raw(text).execute(&mut self.conn).await?;
+        }
+        sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
+        self.reset_session().await
+    }
+
+    async fn rollback(&mut self) -> Result<(), DbError> {
+        sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
+        if timeouts.is_empty() {
+            return Ok(());
+        }
+        let mariadb = self.is_mariadb().await?;
+        let statements = sql::timeouts(D, timeouts, false, mariadb);
+        raw(statements.join(";\n")).execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
+        raw(statement.to_string()).execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
+        let text = sql::insert_row(D, &self.table, row, &self.guard);
+        let done = raw(text).execute(&mut self.conn).await?;
+        if done.rows_affected() != 1 {
+            return Err(lock_lost());
+        }
+        i64::try_from(done.last_insert_id())
+            .map_err(|_| DbError::new(DbErrorKind::Other, "history row id out of range"))
+    }
+
+    async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
+        self.execute(&sql::progress(D, &self.table, id, done)).await
+    }
+
+    async fn finish_row(
+        &mut self,
+        id: i64,
+        success: bool,
+        duration_ms: i64,
+        error: Option<&str>,
+        done: i64,
+    ) -> Result<(), DbError> {
+        let text = sql::finish(D, &self.table, id, success, duration_ms, error, done);
+        self.execute(&text).await
+    }
+
+    async fn reset_session(&mut self) -> Result<(), DbError> {
+        let text = self.reset_statements().await?;
+        raw(text).execute(&mut self.conn).await?;
+        Ok(())
+    }
+
+    async fn close(self) {
+        let _ = self.conn.close().await;
+    }
+}
