@@ -2,6 +2,7 @@
 //! migration directories, and waiting on conditions with deadlines (never blind sleeps).
 #![allow(dead_code)]
 
+pub mod mysql;
 pub mod postgres;
 pub mod scenarios;
 
@@ -222,6 +223,9 @@ pub fn query(url: &str, sql: &str) -> Vec<String> {
                 .unwrap()
                 .create_if_missing(true);
             let mut c = opts.connect().await.unwrap();
+            first_col!(c)
+        } else if url.starts_with("mysql") {
+            let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
             first_col!(c)
         } else {
             let mut c = sqlx::PgConnection::connect(url).await.unwrap();

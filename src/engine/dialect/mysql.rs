@@ -19,7 +19,7 @@ use super::{
     StepTimeouts, count_results, decode_row, lock_lost,
 };
 use crate::engine::history::HistoryRow;
-use crate::engine::script::{Dialect, sha256_hex};
+use crate::engine::script::Dialect;
 
 const D: Dialect = Dialect::MySql;
 
@@ -100,13 +100,8 @@ impl MySqlBackend {
         })
     }
 
-    /// The `GET_LOCK` name: locks are server-wide, so it names the database and table (as
-    /// a hash, since names are limited to 64 characters).
     fn lock_name(&self) -> String {
-        format!(
-            "schemagate:{}",
-            &sha256_hex(self.table.name().as_bytes())[..40]
-        )
+        sql::mysql_lock_name(&self.table)
     }
 
     async fn is_mariadb(&mut self) -> Result<bool, DbError> {
@@ -356,6 +351,9 @@ impl Backend for MySqlBackend {
                     error: lock_lost(),
                 });
             }
+        }
+        if body.trim().is_empty() {
+            return Ok(());
         }
         count_results(raw(body.to_string()).execute_many(&mut self.conn), 0).await
     }

@@ -169,6 +169,16 @@ pub enum SessionKey {
     Named(String),
 }
 
+/// The MySQL `GET_LOCK` name for a (database-qualified) history table: locks are
+/// server-wide, so it names the database and table, as a hash (names are limited to 64
+/// characters).
+pub fn mysql_lock_name(table: &HistoryTable) -> String {
+    format!(
+        "schemagate:{}",
+        &crate::engine::script::sha256_hex(table.name().as_bytes())[..40]
+    )
+}
+
 /// The advisory lock key split the way `pg_locks` shows a bigint key.
 pub fn advisory_parts(key: i64) -> (i64, i64) {
     let k = key as u64;
