@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod mysql;
+pub mod pgbouncer;
 pub mod postgres;
 pub mod scenarios;
 
