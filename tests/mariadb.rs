@@ -60,6 +60,11 @@ impl DbKind for Maria {
     fn transactional_ddl(&self) -> bool {
         false
     }
+    fn change_type(&self, table: &str, column: &str, new_type: &str) -> Option<String> {
+        Some(format!(
+            "ALTER TABLE {table} MODIFY COLUMN {column} {new_type}"
+        ))
+    }
 }
 
 #[test]
@@ -85,6 +90,11 @@ fn kill9_mid_non_transactional_migration() {
 #[test]
 fn dirty_downgrade_is_resolved() {
     scenarios::dirty_downgrade_is_resolved(&Maria);
+}
+
+#[test]
+fn destructive_guard() {
+    scenarios::destructive_guard(&Maria);
 }
 
 #[test]

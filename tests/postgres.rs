@@ -70,6 +70,11 @@ fn dirty_downgrade_is_resolved() {
 }
 
 #[test]
+fn destructive_guard() {
+    scenarios::destructive_guard(&Pg);
+}
+
+#[test]
 fn drift_is_detected() {
     scenarios::drift(&Pg);
 }

@@ -80,6 +80,9 @@ impl DbKind for Lite {
             || !locked(&path),
         );
     }
+    fn change_type(&self, _: &str, _: &str, _: &str) -> Option<String> {
+        None // SQLite cannot change a column's type in place
+    }
     fn wait_running(&self, url: &str, transactional: bool) {
         wait_for("the slow statement to run", Duration::from_secs(30), || {
             if transactional {
@@ -122,6 +125,11 @@ fn kill9_mid_non_transactional_migration() {
 #[test]
 fn dirty_downgrade_is_resolved() {
     scenarios::dirty_downgrade_is_resolved(&Lite);
+}
+
+#[test]
+fn destructive_guard() {
+    scenarios::destructive_guard(&Lite);
 }
 
 #[test]

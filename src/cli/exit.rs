@@ -178,6 +178,16 @@ impl From<RunError> for CliError {
                 .hint("to go back, use `schemagate migrate downgrade`"),
             RunError::Directive { .. } => CliError::new(Exit::Source, "invalid_script", message)
                 .hint("fix the `-- schemagate:` line"),
+            RunError::Destructive(ref steps) => {
+                let details = steps.clone();
+                CliError::new(Exit::Refused, "destructive", message)
+                    .hint(
+                        "if losing this data is intended, add `-- schemagate:allow-destructive \
+                         <reason>` at the top of the migration (the reason is recorded in the \
+                         history); `schemagate migrate plan` lists every flagged statement",
+                    )
+                    .details(details)
+            }
             RunError::LockLost(_) => CliError::new(Exit::LockUnusable, "lock_unusable", message)
                 .hint(
                     "run again: the next runner reads the history and goes on from where this \

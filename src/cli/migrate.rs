@@ -219,6 +219,7 @@ impl Ctx {
                 lock: self.common.migration_lock_timeout,
                 statement: self.common.migration_statement_timeout,
             },
+            deny_destructive: self.common.deny_destructive,
             plan: PlanOptions {
                 out_of_order: self.common.out_of_order,
                 ignore_missing: self.common.ignore_missing,
@@ -465,27 +466,39 @@ fn plan_mode(target: Target, current: Option<&Version>, out_of_order: bool) -> M
 async fn plan_cmd(ctx: &Ctx, target: &str) -> Result<Outcome, CliError> {
     let target = parse_target(target)?;
     let (set, mut db) = ctx.load_and_connect().await?;
-    let dialect = db.dialect();
-    let state = runner::read_state(&mut db).await;
-    let table = db.table().clone();
+    let result = plan_with(ctx, target, &set, &mut db).await;
     db.close().await;
-    let state = state?;
+    result
+}
+
+async fn plan_with(
+    ctx: &Ctx,
+    target: Target,
+    set: &MigrationSet,
+    db: &mut Db,
+) -> Result<Outcome, CliError> {
+    let dialect = db.dialect();
+    let state = runner::read_state(db).await?;
     let settings = ctx.settings()?;
     let mode = plan_mode(target, state.current(), settings.plan.out_of_order);
     let plan: Plan<'_> = match &mode {
-        Mode::Upgrade(t) => plan::plan_upgrade(&set, &state, t, &settings.plan),
-        Mode::Downgrade(t) => plan::plan_downgrade(&set, &state, t, &settings.plan),
+        Mode::Upgrade(t) => plan::plan_upgrade(set, &state, t, &settings.plan),
+        Mode::Downgrade(t) => plan::plan_downgrade(set, &state, t, &settings.plan),
     }
     .map_err(|e| CliError::from(crate::engine::RunError::Plan(e)))?;
     let prepared = runner::prepare(&plan, dialect).map_err(CliError::from)?;
+    let destructive = runner::destructive(db, &prepared).await;
     let rendered = output::render_plan(
         &plan,
         &prepared,
-        dialect,
-        &table,
-        !state.initialized,
-        &settings.runner_id,
-        &settings.timeouts,
+        &output::PlanContext {
+            dialect,
+            table: db.table(),
+            create_table: !state.initialized,
+            runner_id: &settings.runner_id,
+            defaults: &settings.timeouts,
+            destructive: &destructive,
+        },
     );
     Ok(Outcome::ok(rendered.json, rendered.human))
 }

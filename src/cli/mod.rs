@@ -149,6 +149,12 @@ pub struct Common {
     #[arg(long, env = "SCHEMAGATE_MIGRATION_STATEMENT_TIMEOUT", value_parser = parse_duration, global = true)]
     pub migration_statement_timeout: Option<Duration>,
 
+    /// Refuse to upgrade when a pending migration loses data (DROP TABLE/COLUMN/SCHEMA,
+    /// TRUNCATE, DELETE/UPDATE without WHERE, narrowing type changes) unless the migration
+    /// says `-- schemagate:allow-destructive <reason>`.
+    #[arg(long, env = "SCHEMAGATE_DENY_DESTRUCTIVE", global = true)]
+    pub deny_destructive: bool,
+
     /// Who is running, as recorded in the history and shown to waiting runners
     /// [default: $POD_NAME or the host name, plus the process id].
     #[arg(long, env = "SCHEMAGATE_RUNNER_ID", global = true)]

@@ -13,7 +13,7 @@ use crate::engine::dialect::{HistoryTable, StepTimeouts, sql};
 use crate::engine::history::{DbState, HistoryRow, Kind};
 use crate::engine::plan::{Direction, Drift, Plan};
 use crate::engine::redact::redact;
-use crate::engine::runner::{Prepared, RunReport, Work, step_row, step_timeouts};
+use crate::engine::runner::{Prepared, RunReport, StepFindings, Work, step_row, step_timeouts};
 use crate::engine::script::Dialect;
 use crate::engine::status::{StatusReport, Verdict};
 
@@ -400,17 +400,31 @@ pub struct RenderedPlan {
     pub human: String,
 }
 
+/// What a plan is rendered against.
+pub struct PlanContext<'a> {
+    pub dialect: Dialect,
+    pub table: &'a HistoryTable,
+    /// The first step creates the history table.
+    pub create_table: bool,
+    pub runner_id: &'a str,
+    pub defaults: &'a StepTimeouts,
+    pub destructive: &'a [StepFindings],
+}
+
 /// Renders exactly what the runner would send, step by step. At run time every history
 /// write is also made conditional on holding the lock (see `dialect::sql::Guard`).
 pub fn render_plan(
     plan: &Plan<'_>,
     prepared: &[Prepared<'_>],
-    dialect: Dialect,
-    table: &HistoryTable,
-    create_table: bool,
-    runner_id: &str,
-    defaults: &StepTimeouts,
+    cx: &PlanContext<'_>,
 ) -> RenderedPlan {
+    let (dialect, table, create_table, runner_id, defaults) = (
+        cx.dialect,
+        cx.table,
+        cx.create_table,
+        cx.runner_id,
+        cx.defaults,
+    );
     let from = plan.from.as_ref().map(|v| v.to_string());
     let to = plan.to.as_ref().map(|v| v.to_string());
     let mut human = String::new();
@@ -442,6 +456,10 @@ pub fn render_plan(
     }
     for p in prepared {
         let m = p.step.migration;
+        let findings = cx
+            .destructive
+            .iter()
+            .find(|f| f.version == m.version.to_string() && f.direction == p.step.direction);
         let mut row = step_row(p, runner_id);
         let timeouts = step_timeouts(p.script, defaults);
         let settings = sql::timeouts(dialect, &timeouts, true, false);
@@ -469,6 +487,25 @@ pub fn render_plan(
             },
             p.script.file,
         ));
+        if let Some(f) = findings {
+            for finding in &f.findings {
+                human.push_str(&format!(
+                    "-- DESTRUCTIVE: statement {} (line {}) {}{}; {}\n",
+                    finding.statement_number,
+                    finding.line,
+                    finding.loss.describe(),
+                    finding
+                        .detail
+                        .as_deref()
+                        .map(|d| format!(" ({d})"))
+                        .unwrap_or_default(),
+                    match &f.allowed {
+                        Some(reason) => format!("allowed: {reason}"),
+                        None => "NOT allowed: --deny-destructive would refuse this plan".into(),
+                    }
+                ));
+            }
+        }
         let mut push = |text: String, human: &mut String| {
             human.push_str(&text);
             human.push_str(";\n");
@@ -525,6 +562,8 @@ pub fn render_plan(
             "statements": p.work.statements().iter().map(|s| s.text(&p.script.sql)).collect::<Vec<_>>(),
             "sql": sql_parts,
             "historyWrites": history,
+            "destructive": findings.map(|f| &f.findings),
+            "allowDestructive": p.script.directives.allow_destructive,
         }));
     }
     let json = json!({

@@ -5,6 +5,7 @@
 
 pub mod clock;
 pub mod dialect;
+pub mod guard;
 pub mod history;
 pub mod lock;
 pub mod plan;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::dialect::{Backend, DbError, DbErrorKind, LockHolder, NewRow, StepTimeouts};
+use super::guard;
 use super::history::{DbState, Kind};
 use super::lock::{self, Held, LockError, LockMode};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
@@ -29,6 +30,9 @@ pub struct RunSettings {
     pub lock: LockMode,
     /// Timeouts for every step that does not set its own.
     pub timeouts: StepTimeouts,
+    /// Refuse an upgrade with data-losing statements in migrations that do not carry
+    /// `-- schemagate:allow-destructive <reason>`.
+    pub deny_destructive: bool,
     pub plan: PlanOptions,
 }
 
@@ -159,6 +163,100 @@ pub enum RunError {
     Directive { file: String, message: String },
     #[error("stopped: {0}")]
     LockLost(String),
+    #[error("refused: {}", destructive_text(.0))]
+    Destructive(Vec<StepFindings>),
+}
+
+fn destructive_text(steps: &[StepFindings]) -> String {
+    let mut parts = Vec::new();
+    for s in steps.iter().filter(|s| s.allowed.is_none()) {
+        for f in &s.findings {
+            parts.push(format!(
+                "{} line {}: `{}` {}{}",
+                s.file,
+                f.line,
+                f.statement,
+                f.loss.describe(),
+                f.detail
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            ));
+        }
+    }
+    format!(
+        "the plan loses data and --deny-destructive is set: {}",
+        parts.join("; ")
+    )
+}
+
+/// The data-losing statements of one step.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepFindings {
+    pub version: String,
+    pub file: String,
+    pub direction: Direction,
+    pub findings: Vec<guard::Finding>,
+    /// The reason given by `-- schemagate:allow-destructive`, if the migration has one.
+    pub allowed: Option<String>,
+}
+
+/// Finds the data-losing statements of each step; type changes are compared with the
+/// database's current column types where it can tell them.
+pub async fn destructive(db: &mut impl Backend, prepared: &[Prepared<'_>]) -> Vec<StepFindings> {
+    let dialect = db.dialect();
+    let mut out = Vec::new();
+    for p in prepared {
+        let analysis = guard::analyse(
+            &p.script.sql,
+            p.work.statements(),
+            dialect,
+            p.script.first_line,
+        );
+        let mut findings = analysis.findings;
+        for change in analysis.type_changes {
+            let Ok(Some(current)) = db.column_type(&change.table, &change.column).await else {
+                continue; // not detectable: the column is new, or the database cannot tell
+            };
+            if let Some(why) = guard::narrowing(&current, &change.new_type) {
+                findings.push(guard::Finding {
+                    statement_number: change.statement_number,
+                    line: change.line,
+                    loss: guard::Loss::NarrowingTypeChange,
+                    statement: change.statement,
+                    detail: Some(format!("column {}: {why}", change.column)),
+                });
+            }
+        }
+        findings.sort_by_key(|f| f.statement_number);
+        if !findings.is_empty() {
+            out.push(StepFindings {
+                version: p.step.migration.version.to_string(),
+                file: p.script.file.clone(),
+                direction: p.step.direction,
+                findings,
+                allowed: p.script.directives.allow_destructive.clone(),
+            });
+        }
+    }
+    out
+}
+
+/// With --deny-destructive, refuses an upgrade whose steps lose data without permission.
+async fn check_destructive(
+    db: &mut impl Backend,
+    prepared: &[Prepared<'_>],
+    settings: &RunSettings,
+) -> Result<(), RunError> {
+    if !settings.deny_destructive || prepared.iter().all(|p| p.step.direction == Direction::Down) {
+        return Ok(());
+    }
+    let found = destructive(db, prepared).await;
+    if found.iter().any(|s| s.allowed.is_none()) {
+        return Err(RunError::Destructive(found));
+    }
+    Ok(())
 }
 
 impl From<LockError> for RunError {
@@ -330,7 +428,13 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
         applied_by: runner_id.to_string(),
         duration_ms: None,
         error: None,
-        note: None,
+        // The permission to lose data is part of the audit trail.
+        note: p
+            .script
+            .directives
+            .allow_destructive
+            .as_ref()
+            .map(|reason| format!("allow-destructive: {reason}")),
     }
 }
 
@@ -371,7 +475,9 @@ pub async fn run(
         if plan.steps.is_empty() {
             return Ok(noop_report(&plan, Duration::ZERO, started));
         }
-        prepare(&plan, db.dialect())?;
+        // Refuse early (before waiting for the lock) what will be refused anyway.
+        let prepared = prepare(&plan, db.dialect())?;
+        check_destructive(db, &prepared, settings).await?;
     }
     let held = lock::acquire(
         db,
@@ -400,6 +506,7 @@ async fn run_locked(
         return Ok(noop_report(&plan, waited, started));
     }
     let prepared = prepare(&plan, db.dialect())?;
+    check_destructive(db, &prepared, settings).await?;
     if !state.initialized {
         db.create_history_table()
             .await

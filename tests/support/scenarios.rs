@@ -26,6 +26,12 @@ pub trait DbKind: Sync {
     fn transactional_ddl(&self) -> bool {
         true
     }
+    /// A statement changing `table.column`'s type to `new_type`, if the dialect has one.
+    fn change_type(&self, table: &str, column: &str, new_type: &str) -> Option<String> {
+        Some(format!(
+            "ALTER TABLE {table} ALTER COLUMN {column} TYPE {new_type}"
+        ))
+    }
 }
 
 pub fn table_exists(k: &dyn DbKind, url: &str, table: &str) -> bool {
@@ -616,4 +622,82 @@ pub fn foreign_formats(k: &dyn DbKind) {
     let o = cmd(&url, &dir, &["downgrade", "base"]);
     assert_code(&o, 16);
     assert_code(&cmd(&url, &dir, &["downgrade", "20240101000000"]), 16);
+}
+
+/// `--deny-destructive` refuses data-losing migrations unless they say why; comments and
+/// strings that merely contain the words are not statements; the permission is recorded.
+pub fn destructive_guard(k: &dyn DbKind) {
+    let url = k.fresh();
+    let dir = MigDir::new();
+    dir.pair(
+        "1",
+        "people",
+        "CREATE TABLE people (id INTEGER PRIMARY KEY, name VARCHAR(100), nick VARCHAR(50));\n\
+         INSERT INTO people (id, name, nick) VALUES (1, 'Ada', 'a'), (2, 'Grace', 'g');\n",
+        None,
+    );
+    dir.pair(
+        "2",
+        "harmless",
+        "-- TRUNCATE people; DROP TABLE people (a comment, not a statement)\n\
+         INSERT INTO people (id, name) VALUES (3, 'DROP TABLE people; DELETE FROM people');\n",
+        None,
+    );
+    dir.pair(
+        "3",
+        "drop_nick",
+        "SELECT 1;\nALTER TABLE people DROP COLUMN nick;\n",
+        None,
+    );
+    let o = cmd(&url, &dir, &["upgrade", "--deny-destructive"]);
+    assert_code(&o, 16);
+    let t = text(&o);
+    assert!(
+        t.contains("3_drop_nick.up.sql line 2") && t.contains("drops a column"),
+        "{t}"
+    );
+    assert!(
+        !t.contains("2_harmless"),
+        "comments and strings are not flagged: {t}"
+    );
+    assert!(!table_exists(k, &url, "people"), "nothing ran");
+
+    let o = cmd(&url, &dir, &["plan", "-o", "json"]);
+    assert_code(&o, 0);
+    let p = stdout_json(&o);
+    assert_eq!(p["steps"][2]["destructive"][0]["loss"], "drop-column");
+    assert!(p["steps"][1]["destructive"].is_null());
+
+    dir.file(
+        "3_drop_nick.up.sql",
+        "-- schemagate:allow-destructive nick is unused since v2\nSELECT 1;\nALTER TABLE people DROP COLUMN nick;\n",
+    );
+    assert_code(&cmd(&url, &dir, &["upgrade", "--deny-destructive"]), 0);
+    assert_eq!(
+        history_count(
+            &url,
+            "version = '3' AND note = 'allow-destructive: nick is unused since v2'"
+        ),
+        1,
+        "the permission is recorded"
+    );
+    assert_eq!(count(&url, "SELECT count(*) FROM people"), 3);
+
+    if let Some(narrow) = k.change_type("people", "name", "VARCHAR(20)") {
+        dir.pair("4", "narrow", &format!("{narrow};\n"), None);
+        let o = cmd(&url, &dir, &["upgrade", "--deny-destructive"]);
+        assert_code(&o, 16);
+        let t = text(&o);
+        assert!(
+            t.contains("narrows a column's type") && t.contains("(100)"),
+            "{t}"
+        );
+        let wide = k.change_type("people", "name", "VARCHAR(200)").unwrap();
+        dir.file("4_narrow.up.sql", &format!("{wide};\n"));
+        assert_code(&cmd(&url, &dir, &["upgrade", "--deny-destructive"]), 0);
+    }
+    // Without the flag, a destructive migration simply runs (it is versioned and audited).
+    dir.pair("5", "truncate_free", "DELETE FROM people;\n", None);
+    assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
+    assert_eq!(count(&url, "SELECT count(*) FROM people"), 0);
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use sqlx::{ColumnIndex, Decode, Row, Type};
 
+use super::guard::ColumnType;
 use super::history::{HistoryRow, Kind};
 use super::redact;
 use super::script::Dialect;
@@ -428,6 +429,14 @@ pub trait Backend: Send {
     /// others.
     fn reset_session(&mut self) -> impl Future<Output = Result<(), DbError>> + Send;
 
+    /// The current type of `table.column` (`table` as written: `[schema,] name`), if the
+    /// database can tell; for the destructive-change guard.
+    fn column_type(
+        &mut self,
+        table: &[String],
+        column: &str,
+    ) -> impl Future<Output = Result<Option<ColumnType>, DbError>> + Send;
+
     /// Closes the connection (releasing any session lock).
     fn close(self) -> impl Future<Output = ()> + Send;
 }
@@ -619,9 +628,63 @@ impl Backend for Db {
     async fn reset_session(&mut self) -> Result<(), DbError> {
         dispatch!(self, b => b.reset_session().await)
     }
+    async fn column_type(
+        &mut self,
+        table: &[String],
+        column: &str,
+    ) -> Result<Option<ColumnType>, DbError> {
+        dispatch!(self, b => b.column_type(table, column).await)
+    }
     async fn close(self) {
         dispatch!(self, b => b.close().await)
     }
+}
+
+/// SQL reading a column's type from `information_schema` (PostgreSQL and MySQL), with
+/// the schema defaulting to the session's.
+fn column_type_sql(d: Dialect, table: &[String], column: &str) -> Option<String> {
+    let (schema, name) = match table {
+        [name] => (None, name),
+        [schema, name] => (Some(schema), name),
+        _ => return None,
+    };
+    let schema = match (schema, d) {
+        (Some(s), _) => sql::literal(d, s),
+        (None, Dialect::Postgres) => "current_schema()".into(),
+        (None, _) => "DATABASE()".into(),
+    };
+    Some(match d {
+        Dialect::Postgres => format!(
+            "SELECT data_type::text, coalesce(character_maximum_length, numeric_precision)::bigint, \
+             numeric_scale::bigint FROM information_schema.columns WHERE table_schema = {schema} \
+             AND table_name = {} AND column_name = {}",
+            sql::literal(d, name),
+            sql::literal(d, column)
+        ),
+        Dialect::MySql => format!(
+            "SELECT CAST(DATA_TYPE AS CHAR), CAST(COALESCE(CHARACTER_MAXIMUM_LENGTH, NUMERIC_PRECISION) AS SIGNED), \
+             CAST(NUMERIC_SCALE AS SIGNED) FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = {schema} \
+             AND TABLE_NAME = {} AND COLUMN_NAME = {}",
+            sql::literal(d, name),
+            sql::literal(d, column)
+        ),
+        Dialect::Sqlite => return None,
+    })
+}
+
+/// Reads a [`column_type_sql`] row.
+fn column_type_of<R>(row: &R) -> Result<ColumnType, sqlx::Error>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+{
+    Ok(ColumnType {
+        name: row.try_get::<String, _>(0)?.to_ascii_lowercase(),
+        length: row.try_get(1)?,
+        scale: row.try_get(2)?,
+    })
 }
 
 /// The error a guarded history write reports when the guard did not hold.

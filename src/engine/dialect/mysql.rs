@@ -16,8 +16,9 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 use super::sql::{self, Guard, SessionKey};
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    StepTimeouts, count_results, decode_row, lock_lost,
+    StepTimeouts, column_type_of, column_type_sql, count_results, decode_row, lock_lost,
 };
+use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
 use crate::engine::script::Dialect;
 
@@ -417,6 +418,18 @@ impl Backend for MySqlBackend {
         let text = self.reset_statements().await?;
         raw(text).execute(&mut self.conn).await?;
         Ok(())
+    }
+
+    async fn column_type(
+        &mut self,
+        table: &[String],
+        column: &str,
+    ) -> Result<Option<ColumnType>, DbError> {
+        let Some(text) = column_type_sql(D, table, column) else {
+            return Ok(None);
+        };
+        let row = raw(text).fetch_optional(&mut self.conn).await?;
+        Ok(row.map(|r| column_type_of(&r)).transpose()?)
     }
 
     async fn close(self) {

@@ -13,8 +13,10 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Either, Row};
 use super::sql::{self, Guard, SessionKey};
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    StepTimeouts, begin_with, count_results, decode_row, lock_lost,
+    StepTimeouts, begin_with, column_type_of, column_type_sql, count_results, decode_row,
+    lock_lost,
 };
+use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
 use crate::engine::script::Dialect;
 
@@ -401,6 +403,18 @@ impl Backend for PgBackend {
     async fn reset_session(&mut self) -> Result<(), DbError> {
         sqlx::raw_sql(RESET_SESSION).execute(&mut self.conn).await?;
         Ok(())
+    }
+
+    async fn column_type(
+        &mut self,
+        table: &[String],
+        column: &str,
+    ) -> Result<Option<ColumnType>, DbError> {
+        let Some(text) = column_type_sql(D, table, column) else {
+            return Ok(None);
+        };
+        let row = raw(text).fetch_optional(&mut self.conn).await?;
+        Ok(row.map(|r| column_type_of(&r)).transpose()?)
     }
 
     async fn close(self) {

@@ -20,6 +20,7 @@ use super::{
     StepTimeouts, begin_with, count_results, decode_row,
 };
 use crate::engine::clock;
+use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
 use crate::engine::script::Dialect;
 
@@ -350,6 +351,10 @@ impl Backend for SqliteBackend {
         // SQLite has no roles or search path; only a step's busy timeout to undo.
         let text = format!("PRAGMA busy_timeout = {}", self.busy_timeout.as_millis());
         self.execute(&text).await
+    }
+
+    async fn column_type(&mut self, _: &[String], _: &str) -> Result<Option<ColumnType>, DbError> {
+        Ok(None) // SQLite cannot change a column's type in place
     }
 
     async fn close(mut self) {
