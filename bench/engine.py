@@ -8,13 +8,15 @@ prints medians and ratios:
       each) as one process, vs `psql` applying the same files, one transaction per
       migration, in one session;
   (b) the no-op `migrate upgrade` on the fully migrated database vs `psql -c 'select 1'`;
-  (c) peak RSS of (b), next to psql's.
+  (c) peak RSS of (b), next to psql's;
+  the same (a) and (b) on MariaDB against the `mariadb` client (if installed), and the lease
+  lock's extra cost per run on PostgreSQL against the session (advisory) lock.
 
 Both sides connect the same way (TCP to 127.0.0.1, SCRAM password, sslmode=disable).
 Machines are noisy: compare the ratios, not the absolute times.
 
 Usage: bench/engine.py [--migrations 200] [--rows 100] [--runs 5] [--noop-runs 40]
-                       [--insert-style multi|single] [--no-build]
+                       [--insert-style multi|single] [--only postgres|mariadb] [--no-build]
 """
 
 import argparse
@@ -101,11 +103,12 @@ class Server:
         self.proc.wait()
 
 
-def generate(dir_, n, rows, style):
+def generate(dir_, n, rows, style, mysql=False):
     dir_.mkdir()
     for i in range(1, n + 1):
+        created = "TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)" if mysql else "TIMESTAMPTZ NOT NULL DEFAULT now()"
         lines = [
-            f"CREATE TABLE t_{i} (id INTEGER PRIMARY KEY, name TEXT NOT NULL, created TIMESTAMPTZ NOT NULL DEFAULT now());",
+            f"CREATE TABLE t_{i} (id INTEGER PRIMARY KEY, name VARCHAR(100) NOT NULL, created {created});",
             f"CREATE INDEX t_{i}_name ON t_{i} (name);",
         ]
         if style == "multi":
@@ -136,13 +139,173 @@ def peak_rss_kib(cmd, env):
         return int(out.read().strip().splitlines()[-1])
 
 
+class MariaDb:
+    """A throwaway MariaDB with its default durability (innodb_flush_log_at_trx_commit=1)."""
+
+    def __init__(self, root):
+        self.root = root
+        data = root / "data"
+        data.mkdir(parents=True)
+        os.chmod(root, 0o755)
+        if os.geteuid() == 0:
+            subprocess.run(["chown", "-R", "mysql:mysql", str(root)], check=True)
+        def as_mysql(cmd):
+            if os.geteuid() == 0:
+                return ["setpriv", "--reuid=mysql", "--regid=mysql", "--init-groups"] + cmd
+            return cmd
+        subprocess.run(as_mysql(["mariadb-install-db", "--no-defaults", "--auth-root-authentication-method=normal",
+                                 "--skip-test-db", f"--datadir={data}"]), check=True, stdout=subprocess.DEVNULL)
+        self.port = free_port()
+        self.socket = root / "sock"
+        self.log = open(root / "server.log", "w")
+        self.proc = subprocess.Popen(
+            as_mysql(["/usr/sbin/mariadbd", "--no-defaults", f"--datadir={data}", f"--socket={self.socket}",
+                      f"--port={self.port}", "--bind-address=127.0.0.1", f"--pid-file={root}/pid",
+                      "--skip-name-resolve", "--skip-log-bin"]),
+            stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 60
+        while self.admin("SELECT 1").returncode != 0:
+            if time.time() > deadline:
+                sys.exit("MariaDB did not start; see " + str(root / "server.log"))
+            time.sleep(0.1)
+        self.admin(f"CREATE USER 'sg'@'%' IDENTIFIED BY '{PASSWORD}'; GRANT ALL ON *.* TO 'sg'@'%';")
+
+    def admin(self, sql):
+        return subprocess.run(["mariadb", "--no-defaults", "-u", "root", "-S", str(self.socket), "-e", sql],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def url(self, db):
+        return f"mysql://sg:{PASSWORD}@127.0.0.1:{self.port}/{db}"
+
+    def client(self, db):
+        return ["mariadb", "--no-defaults", "-h", "127.0.0.1", "-P", str(self.port), "-u", "sg",
+                f"-p{PASSWORD}", db]
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def bench_postgres(args, binary, tmp):
+    (tmp / "pg").mkdir()
+    server = Server(tmp / "pg")
+    try:
+        mig = tmp / "pg-migrations"
+        generate(mig, args.migrations, args.rows, args.insert_style)
+        driver = tmp / "driver.sql"
+        with open(driver, "w") as f:
+            for path in sorted(mig.glob("*.up.sql")):
+                f.write(f"BEGIN;\n\\i {path}\nCOMMIT;\n")
+        env = server.env()
+        sg_env = dict(env, SCHEMAGATE_LOG="warn")
+
+        psql_a, sg_a = [], []
+        for run in range(args.runs):
+            for who in (("psql", "sg") if run % 2 == 0 else ("sg", "psql")):
+                db = f"{who}_{run}"
+                server.psql("postgres", "-c", f"CREATE DATABASE {db}")
+                if who == "psql":
+                    t = timed([pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(driver)], env)
+                    psql_a.append(t)
+                else:
+                    t = timed([binary, "migrate", "--database-url", server.url(db), "--dir", str(mig), "upgrade"], sg_env)
+                    sg_a.append(t)
+
+        migrated = f"sg_{args.runs - 1}"
+        psql_b, sg_b, psql_rss, sg_rss = [], [], [], []
+        psql_cmd = [pg_bin("psql"), "-X", "-q", "-d", migrated, "-c", "select 1"]
+        sg_cmd = [binary, "migrate", "--database-url", server.url(migrated), "--dir", str(mig), "upgrade"]
+        for _ in range(args.noop_runs):
+            psql_b.append(timed(psql_cmd, env))
+            sg_b.append(timed(sg_cmd, sg_env))
+        have_time = Path("/usr/bin/time").exists()
+        for _ in range(5 if have_time else 0):
+            psql_rss.append(peak_rss_kib(psql_cmd, env))
+            sg_rss.append(peak_rss_kib(sg_cmd, sg_env))
+
+        # The lease lock's extra cost: the same small upgrade with each lock mode.
+        small = tmp / "pg-small"
+        generate(small, args.lease_migrations, 10, "multi")
+        session_t, lease_t = [], []
+        for run in range(args.lease_runs):
+            for mode in (("session", "lease") if run % 2 == 0 else ("lease", "session")):
+                db = f"lock_{mode}_{run}"
+                server.psql("postgres", "-c", f"CREATE DATABASE {db}")
+                t = timed([binary, "migrate", "--database-url", server.url(db), "--dir", str(small),
+                           "--lock", mode, "upgrade"], sg_env)
+                (session_t if mode == "session" else lease_t).append(t)
+    finally:
+        server.stop()
+
+    med = statistics.median
+    print(f"PostgreSQL: {args.migrations} migrations x (table, index, {args.rows} rows, "
+          f"{args.insert_style}-row INSERT), over TCP with SCRAM, fsync on")
+    print(f"{'measure':<52}{'psql':>12}{'schemagate':>14}{'ratio':>9}")
+    print(f"{'(a) fresh upgrade, median of %d [s]' % args.runs:<52}{med(psql_a):>12.3f}{med(sg_a):>14.3f}{med(sg_a) / med(psql_a):>9.3f}")
+    print(f"{'(b) no-op upgrade vs select 1, median of %d [ms]' % args.noop_runs:<52}{med(psql_b) * 1000:>12.2f}{med(sg_b) * 1000:>14.2f}{med(sg_b) / med(psql_b):>9.3f}")
+    if sg_rss:
+        print(f"{'(c) peak RSS of (b), max of 5 [MiB]':<52}{max(psql_rss) / 1024:>12.2f}{max(sg_rss) / 1024:>14.2f}{max(sg_rss) / max(psql_rss):>9.3f}")
+    else:
+        print("(c) skipped: /usr/bin/time (Debian package `time`) is not installed")
+    print(f"    (a) runs psql: {', '.join(f'{t:.3f}' for t in psql_a)}  schemagate: {', '.join(f'{t:.3f}' for t in sg_a)}")
+    print(f"{'lock':<52}{'session':>12}{'lease':>14}{'ratio':>9}")
+    print(f"{'upgrade of %d migrations, median of %d [ms]' % (args.lease_migrations, args.lease_runs):<52}"
+          f"{med(session_t) * 1000:>12.1f}{med(lease_t) * 1000:>14.1f}{med(lease_t) / med(session_t):>9.3f}")
+    print(f"    lease extra cost per run: {(med(lease_t) - med(session_t)) * 1000:.1f} ms")
+
+
+def bench_mariadb(args, binary, tmp):
+    if shutil.which("mariadbd") is None and not Path("/usr/sbin/mariadbd").exists():
+        print("MariaDB: skipped (apt-get install mariadb-server mariadb-client)")
+        return
+    server = MariaDb(tmp / "mariadb")
+    try:
+        mig = tmp / "my-migrations"
+        generate(mig, args.migrations, args.rows, args.insert_style, mysql=True)
+        driver = tmp / "driver-mysql.sql"
+        with open(driver, "w") as f:
+            for path in sorted(mig.glob("*.up.sql")):
+                f.write(f"START TRANSACTION;\nsource {path}\nCOMMIT;\n")
+        env = dict(os.environ, SCHEMAGATE_LOG="warn")
+        client_a, sg_a = [], []
+        for run in range(args.runs):
+            for who in (("client", "sg") if run % 2 == 0 else ("sg", "client")):
+                db = f"{who}_{run}"
+                server.admin(f"CREATE DATABASE {db}")
+                if who == "client":
+                    start = time.perf_counter()
+                    with open(driver) as stdin:
+                        p = subprocess.run(server.client(db), stdin=stdin, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                    if p.returncode != 0:
+                        sys.exit(f"mariadb client failed: {p.stderr.decode(errors='replace')}")
+                    client_a.append(time.perf_counter() - start)
+                else:
+                    sg_a.append(timed([binary, "migrate", "--database-url", server.url(db), "--dir", str(mig), "upgrade"], env))
+        migrated = f"sg_{args.runs - 1}"
+        client_b, sg_b = [], []
+        for _ in range(args.noop_runs):
+            client_b.append(timed(server.client(migrated) + ["-e", "select 1"], env))
+            sg_b.append(timed([binary, "migrate", "--database-url", server.url(migrated), "--dir", str(mig), "upgrade"], env))
+    finally:
+        server.stop()
+    med = statistics.median
+    print(f"MariaDB: {args.migrations} migrations x (table, index, {args.rows} rows), over TCP, "
+          f"innodb_flush_log_at_trx_commit=1")
+    print(f"{'measure':<52}{'mariadb':>12}{'schemagate':>14}{'ratio':>9}")
+    print(f"{'(a) fresh upgrade, median of %d [s]' % args.runs:<52}{med(client_a):>12.3f}{med(sg_a):>14.3f}{med(sg_a) / med(client_a):>9.3f}")
+    print(f"{'(b) no-op upgrade vs select 1, median of %d [ms]' % args.noop_runs:<52}{med(client_b) * 1000:>12.2f}{med(sg_b) * 1000:>14.2f}{med(sg_b) / med(client_b):>9.3f}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--migrations", type=int, default=200)
     ap.add_argument("--rows", type=int, default=100)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--noop-runs", type=int, default=40)
+    ap.add_argument("--lease-migrations", type=int, default=10)
+    ap.add_argument("--lease-runs", type=int, default=10)
     ap.add_argument("--insert-style", choices=["multi", "single"], default="multi")
+    ap.add_argument("--only", choices=["postgres", "mariadb"], default=None)
     ap.add_argument("--no-build", action="store_true")
     args = ap.parse_args()
 
@@ -152,56 +315,11 @@ def main():
 
     with tempfile.TemporaryDirectory(prefix="schemagate-bench-") as tmp:
         tmp = Path(tmp)
-        os.chmod(tmp, 0o755)  # the postgres user must reach its data directory
-        (tmp / "pg").mkdir()
-        server = Server(tmp / "pg")
-        try:
-            mig = tmp / "migrations"
-            generate(mig, args.migrations, args.rows, args.insert_style)
-            driver = tmp / "driver.sql"
-            with open(driver, "w") as f:
-                for path in sorted(mig.glob("*.up.sql")):
-                    f.write(f"BEGIN;\n\\i {path}\nCOMMIT;\n")
-            env = server.env()
-            sg_env = dict(env, SCHEMAGATE_LOG="warn")
-
-            psql_a, sg_a = [], []
-            for run in range(args.runs):
-                for who in (("psql", "sg") if run % 2 == 0 else ("sg", "psql")):
-                    db = f"{who}_{run}"
-                    server.psql("postgres", "-c", f"CREATE DATABASE {db}")
-                    if who == "psql":
-                        t = timed([pg_bin("psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(driver)], env)
-                        psql_a.append(t)
-                    else:
-                        t = timed([binary, "migrate", "--database-url", server.url(db), "--dir", str(mig), "upgrade"], sg_env)
-                        sg_a.append(t)
-
-            migrated = f"sg_{args.runs - 1}"
-            psql_b, sg_b, psql_rss, sg_rss = [], [], [], []
-            psql_cmd = [pg_bin("psql"), "-X", "-q", "-d", migrated, "-c", "select 1"]
-            sg_cmd = [binary, "migrate", "--database-url", server.url(migrated), "--dir", str(mig), "upgrade"]
-            for _ in range(args.noop_runs):
-                psql_b.append(timed(psql_cmd, env))
-                sg_b.append(timed(sg_cmd, sg_env))
-            have_time = Path("/usr/bin/time").exists()
-            for _ in range(5 if have_time else 0):
-                psql_rss.append(peak_rss_kib(psql_cmd, env))
-                sg_rss.append(peak_rss_kib(sg_cmd, sg_env))
-        finally:
-            server.stop()
-
-    med = statistics.median
-    print(f"schemagate engine benchmark: {args.migrations} migrations x (table, index, {args.rows} rows, "
-          f"{args.insert_style}-row INSERT), PostgreSQL over TCP with SCRAM, fsync on")
-    print(f"{'measure':<48}{'psql':>12}{'schemagate':>14}{'ratio':>9}")
-    print(f"{'(a) fresh upgrade, median of %d [s]' % args.runs:<48}{med(psql_a):>12.3f}{med(sg_a):>14.3f}{med(sg_a) / med(psql_a):>9.3f}")
-    print(f"{'(b) no-op upgrade vs select 1, median of %d [ms]' % args.noop_runs:<48}{med(psql_b) * 1000:>12.2f}{med(sg_b) * 1000:>14.2f}{med(sg_b) / med(psql_b):>9.3f}")
-    if sg_rss:
-        print(f"{'(c) peak RSS of (b), max of 5 [MiB]':<48}{max(psql_rss) / 1024:>12.2f}{max(sg_rss) / 1024:>14.2f}{max(sg_rss) / max(psql_rss):>9.3f}")
-    else:
-        print("(c) skipped: /usr/bin/time (Debian package `time`) is not installed")
-    print(f"    (a) runs psql: {', '.join(f'{t:.3f}' for t in psql_a)}  schemagate: {', '.join(f'{t:.3f}' for t in sg_a)}")
+        os.chmod(tmp, 0o755)  # the database users must reach their data directories
+        if args.only in (None, "postgres"):
+            bench_postgres(args, binary, tmp)
+        if args.only in (None, "mariadb"):
+            bench_mariadb(args, binary, tmp)
 
 
 if __name__ == "__main__":

@@ -340,6 +340,32 @@ fn per_migration_timeouts_stop_queueing_and_runaway_statements() {
     );
     assert_code(&o, 12);
     assert!(text(&o).contains("statement timeout"), "{}", text(&o));
+    // Limits beyond what the server accepts are capped, not an error that leaves a
+    // transaction (and a lease row) locked.
+    let big = server().fresh_db();
+    let dir2 = MigDir::new();
+    dir2.pair(
+        "1",
+        "huge",
+        "-- schemagate:statement-timeout 600h\nSELECT 1;\n",
+        None,
+    );
+    assert_code(&cmd(&big, &dir2, &["upgrade", "--lock", "lease"]), 0);
+    let o = cmd(
+        &big,
+        &dir2,
+        &[
+            "status",
+            "--lock",
+            "lease",
+            "--lease-heartbeat",
+            "5s",
+            "--lease-ttl",
+            "6s",
+        ],
+    );
+    assert_code(&o, 2);
+    assert!(text(&o).contains("at least twice"), "{}", text(&o));
     // The session default is back for the next step: a later step without a limit runs.
     dir.file("1_runaway.up.sql", "SELECT pg_sleep(0.1);\n");
     dir.pair(

@@ -246,3 +246,44 @@ fn read_commands_never_create_the_database_file() {
         "a no-op downgrade created the database file"
     );
 }
+
+/// A migration that switches foreign keys on cannot make a later table rebuild cascade into
+/// child rows: each step starts with SQLite's default (off) again.
+#[test]
+fn foreign_keys_switched_on_by_a_migration_do_not_leak_into_the_next() {
+    let db = sqlite_db();
+    let dir = MigDir::new();
+    dir.pair(
+        "1",
+        "tables",
+        "CREATE TABLE parent (id INTEGER PRIMARY KEY);\n\
+         CREATE TABLE child (id INTEGER PRIMARY KEY, parent_id INTEGER REFERENCES parent (id) ON DELETE CASCADE);\n\
+         INSERT INTO parent VALUES (1);\nINSERT INTO child VALUES (1, 1);\n",
+        None,
+    );
+    dir.pair(
+        "2",
+        "fk_on",
+        "-- schemagate:no-transaction\nPRAGMA foreign_keys = ON;\n",
+        None,
+    );
+    dir.pair(
+        "3",
+        "rebuild_parent",
+        "CREATE TABLE parent_new (id INTEGER PRIMARY KEY, name TEXT);\n\
+         INSERT INTO parent_new (id) SELECT id FROM parent;\n\
+         DROP TABLE parent;\nALTER TABLE parent_new RENAME TO parent;\n",
+        None,
+    );
+    let o = run({
+        let mut c = migrate(&db.url, dir.path());
+        c.arg("upgrade");
+        c
+    });
+    assert_code(&o, 0);
+    assert_eq!(
+        count(&db.url, "SELECT count(*) FROM child"),
+        1,
+        "the rebuild kept the child rows"
+    );
+}

@@ -203,9 +203,22 @@ impl Ctx {
             .common
             .lease_heartbeat
             .max(std::time::Duration::from_millis(100));
+        let ttl = self.common.lease_ttl.unwrap_or(heartbeat * 3);
+        if ttl < heartbeat * 2 {
+            return Err(CliError::new(
+                Exit::Usage,
+                "usage",
+                format!(
+                    "--lease-ttl ({}ms) must be at least twice --lease-heartbeat ({}ms), or a \
+                     single late renewal would let another runner take the lease over",
+                    ttl.as_millis(),
+                    heartbeat.as_millis()
+                ),
+            ));
+        }
         Ok(LockMode::Lease {
             heartbeat,
-            ttl: self.common.lease_ttl.unwrap_or(heartbeat * 3),
+            ttl,
             connect: Box::new(self.connect_config()?),
         })
     }

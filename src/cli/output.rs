@@ -541,15 +541,28 @@ pub fn render_plan(
                     push(st.text(&p.script.sql).to_string(), &mut human);
                     human.push_str(&format!(
                         "{};\n",
-                        sql::progress(dialect, table, 0, i as i64 + 1)
+                        sql::progress(dialect, table, 0, i as i64 + 1, &sql::Guard::None)
                             .replace("id = 0", "id = <row id>")
                     ));
                 }
-                let finish = sql::finish(dialect, table, 0, true, 0, None, statements.len() as i64)
-                    .replace("id = 0", "id = <row id>")
-                    .replace("duration_ms = 0", "duration_ms = <measured>");
+                let finish = sql::finish(
+                    dialect,
+                    table,
+                    0,
+                    true,
+                    0,
+                    None,
+                    statements.len() as i64,
+                    &sql::Guard::None,
+                )
+                .replace("id = 0", "id = <row id>")
+                .replace("duration_ms = 0", "duration_ms = <measured>");
                 human.push_str(&format!("{finish};\n"));
-                history = json!([insert, sql::progress(dialect, table, 0, 1), finish]);
+                history = json!([
+                    insert,
+                    sql::progress(dialect, table, 0, 1, &sql::Guard::None),
+                    finish
+                ]);
             }
         }
         human.push('\n');

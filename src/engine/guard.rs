@@ -22,6 +22,8 @@ use super::script::{Dialect, Statement, excerpt};
 #[serde(rename_all = "kebab-case")]
 pub enum Loss {
     DropTable,
+    /// `CREATE OR REPLACE TABLE` (MariaDB): the old table and its rows go.
+    ReplaceTable,
     DropSchema,
     DropDatabase,
     DropColumn,
@@ -30,12 +32,16 @@ pub enum Loss {
     DeleteWithoutWhere,
     UpdateWithoutWhere,
     NarrowingTypeChange,
+    /// `DROP TYPE/DOMAIN/EXTENSION ... CASCADE` drops the columns that use it.
+    DropCascade,
 }
 
 impl Loss {
     pub fn describe(self) -> &'static str {
         match self {
             Loss::DropTable => "drops a table",
+            Loss::ReplaceTable => "replaces a table (CREATE OR REPLACE drops the old one)",
+            Loss::DropCascade => "drops with CASCADE (dependent columns go too)",
             Loss::DropSchema => "drops a schema",
             Loss::DropDatabase => "drops a database",
             Loss::DropColumn => "drops a column",
@@ -91,10 +97,19 @@ fn parser_dialect(d: Dialect) -> Box<dyn SqlDialect> {
     }
 }
 
-fn name_parts(n: &ObjectName) -> Vec<String> {
+/// An identifier as the database stores it: PostgreSQL folds unquoted names to lower case.
+fn ident(i: &sqlparser::ast::Ident, d: Dialect) -> String {
+    if d == Dialect::Postgres && i.quote_style.is_none() {
+        i.value.to_lowercase()
+    } else {
+        i.value.clone()
+    }
+}
+
+fn name_parts(n: &ObjectName, d: Dialect) -> Vec<String> {
     n.0.iter()
         .map(|p| match p {
-            ObjectNamePart::Identifier(i) => i.value.clone(),
+            ObjectNamePart::Identifier(i) => ident(i, d),
             other => other.to_string(),
         })
         .collect()
@@ -120,6 +135,7 @@ pub fn analyse(sql: &str, statements: &[Statement], d: Dialect, first_line: usiz
                 for ast in &asts {
                     classify(
                         ast,
+                        d,
                         &mut |loss| out.findings.push(finding(loss, None)),
                         &mut |table, column, new_type| {
                             out.type_changes.push(TypeChange {
@@ -152,21 +168,44 @@ pub fn analyse(sql: &str, statements: &[Statement], d: Dialect, first_line: usiz
 
 fn classify(
     ast: &Ast,
+    d: Dialect,
     flag: &mut dyn FnMut(Loss),
     type_change: &mut dyn FnMut(Vec<String>, String, String),
 ) {
     match ast {
-        Ast::Drop { object_type, .. } => match object_type {
+        Ast::Drop {
+            object_type,
+            cascade,
+            ..
+        } => match object_type {
             ObjectType::Table => flag(Loss::DropTable),
             ObjectType::Schema => flag(Loss::DropSchema),
             ObjectType::Database => flag(Loss::DropDatabase),
+            ObjectType::Type if *cascade => flag(Loss::DropCascade),
             _ => {}
         },
+        Ast::DropDomain(dd)
+            if matches!(
+                dd.drop_behavior,
+                Some(sqlparser::ast::DropBehavior::Cascade)
+            ) =>
+        {
+            flag(Loss::DropCascade)
+        }
+        Ast::DropExtension(de)
+            if matches!(
+                de.cascade_or_restrict,
+                Some(sqlparser::ast::ReferentialAction::Cascade)
+            ) =>
+        {
+            flag(Loss::DropCascade)
+        }
+        Ast::CreateTable(ct) if ct.or_replace => flag(Loss::ReplaceTable),
         Ast::Truncate(_) => flag(Loss::Truncate),
         Ast::Delete(del) if del.selection.is_none() => flag(Loss::DeleteWithoutWhere),
         Ast::Update(up) if up.selection.is_none() => flag(Loss::UpdateWithoutWhere),
         Ast::AlterTable(alter) => {
-            let table = name_parts(&alter.name);
+            let table = name_parts(&alter.name, d);
             for op in &alter.operations {
                 match op {
                     AlterTableOperation::DropColumn { .. } => flag(Loss::DropColumn),
@@ -174,21 +213,17 @@ fn classify(
                     AlterTableOperation::AlterColumn {
                         column_name,
                         op: AlterColumnOperation::SetDataType { data_type, .. },
-                    } => type_change(
-                        table.clone(),
-                        column_name.value.clone(),
-                        data_type.to_string(),
-                    ),
+                    } => type_change(table.clone(), ident(column_name, d), data_type.to_string()),
                     AlterTableOperation::ModifyColumn {
                         col_name,
                         data_type,
                         ..
-                    } => type_change(table.clone(), col_name.value.clone(), data_type.to_string()),
+                    } => type_change(table.clone(), ident(col_name, d), data_type.to_string()),
                     AlterTableOperation::ChangeColumn {
                         old_name,
                         data_type,
                         ..
-                    } => type_change(table.clone(), old_name.value.clone(), data_type.to_string()),
+                    } => type_change(table.clone(), ident(old_name, d), data_type.to_string()),
                     _ => {}
                 }
             }
@@ -206,6 +241,10 @@ fn by_keywords(words: &[String]) -> Option<Loss> {
         ["DROP", "SCHEMA", ..] => Some(Loss::DropSchema),
         ["DROP", "DATABASE", ..] => Some(Loss::DropDatabase),
         ["TRUNCATE", ..] => Some(Loss::Truncate),
+        ["CREATE", "OR", "REPLACE", "TABLE", ..] => Some(Loss::ReplaceTable),
+        ["ALTER", "TABLE", _, "DROP", "COLUMN", ..] => Some(Loss::DropColumn),
+        ["ALTER", "TABLE", _, "DROP", "PARTITION", ..] => Some(Loss::DropPartition),
+        ["ALTER", "TABLE", _, "TRUNCATE", "PARTITION", ..] => Some(Loss::Truncate),
         _ => None,
     }
 }
@@ -239,12 +278,15 @@ struct Shape {
     scale: Option<i64>,
 }
 
-fn shape(name: &str, length: Option<i64>, scale: Option<i64>) -> Shape {
+fn shape(d: Dialect, name: &str, length: Option<i64>, scale: Option<i64>) -> Shape {
     let n = name.trim().to_ascii_lowercase();
     let n = n.trim_end_matches(" unsigned");
+    let mysql = d == Dialect::MySql;
     let (family, size) = match n {
         "varchar" | "character varying" | "char" | "character" | "bpchar" | "nvarchar"
         | "nchar" | "varchar2" => (Family::Text, length),
+        // MySQL's TEXT types are bounded (bytes); PostgreSQL's text is not.
+        "text" if mysql => (Family::Text, Some(65_535)),
         "text" | "longtext" | "clob" | "string" => (Family::Text, None),
         "tinytext" => (Family::Text, Some(255)),
         "mediumtext" => (Family::Text, Some(16_777_215)),
@@ -267,10 +309,10 @@ fn shape(name: &str, length: Option<i64>, scale: Option<i64>) -> Shape {
     }
 }
 
-/// Splits `VARCHAR(20)` / `NUMERIC(10,2)` into a name and its arguments.
+/// Splits `VARCHAR(20)` / `NUMERIC(10,2) UNSIGNED` into a name and its arguments.
 fn parse_written(t: &str) -> (String, Option<i64>, Option<i64>) {
     let (name, args) = match t.split_once('(') {
-        Some((n, rest)) => (n, rest.trim_end_matches(')')),
+        Some((n, rest)) => (n, rest.split(')').next().unwrap_or_default()),
         None => (t, ""),
     };
     let mut nums = args.split(',').map(|a| a.trim().parse::<i64>().ok());
@@ -283,10 +325,11 @@ fn parse_written(t: &str) -> (String, Option<i64>, Option<i64>) {
 
 /// Whether changing a column from `old` to the type written as `new` can lose data, and
 /// why. `None`: it widens or keeps the column.
-pub fn narrowing(old: &ColumnType, new: &str) -> Option<String> {
+pub fn narrowing(d: Dialect, old: &ColumnType, new: &str) -> Option<String> {
     let (new_name, new_len, new_scale) = parse_written(new);
-    let o = shape(&old.name, old.length, old.scale);
-    let n = shape(&new_name, new_len, new_scale);
+    let (old_name, _, _) = parse_written(&old.name);
+    let o = shape(d, &old_name, old.length, old.scale);
+    let n = shape(d, &new_name, new_len, new_scale);
     let old_text = match (old.length, old.scale) {
         (Some(l), Some(s)) if s > 0 => format!("{}({l},{s})", old.name),
         (Some(l), _) => format!("{}({l})", old.name),
@@ -423,7 +466,7 @@ mod tests {
 
     #[test]
     fn type_changes_are_collected_with_their_columns() {
-        let sql = "ALTER TABLE app.users ALTER COLUMN name TYPE VARCHAR(20);";
+        let sql = "ALTER TABLE App.Users ALTER COLUMN Name TYPE VARCHAR(20);";
         let a = analyse(sql, &split(sql, Dialect::Postgres), Dialect::Postgres, 3);
         assert_eq!(a.type_changes.len(), 1);
         let c = &a.type_changes[0];
@@ -446,23 +489,86 @@ mod tests {
 
     #[test]
     fn narrowing_rules() {
-        assert!(narrowing(&col("character varying", Some(100), None), "VARCHAR(20)").is_some());
-        assert!(narrowing(&col("character varying", Some(20), None), "VARCHAR(100)").is_none());
-        assert!(narrowing(&col("text", None, None), "VARCHAR(255)").is_some());
-        assert!(narrowing(&col("varchar", Some(10), None), "TEXT").is_none());
-        assert!(narrowing(&col("bigint", None, None), "INTEGER").is_some());
-        assert!(narrowing(&col("integer", None, None), "BIGINT").is_none());
-        assert!(narrowing(&col("int", None, None), "SMALLINT").is_some());
-        assert!(narrowing(&col("numeric", Some(10), Some(2)), "NUMERIC(10,0)").is_some());
-        assert!(narrowing(&col("numeric", Some(10), Some(2)), "NUMERIC(12,2)").is_none());
-        assert!(narrowing(&col("numeric", Some(10), Some(2)), "INTEGER").is_some());
-        assert!(narrowing(&col("timestamp without time zone", None, None), "DATE").is_some());
-        assert!(narrowing(&col("date", None, None), "TIMESTAMP").is_none());
-        assert!(narrowing(&col("text", None, None), "INTEGER").is_some());
-        assert!(narrowing(&col("integer", None, None), "TEXT").is_none());
-        assert!(narrowing(&col("integer", None, None), "VARCHAR(5)").is_some());
-        assert!(narrowing(&col("double precision", None, None), "REAL").is_some());
-        let why = narrowing(&col("character varying", Some(100), None), "VARCHAR(20)").unwrap();
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("character varying", Some(100), None),
+                "VARCHAR(20)"
+            )
+            .is_some()
+        );
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("character varying", Some(20), None),
+                "VARCHAR(100)"
+            )
+            .is_none()
+        );
+        assert!(narrowing(Dialect::Postgres, &col("text", None, None), "VARCHAR(255)").is_some());
+        assert!(narrowing(Dialect::Postgres, &col("varchar", Some(10), None), "TEXT").is_none());
+        assert!(narrowing(Dialect::Postgres, &col("bigint", None, None), "INTEGER").is_some());
+        assert!(narrowing(Dialect::Postgres, &col("integer", None, None), "BIGINT").is_none());
+        assert!(narrowing(Dialect::Postgres, &col("int", None, None), "SMALLINT").is_some());
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("numeric", Some(10), Some(2)),
+                "NUMERIC(10,0)"
+            )
+            .is_some()
+        );
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("numeric", Some(10), Some(2)),
+                "NUMERIC(12,2)"
+            )
+            .is_none()
+        );
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("numeric", Some(10), Some(2)),
+                "INTEGER"
+            )
+            .is_some()
+        );
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("timestamp without time zone", None, None),
+                "DATE"
+            )
+            .is_some()
+        );
+        assert!(narrowing(Dialect::Postgres, &col("date", None, None), "TIMESTAMP").is_none());
+        assert!(narrowing(Dialect::Postgres, &col("text", None, None), "INTEGER").is_some());
+        assert!(narrowing(Dialect::Postgres, &col("integer", None, None), "TEXT").is_none());
+        assert!(narrowing(Dialect::Postgres, &col("integer", None, None), "VARCHAR(5)").is_some());
+        assert!(
+            narrowing(
+                Dialect::Postgres,
+                &col("double precision", None, None),
+                "REAL"
+            )
+            .is_some()
+        );
+        assert!(narrowing(Dialect::MySql, &col("longtext", None, None), "TEXT").is_some());
+        assert!(
+            narrowing(
+                Dialect::MySql,
+                &col("decimal", Some(10), Some(2)),
+                "DECIMAL(10,2) UNSIGNED"
+            )
+            .is_none()
+        );
+        let why = narrowing(
+            Dialect::Postgres,
+            &col("character varying", Some(100), None),
+            "VARCHAR(20)",
+        )
+        .unwrap();
         assert!(
             why.contains("character varying(100) -> VARCHAR(20)"),
             "{why}"

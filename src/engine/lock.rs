@@ -265,17 +265,30 @@ fn keep_lease(
                 _ = &mut stopped => break,
                 _ = tokio::time::sleep(heartbeat) => {}
             }
-            match db.lease_renew(&token, ttl).await {
-                Ok(true) => last_renewal = Instant::now(),
-                Ok(false) => {
+            // A renewal that hangs (a dead network) must not outlive the heartbeat.
+            let renewal = tokio::time::timeout(
+                heartbeat.max(Duration::from_secs(1)),
+                db.lease_renew(&token, ttl),
+            )
+            .await;
+            match renewal {
+                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(false)) => {
                     lost.store(true, Ordering::SeqCst);
                     tracing::error!(
                         "the migration lease was taken over by another runner; no further step will start"
                     );
                     break;
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not renew the migration lease; retrying");
+                // Our own running step holds the lease row; it renews the lease when it
+                // commits, and nobody can take it over meanwhile.
+                Ok(Err(e)) if e.message == super::dialect::LEASE_BUSY => {}
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => "no answer".to_string(),
+                    };
+                    tracing::warn!(error = %why, "could not renew the migration lease; retrying");
                     if last_renewal.elapsed() >= ttl {
                         lost.store(true, Ordering::SeqCst);
                         tracing::error!(
@@ -283,16 +296,24 @@ fn keep_lease(
                         );
                     }
                     // The connection may be gone: start a new one for the next attempt.
-                    if let Ok(fresh) = Db::connect(&connect).await {
+                    if let Ok(Ok(fresh)) =
+                        tokio::time::timeout(heartbeat, Db::connect(&connect)).await
+                    {
                         std::mem::replace(&mut db, fresh).close().await;
                     }
                 }
             }
         }
-        if !lost.load(Ordering::SeqCst)
-            && let Err(e) = db.lease_release(&token).await
-        {
-            tracing::warn!(error = %e, "could not release the migration lease; it expires on its own");
+        if !lost.load(Ordering::SeqCst) {
+            match tokio::time::timeout(
+                heartbeat.max(Duration::from_secs(1)),
+                db.lease_release(&token),
+            )
+            .await
+            {
+                Ok(Ok(())) => {}
+                _ => tracing::warn!("could not release the migration lease; it expires on its own"),
+            }
         }
         db.close().await;
     });

@@ -216,10 +216,17 @@ pub async fn destructive(db: &mut impl Backend, prepared: &[Prepared<'_>]) -> Ve
         );
         let mut findings = analysis.findings;
         for change in analysis.type_changes {
-            let Ok(Some(current)) = db.column_type(&change.table, &change.column).await else {
-                continue; // not detectable: the column is new, or the database cannot tell
+            let current = match db.column_type(&change.table, &change.column).await {
+                Ok(Some(c)) => c,
+                // Not detectable: the column is new (an earlier step adds it), or SQLite.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(table = %change.table.join("."), column = %change.column, error = %e,
+                        "could not read the column's current type; its type change is not checked");
+                    continue;
+                }
             };
-            if let Some(why) = guard::narrowing(&current, &change.new_type) {
+            if let Some(why) = guard::narrowing(dialect, &current, &change.new_type) {
                 findings.push(guard::Finding {
                     statement_number: change.statement_number,
                     line: change.line,
@@ -641,10 +648,10 @@ async fn run_step(
                 }
                 // The statement count from the server maps onto our split when both agree;
                 // past the end it was the transaction itself that failed.
-                let index = (f.began && f.completed < statements.len()).then_some(f.completed);
+                let index = f.completed.filter(|c| *c < statements.len());
                 let fail = failure(p, index, &f.error, StepOutcome::RolledBack);
                 row.success = Some(false);
-                row.statements_done = Some(f.completed as i64);
+                row.statements_done = Some(f.completed.unwrap_or(0) as i64);
                 row.duration_ms = Some(start.elapsed().as_millis() as i64);
                 row.error = Some(clip(&fail.message, MAX_ERROR_LEN));
                 if let Err(e) = db.insert_row(&row).await {
@@ -665,6 +672,9 @@ async fn run_step(
                 return Err(fail.into());
             }
             if let Err(e) = db.commit().await {
+                // A transaction the COMMIT message never reached (a failed lease renewal
+                // before it) is still open: end it. Harmless when there is none.
+                let _ = db.rollback().await;
                 // The server refusing the COMMIT (a deferred constraint, say) rolls it back;
                 // a connection lost during COMMIT leaves the outcome to the server.
                 let outcome = if e.kind == DbErrorKind::Statement {

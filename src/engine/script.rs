@@ -37,7 +37,7 @@ pub struct Statement {
     pub after: usize,
     /// 1-based line of `start`.
     pub line: usize,
-    /// The first words, upper-cased (at most four), for classifying the statement.
+    /// The first words, upper-cased (at most six), for classifying the statement.
     pub words: Vec<String>,
 }
 
@@ -337,7 +337,7 @@ impl Splitter<'_> {
 
     fn on_word(&mut self, cur: &mut Current, word: String) {
         let first = cur.words.is_empty();
-        if cur.words.len() < 4 {
+        if cur.words.len() < 6 {
             cur.words.push(word.clone());
         }
         match self.dialect {

@@ -79,9 +79,10 @@ impl HistoryTable {
     /// The name quoted for SQL.
     pub fn quoted(&self, dialect: Dialect) -> String {
         let q = if dialect == Dialect::MySql { '`' } else { '"' };
+        // Names from the server (a schema, a database) are not validated: escape the quote.
         self.parts
             .iter()
-            .map(|p| format!("{q}{p}{q}"))
+            .map(|p| format!("{q}{}{q}", p.replace(q, &format!("{q}{q}"))))
             .collect::<Vec<_>>()
             .join(".")
     }
@@ -295,12 +296,14 @@ impl From<sqlx::Error> for DbError {
     }
 }
 
-/// A step's SQL failed; `completed` statements of the body had run before it.
+/// A step's SQL failed.
 #[derive(Debug)]
 pub struct ExecFailure {
-    /// False when the transaction could not even be opened.
+    /// True once BEGIN ran: the transaction is open (perhaps aborted) and must be rolled back.
     pub began: bool,
-    pub completed: usize,
+    /// How many statements of the body completed; `None` when the failure came before the
+    /// body (the fence or a timeout setting).
+    pub completed: Option<usize>,
     pub error: DbError,
 }
 
@@ -687,11 +690,31 @@ where
     })
 }
 
+/// The error a lease renewal reports when the lease row is locked (by the holder's own
+/// running step, which renews the lease when it commits): not a loss.
+fn lease_busy() -> DbError {
+    DbError::new(DbErrorKind::Other, LEASE_BUSY)
+}
+
+/// Message of [`lease_busy`].
+pub const LEASE_BUSY: &str = "the lease row is locked by a running step";
+
+/// Checks a guarded progress/finish update: under a lease, no row updated means the lease
+/// is no longer ours.
+fn guarded_rows(rows: u64, guard: &sql::Guard) -> Result<(), DbError> {
+    if rows == 0 && matches!(guard, sql::Guard::Lease { .. }) {
+        return Err(lock_lost());
+    }
+    Ok(())
+}
+
 /// The error a guarded history write reports when the guard did not hold.
 fn lock_lost() -> DbError {
     DbError::new(
         DbErrorKind::Lock,
-        "the history write was refused: this runner does not hold the migration lock (any more)",
+        "the history write was refused: this runner's server session does not hold the \
+         migration lock (a pooler in transaction mode moved the session, or the lease was taken \
+         over)",
     )
 }
 
@@ -722,8 +745,8 @@ async fn count_results<R>(
             Ok(_) => done += 1,
             Err(e) => {
                 return Err(ExecFailure {
-                    began: done >= prefix,
-                    completed: done.saturating_sub(prefix),
+                    began: done >= 1,
+                    completed: done.checked_sub(prefix),
                     error: e.into(),
                 });
             }

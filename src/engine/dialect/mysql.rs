@@ -16,7 +16,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 use super::sql::{self, Guard, SessionKey};
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    StepTimeouts, column_type_of, column_type_sql, count_results, decode_row, lock_lost,
+    StepTimeouts, column_type_of, column_type_sql, count_results, decode_row, guarded_rows,
+    lease_busy, lock_lost,
 };
 use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
@@ -128,8 +129,9 @@ impl MySqlBackend {
 
     async fn lease_session(&mut self) -> Result<(), DbError> {
         if !self.lease_session_set {
-            // Lease statements must never queue behind a step holding the lease row.
-            sqlx::raw_sql("SET SESSION innodb_lock_wait_timeout = 1")
+            // Lease statements must never queue behind a step holding the lease row, and
+            // compare times in UTC (no ambiguous hour when daylight saving time ends).
+            sqlx::raw_sql("SET SESSION innodb_lock_wait_timeout = 1, time_zone = '+00:00'")
                 .execute(&mut self.conn)
                 .await?;
             self.lease_session_set = true;
@@ -144,9 +146,9 @@ impl MySqlBackend {
             "max_execution_time"
         };
         let mut text = format!(
-            "SET SESSION foreign_key_checks = DEFAULT, unique_checks = DEFAULT, \
-             sql_mode = DEFAULT, lock_wait_timeout = DEFAULT, \
-             innodb_lock_wait_timeout = DEFAULT, {timeout} = DEFAULT"
+            "SET SESSION autocommit = 1, foreign_key_checks = DEFAULT, unique_checks = DEFAULT, \
+             sql_mode = DEFAULT, time_zone = DEFAULT, lock_wait_timeout = DEFAULT, \
+             innodb_lock_wait_timeout = DEFAULT, {timeout} = DEFAULT;\nSET NAMES utf8mb4"
         );
         if let Some(db) = &self.database {
             text.push_str(&format!(";\nUSE `{}`", db.replace('`', "``")));
@@ -269,6 +271,8 @@ impl Backend for MySqlBackend {
                         .await?;
                     continue;
                 }
+                // A running step holds the row: busy, poll again.
+                Err(e) if is_lock_wait_timeout(&e) => return Ok(false),
                 other => {
                     other?;
                 }
@@ -285,10 +289,15 @@ impl Backend for MySqlBackend {
     async fn lease_renew(&mut self, token: &str, ttl: Duration) -> Result<bool, DbError> {
         self.lease_session().await?;
         let lease = self.table.lease_table();
-        let done = raw(sql::lease_renew(D, &lease, token, ttl))
+        match raw(sql::lease_renew(D, &lease, token, ttl))
             .execute(&mut self.conn)
-            .await?;
-        Ok(done.rows_affected() == 1)
+            .await
+        {
+            Ok(done) => Ok(done.rows_affected() == 1),
+            // Our own running step holds the row (it renews the lease when it commits).
+            Err(e) if is_lock_wait_timeout(&e) => Err(lease_busy()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     async fn lease_release(&mut self, token: &str) -> Result<(), DbError> {
@@ -331,7 +340,7 @@ impl Backend for MySqlBackend {
     ) -> Result<(), ExecFailure> {
         let not_begun = |error| ExecFailure {
             began: false,
-            completed: 0,
+            completed: None,
             error,
         };
         self.set_timeouts(timeouts).await.map_err(not_begun)?;
@@ -342,13 +351,13 @@ impl Backend for MySqlBackend {
         if let Some(fence) = sql::fence_query(D, &self.guard) {
             let held = self.fetch_int(fence).await.map_err(|error| ExecFailure {
                 began: true,
-                completed: 0,
+                completed: None,
                 error,
             })?;
             if held != Some(1) {
                 return Err(ExecFailure {
                     began: true,
-                    completed: 0,
+                    completed: None,
                     error: lock_lost(),
                 });
             }
@@ -356,7 +365,9 @@ impl Backend for MySqlBackend {
         if body.trim().is_empty() {
             return Ok(());
         }
-        count_results(raw(body.to_string()).execute_many(&mut self.conn), 0).await
+        count_results(raw(body.to_string()).execute_many(&mut self.conn), 0)
+            .await
+            .map_err(|f| ExecFailure { began: true, ..f })
     }
 
     async fn commit(&mut self) -> Result<(), DbError> {
@@ -365,7 +376,11 @@ impl Backend for MySqlBackend {
             raw(text).execute(&mut self.conn).await?;
         }
         sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
-        self.reset_session().await
+        // Committed: a failed reset must not make the step look rolled back.
+        if let Err(e) = self.reset_session().await {
+            tracing::warn!(error = %e, "could not reset the session after the step");
+        }
+        Ok(())
     }
 
     async fn rollback(&mut self) -> Result<(), DbError> {
@@ -399,7 +414,10 @@ impl Backend for MySqlBackend {
     }
 
     async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        self.execute(&sql::progress(D, &self.table, id, done)).await
+        let r = raw(sql::progress(D, &self.table, id, done, &self.guard))
+            .execute(&mut self.conn)
+            .await?;
+        guarded_rows(r.rows_affected(), &self.guard)
     }
 
     async fn finish_row(
@@ -410,8 +428,18 @@ impl Backend for MySqlBackend {
         error: Option<&str>,
         done: i64,
     ) -> Result<(), DbError> {
-        let text = sql::finish(D, &self.table, id, success, duration_ms, error, done);
-        self.execute(&text).await
+        let text = sql::finish(
+            D,
+            &self.table,
+            id,
+            success,
+            duration_ms,
+            error,
+            done,
+            &self.guard,
+        );
+        let r = raw(text).execute(&mut self.conn).await?;
+        guarded_rows(r.rows_affected(), &self.guard)
     }
 
     async fn reset_session(&mut self) -> Result<(), DbError> {

@@ -14,7 +14,7 @@ use super::sql::{self, Guard, SessionKey};
 use super::{
     Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
     StepTimeouts, begin_with, column_type_of, column_type_sql, count_results, decode_row,
-    lock_lost,
+    guarded_rows, lease_busy, lock_lost,
 };
 use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
@@ -23,8 +23,9 @@ use crate::engine::script::Dialect;
 const D: Dialect = Dialect::Postgres;
 
 /// Restores what a migration may have changed for the session.
-const RESET_SESSION: &str =
-    "RESET ROLE; RESET search_path; RESET lock_timeout; RESET statement_timeout";
+/// (`RESET ALL` keeps what the connection's startup set, such as `application_name`; none
+/// of these release advisory locks.)
+const RESET_SESSION: &str = "RESET ALL; RESET ROLE; RESET SESSION AUTHORIZATION";
 
 /// A PostgreSQL connection dedicated to one run.
 pub struct PgBackend {
@@ -77,9 +78,9 @@ impl PgBackend {
     fn resolve_sql(&self) -> String {
         format!(
             "SELECT coalesce((SELECT n.nspname::text FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass('{}')), \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass({})), \
              current_schema()::text)",
-            self.table.quoted(D)
+            sql::literal(D, &self.table.quoted(D))
         )
     }
 
@@ -289,10 +290,39 @@ impl Backend for PgBackend {
 
     async fn lease_renew(&mut self, token: &str, ttl: Duration) -> Result<bool, DbError> {
         let lease = self.table.lease_table();
-        let row = raw(sql::lease_renew(D, &lease, token, ttl))
-            .fetch_optional(&mut self.conn)
-            .await?;
-        Ok(row.is_some())
+        // In its own transaction, with a short lock wait: while the holder's own step locks
+        // the row (it renews the lease when it commits), a renewal must not hang.
+        let text = format!(
+            "BEGIN;\nSET LOCAL lock_timeout = '500ms';\n{};\nCOMMIT",
+            sql::lease_renew(D, &lease, token, ttl)
+        );
+        let mut renewed = false;
+        let outcome = {
+            let mut results = raw(text).fetch_many(&mut self.conn);
+            let mut outcome = Ok(());
+            while let Some(item) = results.next().await {
+                match item {
+                    Ok(Either::Right(_)) => renewed = true,
+                    Ok(Either::Left(_)) => {}
+                    Err(e) => {
+                        outcome = Err(e);
+                        break;
+                    }
+                }
+            }
+            outcome
+        };
+        match outcome {
+            Ok(()) => Ok(renewed),
+            Err(e) => {
+                let _ = sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await;
+                if code_of(&e).as_deref() == Some("55P03") {
+                    Err(lease_busy())
+                } else {
+                    Err(e.into())
+                }
+            }
+        }
     }
 
     async fn lease_release(&mut self, token: &str) -> Result<(), DbError> {
@@ -381,10 +411,10 @@ impl Backend for PgBackend {
     }
 
     async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        raw(sql::progress(D, &self.table, id, done))
+        let r = raw(sql::progress(D, &self.table, id, done, &self.guard))
             .execute(&mut self.conn)
             .await?;
-        Ok(())
+        guarded_rows(r.rows_affected(), &self.guard)
     }
 
     async fn finish_row(
@@ -395,9 +425,18 @@ impl Backend for PgBackend {
         error: Option<&str>,
         done: i64,
     ) -> Result<(), DbError> {
-        let text = sql::finish(D, &self.table, id, success, duration_ms, error, done);
-        raw(text).execute(&mut self.conn).await?;
-        Ok(())
+        let text = sql::finish(
+            D,
+            &self.table,
+            id,
+            success,
+            duration_ms,
+            error,
+            done,
+            &self.guard,
+        );
+        let r = raw(text).execute(&mut self.conn).await?;
+        guarded_rows(r.rows_affected(), &self.guard)
     }
 
     async fn reset_session(&mut self) -> Result<(), DbError> {

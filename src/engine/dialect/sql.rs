@@ -173,9 +173,13 @@ pub enum SessionKey {
 /// server-wide, so it names the database and table, as a hash (names are limited to 64
 /// characters).
 pub fn mysql_lock_name(table: &HistoryTable) -> String {
+    // Lower-cased: with lower_case_table_names, `App` and `app` are the same database, and
+    // must share one lock (on a case-sensitive server, two databases differing only in case
+    // merely share a lock, which is safe).
+    let name = table.name().to_lowercase();
     format!(
         "schemagate:{}",
-        &crate::engine::script::sha256_hex(table.name().as_bytes())[..40]
+        &crate::engine::script::sha256_hex(name.as_bytes())[..40]
     )
 }
 
@@ -242,19 +246,19 @@ pub fn insert_row(d: Dialect, table: &HistoryTable, row: &NewRow, guard: &Guard)
     }
 }
 
-/// A statement that fails unless `guard` holds, run first in each step's transaction.
-/// `None` where the dialect needs a separate check (MySQL) or there is nothing to check.
+/// A statement that fails unless the lease is still ours, run first in each step's
+/// transaction on PostgreSQL; it also locks the lease row until the step commits, so the
+/// lease cannot be taken over while the step runs. `None` where there is no lease, or
+/// the dialect needs a separate check (MySQL). The session lock needs no fence: the
+/// step's guarded history insert refuses, and the transaction rolls back, if the step ran
+/// on a server session that does not hold the lock (a pooler moved it), and checking
+/// `pg_locks` once per step is enough.
 pub fn fence(d: Dialect, guard: &Guard) -> Option<String> {
     if d != Dialect::Postgres {
         return None;
     }
     let check = match guard {
-        Guard::None => return None,
-        Guard::Session { key } => format!(
-            "IF NOT {} THEN RAISE EXCEPTION '{}'; END IF;",
-            holds_session_lock(d, key),
-            SESSION_LOST
-        ),
+        Guard::None | Guard::Session { .. } => return None,
         Guard::Lease { table, token, .. } => format!(
             "PERFORM 1 FROM {} WHERE name = {} AND token = {} FOR UPDATE; IF NOT FOUND THEN \
              RAISE EXCEPTION '{}'; END IF;",
@@ -276,10 +280,6 @@ pub fn fence_query(d: Dialect, guard: &Guard) -> Option<String> {
     }
 }
 
-/// Message of the error a fence raises when the session lock is not this session's.
-pub const SESSION_LOST: &str = "schemagate: this server session does not hold the migration \
-     lock; a connection pooler in transaction mode (PgBouncer) or a proxy is moving or sharing \
-     sessions";
 /// Message of the error a fence raises when the lease is not this runner's.
 pub const LEASE_LOST: &str = "schemagate: this runner no longer holds the migration lease";
 
@@ -287,56 +287,90 @@ pub const LEASE_LOST: &str = "schemagate: this runner no longer holds the migrat
 /// (PostgreSQL), else for the session (reset after the step). `mariadb` picks MariaDB's
 /// statement timeout over MySQL's.
 pub fn timeouts(d: Dialect, t: &super::StepTimeouts, local: bool, mariadb: bool) -> Vec<String> {
+    // A zero duration means "no limit"; PostgreSQL takes at most 2^31-1 ms.
+    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
     let mut out = Vec::new();
     let scope = if local { "LOCAL" } else { "SESSION" };
     match d {
         Dialect::Postgres => {
             if let Some(l) = t.lock {
-                out.push(format!(
-                    "SET {scope} lock_timeout = '{}ms'",
-                    l.as_millis().max(1)
-                ));
+                out.push(format!("SET {scope} lock_timeout = '{}ms'", ms(l)));
             }
             if let Some(s) = t.statement {
-                out.push(format!(
-                    "SET {scope} statement_timeout = '{}ms'",
-                    s.as_millis().max(1)
-                ));
+                out.push(format!("SET {scope} statement_timeout = '{}ms'", ms(s)));
             }
         }
         Dialect::MySql => {
-            if let Some(l) = t.lock {
-                // Metadata locks (DDL queued behind open transactions) and row locks.
-                let secs = l.as_secs().max(1);
+            // Metadata locks (DDL queued behind open transactions) and row locks, in whole
+            // seconds (at least one: MySQL has no "no limit" for these).
+            if let Some(l) = t.lock.filter(|l| !l.is_zero()) {
+                let secs = l.as_secs().clamp(1, 31_536_000);
                 out.push(format!("SET SESSION lock_wait_timeout = {secs}"));
-                out.push(format!("SET SESSION innodb_lock_wait_timeout = {secs}"));
+                out.push(format!(
+                    "SET SESSION innodb_lock_wait_timeout = {}",
+                    secs.min(1_073_741_824)
+                ));
             }
             if let Some(s) = t.statement {
                 out.push(if mariadb {
                     format!("SET SESSION max_statement_time = {:.3}", s.as_secs_f64())
                 } else {
-                    format!("SET SESSION max_execution_time = {}", s.as_millis())
+                    format!("SET SESSION max_execution_time = {}", ms(s))
                 });
             }
         }
         Dialect::Sqlite => {
             if let Some(l) = t.lock {
-                out.push(format!("PRAGMA busy_timeout = {}", l.as_millis()));
+                out.push(format!("PRAGMA busy_timeout = {}", ms(l)));
             }
         }
     }
     out
 }
 
+/// `UPDATE <history> SET <set> WHERE id = <id>`, only while this runner holds its lease (a
+/// runner whose lease was taken over must not rewrite a step the new holder may already
+/// have judged dirty). The session lock needs no such condition: it cannot change hands
+/// while its session lives.
+fn guarded_update(d: Dialect, table: &HistoryTable, set: &str, id: i64, guard: &Guard) -> String {
+    let t = table.quoted(d);
+    match (guard, d) {
+        (
+            Guard::Lease {
+                table: lease,
+                token,
+                ..
+            },
+            Dialect::Postgres,
+        ) => format!(
+            "UPDATE {t} SET {set} FROM ({}) AS lease_held WHERE {t}.id = {id}",
+            lease_row(d, lease, token)
+        ),
+        (
+            Guard::Lease {
+                table: lease,
+                token,
+                ..
+            },
+            _,
+        ) => format!(
+            "UPDATE {t} SET {set} WHERE id = {id} AND EXISTS (SELECT 1 FROM {} WHERE name = {} \
+             AND token = {})",
+            lease.quoted(d),
+            literal(d, LEASE_NAME),
+            literal(d, token)
+        ),
+        _ => format!("UPDATE {t} SET {set} WHERE id = {id}"),
+    }
+}
+
 /// Records the progress of a running non-transactional step.
-pub fn progress(d: Dialect, table: &HistoryTable, id: i64, done: i64) -> String {
-    format!(
-        "UPDATE {} SET statements_done = {done} WHERE id = {id}",
-        table.quoted(d)
-    )
+pub fn progress(d: Dialect, table: &HistoryTable, id: i64, done: i64, guard: &Guard) -> String {
+    guarded_update(d, table, &format!("statements_done = {done}"), id, guard)
 }
 
 /// Ends a non-transactional step.
+#[allow(clippy::too_many_arguments)]
 pub fn finish(
     d: Dialect,
     table: &HistoryTable,
@@ -345,16 +379,16 @@ pub fn finish(
     duration_ms: i64,
     error: Option<&str>,
     done: i64,
+    guard: &Guard,
 ) -> String {
-    format!(
-        "UPDATE {} SET success = {}, duration_ms = {duration_ms}, error = {}, \
-         statements_done = {done} WHERE id = {id}",
-        table.quoted(d),
+    let set = format!(
+        "success = {}, duration_ms = {duration_ms}, error = {}, statements_done = {done}",
         boolean(success),
         error
             .map(|e| literal(d, e))
             .unwrap_or_else(|| "NULL".into())
-    )
+    );
+    guarded_update(d, table, &set, id, guard)
 }
 
 /// `CREATE TABLE` for the lease table (one row per history table).

@@ -289,7 +289,7 @@ impl Backend for SqliteBackend {
     ) -> Result<(), ExecFailure> {
         let not_begun = |error| ExecFailure {
             began: false,
-            completed: 0,
+            completed: None,
             error,
         };
         // The busy timeout must be in place before BEGIN IMMEDIATE waits on it.
@@ -300,6 +300,9 @@ impl Backend for SqliteBackend {
 
     async fn commit(&mut self) -> Result<(), DbError> {
         sqlx::raw_sql("COMMIT").execute(self.conn()?).await?;
+        if let Err(e) = self.reset_session().await {
+            tracing::warn!(error = %e, "could not reset the connection after the step");
+        }
         Ok(())
     }
 
@@ -331,7 +334,7 @@ impl Backend for SqliteBackend {
     }
 
     async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        let text = sql::progress(D, &self.table, id, done);
+        let text = sql::progress(D, &self.table, id, done, &Guard::None);
         self.execute(&text).await
     }
 
@@ -343,13 +346,26 @@ impl Backend for SqliteBackend {
         error: Option<&str>,
         done: i64,
     ) -> Result<(), DbError> {
-        let text = sql::finish(D, &self.table, id, success, duration_ms, error, done);
+        let text = sql::finish(
+            D,
+            &self.table,
+            id,
+            success,
+            duration_ms,
+            error,
+            done,
+            &Guard::None,
+        );
         self.execute(&text).await
     }
 
     async fn reset_session(&mut self) -> Result<(), DbError> {
-        // SQLite has no roles or search path; only a step's busy timeout to undo.
-        let text = format!("PRAGMA busy_timeout = {}", self.busy_timeout.as_millis());
+        // SQLite has no roles or search path: undo a step's busy timeout, and foreign keys
+        // a migration switched on (a later table rebuild would cascade into child rows).
+        let text = format!(
+            "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = OFF",
+            self.busy_timeout.as_millis()
+        );
         self.execute(&text).await
     }
 
