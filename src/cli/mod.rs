@@ -38,6 +38,8 @@ pub struct Cli {
 pub enum Command {
     /// Migrate a database: upgrade, downgrade, inspect, verify, adopt.
     Migrate(MigrateArgs),
+    /// Print the SchemaMigration CustomResourceDefinition (YAML).
+    Crd,
 }
 
 #[derive(Debug, Args)]
@@ -318,6 +320,10 @@ pub fn main() -> ExitCode {
     let code = runtime.block_on(async move {
         match cli.command {
             Command::Migrate(args) => migrate::run(args).await,
+            Command::Crd => {
+                print!("{}", crate::api::crd_yaml());
+                exit::Exit::Ok
+            }
         }
     });
     ExitCode::from(code.code())
@@ -346,7 +352,9 @@ mod tests {
     #[test]
     fn negative_targets_are_values_not_flags() {
         let cli = Cli::try_parse_from(["schemagate", "migrate", "downgrade", "-2"]).unwrap();
-        let Command::Migrate(m) = cli.command;
+        let Command::Migrate(m) = cli.command else {
+            panic!("not migrate")
+        };
         assert!(
             matches!(m.command, MigrateCommand::Downgrade { ref target, .. } if target == "-2")
         );

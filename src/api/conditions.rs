@@ -1,0 +1,92 @@
+//! Condition types and reasons: one list of constants, so tools and docs can rely on them.
+//!
+//! kstatus semantics (read by `helm --wait`, Argo CD, Flux): `Ready` True means the
+//! database is at the target version; `Reconciling` True means progress is being made;
+//! `Stalled` True means nothing will change without a person.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+
+pub const READY: &str = "Ready";
+pub const RECONCILING: &str = "Reconciling";
+pub const STALLED: &str = "Stalled";
+/// Whether the controller could read the database's history table.
+pub const DATABASE_REACHABLE: &str = "DatabaseReachable";
+
+/// Reasons, as they appear in conditions and Events.
+pub mod reason {
+    /// The database is at the target version.
+    pub const UP_TO_DATE: &str = "UpToDate";
+    /// The database is above the target version and downgrades are not asked for.
+    pub const AHEAD_OF_TARGET: &str = "AheadOfTarget";
+    /// A migration Job runs.
+    pub const JOB_RUNNING: &str = "JobRunning";
+    /// A migration Job was created.
+    pub const JOB_CREATED: &str = "JobCreated";
+    /// Init-container mode: the next labelled pod to start migrates.
+    pub const WAITING_FOR_POD: &str = "WaitingForPod";
+    /// `spec.paused` is true.
+    pub const PAUSED: &str = "Paused";
+    /// The Secret named by `spec.database.urlSecretRef` does not exist.
+    pub const SECRET_NOT_FOUND: &str = "SecretNotFound";
+    /// The Secret exists but lacks the key.
+    pub const SECRET_KEY_MISSING: &str = "SecretKeyMissing";
+    /// The ConfigMap named by `spec.source.configMapRef` does not exist.
+    pub const CONFIG_MAP_NOT_FOUND: &str = "ConfigMapNotFound";
+    /// The migration files are invalid (names, duplicates, directives).
+    pub const INVALID_SOURCE: &str = "InvalidSource";
+    /// `targetVersion` is not a version of the source.
+    pub const UNKNOWN_TARGET: &str = "UnknownTarget";
+    /// The target is below the current version and `downgrade: Deny`.
+    pub const DOWNGRADE_DENIED: &str = "DowngradeDenied";
+    /// The last migration run failed.
+    pub const MIGRATION_FAILED: &str = "MigrationFailed";
+    /// A step did not finish (a non-transactional migration stopped part-way).
+    pub const DIRTY: &str = "Dirty";
+    /// Applied migrations differ from the source (changed or missing files).
+    pub const DRIFT: &str = "Drift";
+    /// The controller could not read the database.
+    pub const DATABASE_UNREACHABLE: &str = "DatabaseUnreachable";
+    /// The controller read the database.
+    pub const DATABASE_READ: &str = "HistoryRead";
+    /// The controller does not read databases (disabled by a flag).
+    pub const NOT_OBSERVED: &str = "NotObserved";
+    /// A Job succeeded but the database does not show the target version.
+    pub const UNEXPECTED_VERSION: &str = "UnexpectedVersion";
+    /// The runner image is not allowed by the controller's policy.
+    pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
+}
+
+/// A condition, keeping the previous `lastTransitionTime` when its status did not change
+/// (so it only moves when the condition flips).
+pub fn condition(
+    previous: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+    now: &Time,
+) -> Condition {
+    let status = if status { "True" } else { "False" };
+    let since = previous
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.to_string(),
+        status: status.to_string(),
+        reason: reason.to_string(),
+        message,
+        observed_generation: generation,
+        last_transition_time: since,
+    }
+}
+
+/// The status of a condition type, if present.
+pub fn status_of<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a str> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
+}

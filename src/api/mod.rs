@@ -1,0 +1,411 @@
+//! The `SchemaMigration` custom resource (`schemagate.dev/v1alpha1`).
+//!
+//! Only types here (no server code): the CRD is generated from them, and their doc comments
+//! are what `kubectl explain schemamigration.spec` shows. Invalid combinations are refused
+//! by the API server itself, through the schema and CEL rules (`x-kubernetes-validations`).
+//!
+//! Every reference (Secret, ConfigMap, ServiceAccount) names an object in the resource's own
+//! namespace: the types have no namespace field, so nothing else can be read through them.
+
+pub mod conditions;
+
+use k8s_openapi::api::core::v1::{LocalObjectReference, ResourceRequirements, Toleration};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use kube::core::CustomResourceExt;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// The API group.
+pub const GROUP: &str = "schemagate.dev";
+/// Label an app's pod template carries to be gated by the named SchemaMigration.
+pub const MIGRATION_LABEL: &str = "schemagate.dev/migration";
+/// Label on the Jobs (and their pods) the controller runs for a SchemaMigration.
+pub const JOB_FOR_LABEL: &str = "schemagate.dev/job-for";
+/// The field manager of everything the controller writes (server-side apply).
+pub const FIELD_MANAGER: &str = "schemagate-controller";
+/// Most entries kept in `status.applied` and `status.pending`.
+pub const STATUS_LIST_MAX: usize = 20;
+
+/// A database schema migrated to a target version, safely: one runner at a time, every
+/// step versioned and recorded in the database's own history table.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "schemagate.dev",
+    version = "v1alpha1",
+    kind = "SchemaMigration",
+    plural = "schemamigrations",
+    shortname = "smig",
+    namespaced,
+    doc = "A database schema at a target version: schemagate migrates it (as a Job, or from an \
+           init container injected into the app's labelled pods) and reports the database's \
+           version here.",
+    status = "SchemaMigrationStatus",
+    printcolumn(name = "Current", type_ = "string", json_path = ".status.currentVersion"),
+    printcolumn(name = "Target", type_ = "string", json_path = ".status.targetVersion"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaMigrationSpec {
+    /// The database to migrate.
+    pub database: DatabaseSpec,
+
+    /// Where the migrations come from: exactly one of configMapRef, inline or image.
+    pub source: SourceSpec,
+
+    /// The version to reach, e.g. "20251101" or "1.4". Default: the newest migration in
+    /// the source. A version below the database's current one is a downgrade, which
+    /// `downgrade: Allow` must permit.
+    #[schemars(
+        length(max = 64),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[0-9]+(\\\\.[0-9]+)*$')",
+            "message": "targetVersion must be digits separated by dots, e.g. 20251101 or 1.4"
+        }])
+    )]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<String>,
+
+    /// How the upgrade runs. InitContainer (default): an init container injected into the
+    /// app's labelled pods migrates (the first pod takes the lock, the others wait). Job:
+    /// the controller runs one Job per target; the injected init container only waits.
+    #[serde(default)]
+    pub mode: MigrationMode,
+
+    /// Whether a target below the current version may revert migrations (with their down
+    /// scripts). Deny (default) blocks the resource instead.
+    #[serde(default)]
+    pub downgrade: DowngradePolicy,
+
+    /// Stop acting: no Job is created and gated pods are refused until unpaused.
+    #[serde(default)]
+    pub paused: bool,
+
+    /// How the migration runner runs (image, service account, resources, scheduling).
+    #[serde(default)]
+    pub runner: RunnerSpec,
+
+    /// Engine settings passed to the runner.
+    #[serde(default)]
+    pub options: MigrationOptions,
+}
+
+/// The database connection.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// A key of a Secret in this namespace holding the database URL, e.g.
+    /// postgres://user:password@host:5432/db. The URL is never copied anywhere: runners
+    /// read it from the Secret.
+    pub url_secret_ref: SecretKeyRef,
+}
+
+/// A key of a Secret in the resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Name of the Secret (in this namespace).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// Key in the Secret. Default: url.
+    #[serde(default = "default_url_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".into()
+}
+
+/// Where migrations come from. Exactly one field is set.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "[has(self.configMapRef), has(self.inline), has(self.image)].filter(x, x).size() == 1",
+    "message": "set exactly one of source.configMapRef, source.inline or source.image"
+}]))]
+pub struct SourceSpec {
+    /// A ConfigMap in this namespace whose keys are migration file names (any format
+    /// schemagate reads: 1_init.up.sql, V1__init.sql, ...) and whose values are their SQL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map_ref: Option<ConfigMapRef>,
+
+    /// Migrations written in the resource itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 200))]
+    pub inline: Option<Vec<InlineMigration>>,
+
+    /// An image that contains the migration files (copied with `cp` into the runner).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageSource>,
+}
+
+/// A ConfigMap in the resource's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConfigMapRef {
+    /// Name of the ConfigMap (in this namespace).
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// One migration written in the resource.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InlineMigration {
+    /// Version, e.g. "1" or "20251101".
+    #[schemars(
+        length(min = 1, max = 64),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[0-9]+(\\\\.[0-9]+)*$')",
+            "message": "inline migration versions must be digits separated by dots"
+        }])
+    )]
+    pub version: String,
+    /// A few words on what it does.
+    #[serde(default)]
+    #[schemars(length(max = 200))]
+    pub description: String,
+    /// The SQL that applies it.
+    #[schemars(length(min = 1, max = 262144))]
+    pub up: String,
+    /// The SQL that reverts it (needed for downgrades).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 262144))]
+    pub down: Option<String>,
+}
+
+/// Migration files inside an image.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageSource {
+    /// The image reference, e.g. registry.example/orders-migrations:1.4.
+    #[schemars(length(min = 1, max = 512))]
+    pub reference: String,
+    /// The directory holding the files in the image. Default: /migrations.
+    #[serde(default = "default_image_path")]
+    #[schemars(length(min = 1, max = 1024))]
+    pub path: String,
+}
+
+fn default_image_path() -> String {
+    "/migrations".into()
+}
+
+/// How the upgrade runs.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum MigrationMode {
+    /// An init container injected into the app's labelled pods migrates.
+    #[default]
+    InitContainer,
+    /// The controller runs a Job; injected init containers only wait for the version.
+    Job,
+}
+
+/// Whether downgrades are allowed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DowngradePolicy {
+    /// A target below the current version blocks the resource; nothing runs.
+    #[default]
+    Deny,
+    /// A target below the current version reverts migrations with their down scripts.
+    Allow,
+}
+
+/// How the migration runner runs.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RunnerSpec {
+    /// The schemagate image that runs migrations. Default: the controller's own image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 512))]
+    pub image: Option<String>,
+    /// Service account of the runner pods (in this namespace). Default: the namespace's
+    /// default; the runner needs no Kubernetes API access and mounts no token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 253))]
+    pub service_account_name: Option<String>,
+    /// CPU and memory for the runner container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Node labels the runner pods must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<BTreeMap<String, String>>,
+    /// Tolerations of the runner pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerations: Option<Vec<Toleration>>,
+    /// Secrets for pulling the runner (and migrations) images.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_secrets: Option<Vec<LocalObjectReference>>,
+    /// Job mode: how long a Job may run before it is stopped (seconds). Default: 1800.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub active_deadline_seconds: Option<i64>,
+    /// Job mode: retries of a failed runner pod. Default: 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 10))]
+    pub backoff_limit: Option<i32>,
+    /// Job mode: delete finished Jobs after this many seconds. Default: keep them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub ttl_seconds_after_finished: Option<i32>,
+}
+
+/// Engine settings passed to the runner (see the CLI reference).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationOptions {
+    /// Session (default) or Lease; use Lease behind PgBouncer in transaction mode.
+    #[serde(default)]
+    pub lock: LockKind,
+    /// Refuse migrations that lose data unless they say allow-destructive.
+    #[serde(default)]
+    pub deny_destructive: bool,
+    /// The history table (`name` or `schema.name`). Default: schemagate_history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(max = 117),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^[A-Za-z_][A-Za-z0-9_]*(\\\\.[A-Za-z_][A-Za-z0-9_]*)?$')",
+            "message": "historyTable must be name or schema.name (letters, digits, _)"
+        }])
+    )]
+    pub history_table: Option<String>,
+    /// How long each migration statement may wait for locks, e.g. "10s".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"), length(max = 16))]
+    pub migration_lock_timeout: Option<String>,
+    /// How long each migration statement may run, e.g. "10m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"), length(max = 16))]
+    pub migration_statement_timeout: Option<String>,
+}
+
+/// How runners exclude each other.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LockKind {
+    #[default]
+    Session,
+    Lease,
+}
+
+/// What the controller observed and did.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaMigrationStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pending, Migrating, Ready, Failed or Blocked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// The database's current version, from its history table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_version: Option<String>,
+    /// The version being migrated to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_version: Option<String>,
+    /// Migrations not applied yet (the first 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
+    /// The last applied migrations (at most 20, newest last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedMigration>,
+    /// The last migration run (a Job, or an init container).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_run: Option<LastRun>,
+    /// Ready, Reconciling and Stalled (kstatus), and DatabaseReachable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The phase of a SchemaMigration.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum Phase {
+    /// Waiting for something (inputs, the database, a pod to migrate, being unpaused).
+    Pending,
+    /// A migration is running.
+    Migrating,
+    /// The database is at the target version.
+    Ready,
+    /// A migration failed, or the database has a dirty step.
+    Failed,
+    /// Policy stops it: a denied downgrade, an invalid source.
+    Blocked,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Pending,
+        Phase::Migrating,
+        Phase::Ready,
+        Phase::Failed,
+        Phase::Blocked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Pending => "Pending",
+            Phase::Migrating => "Migrating",
+            Phase::Ready => "Ready",
+            Phase::Failed => "Failed",
+            Phase::Blocked => "Blocked",
+        }
+    }
+}
+
+/// One applied migration, from the history table.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedMigration {
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checksum: Option<String>,
+    /// When it was applied (UTC).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<i64>,
+    /// The runner (pod name / pid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_by: Option<String>,
+}
+
+/// The last migration run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LastRun {
+    /// Job or Pod.
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Running, Succeeded or Failed.
+    pub result: String,
+    /// What the runner reported (its summary), or why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// The CRD as YAML, as `schemagate crd` prints it and `crds/` holds it.
+pub fn crd_yaml() -> String {
+    let crd = SchemaMigration::crd();
+    let body = serde_yaml::to_string(&crd).unwrap_or_default();
+    format!(
+        "# Generated by `schemagate crd` from src/api; do not edit (a test fails when it is stale).\n{body}"
+    )
+}
+
+#[cfg(test)]
+mod tests;
