@@ -7,6 +7,10 @@
 //! Every reference (Secret, ConfigMap, ServiceAccount) names an object in the resource's own
 //! namespace: the types have no namespace field, so nothing else can be read through them.
 
+// Each `printcolumn(...)` of the derive repeats `type_ = ...`; that is the derive's syntax,
+// not a mistake.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod conditions;
 
 use k8s_openapi::api::core::v1::{LocalObjectReference, ResourceRequirements, Toleration};
@@ -42,7 +46,11 @@ pub const STATUS_LIST_MAX: usize = 20;
            init container injected into the app's labelled pods) and reports the database's \
            version here.",
     status = "SchemaMigrationStatus",
-    printcolumn(name = "Current", type_ = "string", json_path = ".status.currentVersion"),
+    printcolumn(
+        name = "Current",
+        type_ = "string",
+        json_path = ".status.currentVersion"
+    ),
     printcolumn(name = "Target", type_ = "string", json_path = ".status.targetVersion"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(
@@ -50,7 +58,11 @@ pub const STATUS_LIST_MAX: usize = 20;
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct SchemaMigrationSpec {

@@ -32,9 +32,27 @@ fn schema() -> Value {
 
 /// What Kubernetes allows inside allOf/anyOf/oneOf/not of a structural schema.
 const VALIDATION_ONLY: &[&str] = &[
-    "allOf", "anyOf", "oneOf", "not", "enum", "pattern", "minLength", "maxLength", "minimum",
-    "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minItems", "maxItems",
-    "uniqueItems", "minProperties", "maxProperties", "required", "items", "format",
+    "allOf",
+    "anyOf",
+    "oneOf",
+    "not",
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "required",
+    "items",
+    "format",
 ];
 
 fn check_structural(s: &Value, path: &str, in_junction: bool, problems: &mut Vec<String>) {
@@ -106,7 +124,10 @@ fn every_string_a_cel_rule_reads_is_bounded() {
         spec["source"]["properties"]["inline"]["items"]["properties"]["version"]["maxLength"],
         64
     );
-    assert_eq!(spec["options"]["properties"]["historyTable"]["maxLength"], 117);
+    assert_eq!(
+        spec["options"]["properties"]["historyTable"]["maxLength"],
+        117
+    );
 }
 
 #[test]
@@ -176,13 +197,21 @@ fn cel_rules_refuse_invalid_combinations_with_messages_that_say_what_to_fix() {
         "source": { "configMapRef": { "name": "m" } },
         "targetVersion": "v1.2",
     });
-    assert!(cel(bad_version).unwrap_err().contains("targetVersion must be digits"));
+    assert!(
+        cel(bad_version)
+            .unwrap_err()
+            .contains("targetVersion must be digits")
+    );
 
     let bad_inline = json!({
         "database": db(),
         "source": { "inline": [{ "version": "one", "up": "x" }] },
     });
-    assert!(cel(bad_inline).unwrap_err().contains("inline migration versions"));
+    assert!(
+        cel(bad_inline)
+            .unwrap_err()
+            .contains("inline migration versions")
+    );
 
     let bad_table = json!({
         "database": db(),

@@ -40,6 +40,8 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// Print the SchemaMigration CustomResourceDefinition (YAML).
     Crd,
+    /// Run the Kubernetes controller (in a cluster, or outside one with KUBECONFIG).
+    Controller(crate::controller::ControllerArgs),
 }
 
 #[derive(Debug, Args)]
@@ -307,6 +309,9 @@ pub fn main() -> ExitCode {
         }
     };
     telemetry::init(&cli.log_level, cli.log_format);
+    if let Command::Controller(args) = cli.command {
+        return run_controller(args);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -324,9 +329,31 @@ pub fn main() -> ExitCode {
                 print!("{}", crate::api::crd_yaml());
                 exit::Exit::Ok
             }
+            Command::Controller(_) => exit::Exit::Internal,
         }
     });
     ExitCode::from(code.code())
+}
+
+/// The controller runs on a multi-threaded runtime (the CLI needs only one thread).
+fn run_controller(args: crate::controller::ControllerArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(exit::Exit::Internal.code());
+        }
+    };
+    match runtime.block_on(crate::controller::run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %crate::engine::redact::redact(&e.to_string()), "controller stopped");
+            ExitCode::from(exit::Exit::Internal.code())
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,463 @@
+//! Every phase transition of the decision.
+
+use super::*;
+use crate::api::conditions::status_of;
+use crate::api::{ConfigMapRef, DatabaseSpec, SchemaMigrationSpec, SecretKeyRef, SourceSpec};
+use k8s_openapi::jiff::Timestamp;
+
+fn now() -> Time {
+    Time(Timestamp::from_second(1_795_591_960).unwrap())
+}
+
+fn later() -> Time {
+    Time(Timestamp::from_second(1_795_592_960).unwrap())
+}
+
+fn sm(mode: MigrationMode) -> SchemaMigration {
+    let mut sm = SchemaMigration::new(
+        "orders",
+        SchemaMigrationSpec {
+            database: DatabaseSpec {
+                url_secret_ref: SecretKeyRef {
+                    name: "orders-db".into(),
+                    key: "url".into(),
+                },
+            },
+            source: SourceSpec {
+                config_map_ref: Some(ConfigMapRef {
+                    name: "orders-migrations".into(),
+                }),
+                ..Default::default()
+            },
+            target_version: None,
+            mode,
+            downgrade: DowngradePolicy::Deny,
+            paused: false,
+            runner: Default::default(),
+            options: Default::default(),
+        },
+    );
+    sm.metadata.namespace = Some("shop".into());
+    sm.metadata.generation = Some(3);
+    sm
+}
+
+fn source(versions: &[&str]) -> SourceState {
+    SourceState::Loaded {
+        versions: versions.iter().map(|v| v.to_string()).collect(),
+        hash: "abc".into(),
+    }
+}
+
+fn db(current: Option<&str>) -> DbView {
+    DbView::Read(DbRead {
+        current: current.map(str::to_string),
+        ..Default::default()
+    })
+}
+
+fn namer(_target: Option<&str>, command: RunCommand) -> (String, String) {
+    match command {
+        RunCommand::Upgrade => ("orders-1a2b3c4d".into(), "1a2b3c4d".into()),
+        RunCommand::Downgrade => ("orders-down".into(), "down".into()),
+    }
+}
+
+fn other_namer(_target: Option<&str>, _command: RunCommand) -> (String, String) {
+    ("orders-new".into(), "new".into())
+}
+
+fn inputs(sm: &SchemaMigration) -> Inputs<'_> {
+    Inputs {
+        sm,
+        now: now(),
+        secret: SecretState::Found {
+            resource_version: "7".into(),
+        },
+        source: source(&["1", "2", "3"]),
+        database: db(Some("2")),
+        jobs: vec![],
+        namer: Some(&namer),
+        image_allowed: true,
+    }
+}
+
+fn job(name: &str, state: JobState, summary: Option<RunSummary>) -> JobView {
+    JobView {
+        kind: RunKind::Job,
+        name: name.into(),
+        state,
+        started: Some("2026-11-25T07:00:00Z".into()),
+        finished: (state != JobState::Active).then(|| "2026-11-25T07:01:00Z".into()),
+        summary,
+        failure: None,
+    }
+}
+
+fn success(to: &str) -> RunSummary {
+    RunSummary {
+        result: "success".into(),
+        from: Some("2".into()),
+        to: Some(to.into()),
+        applied: vec![to.into()],
+        exit_code: Some(0),
+        ..Default::default()
+    }
+}
+
+fn phase(d: &Decision) -> Phase {
+    d.status.phase.unwrap()
+}
+
+fn cond<'a>(d: &'a Decision, t: &str) -> &'a Condition {
+    d.status.conditions.iter().find(|c| c.type_ == t).unwrap()
+}
+
+/// kstatus: Ready excludes Reconciling and Stalled; they never hold together.
+fn assert_kstatus(d: &Decision) {
+    let s = &d.status.conditions;
+    let (r, rec, st) = (
+        status_of(s, cond::READY) == Some("True"),
+        status_of(s, cond::RECONCILING) == Some("True"),
+        status_of(s, cond::STALLED) == Some("True"),
+    );
+    assert!(!(r && (rec || st)), "{s:?}");
+    assert!(!(rec && st), "{s:?}");
+    assert_eq!(d.status.observed_generation, Some(3));
+}
+
+#[test]
+fn job_mode_creates_the_planned_job_when_behind() {
+    let sm = sm(MigrationMode::Job);
+    let d = decide(&inputs(&sm));
+    assert_kstatus(&d);
+    assert_eq!(phase(&d), Phase::Migrating);
+    let Action::CreateJob(plan) = &d.action else {
+        panic!("{d:?}")
+    };
+    assert_eq!(plan.name, "orders-1a2b3c4d");
+    assert_eq!(plan.target.as_deref(), Some("3"));
+    assert_eq!(plan.command, RunCommand::Upgrade);
+    assert_eq!(d.status.target_version.as_deref(), Some("3"));
+    assert_eq!(d.status.current_version.as_deref(), Some("2"));
+    assert_eq!(cond(&d, cond::RECONCILING).reason, reason::JOB_CREATED);
+    assert!(d.events.iter().any(|e| e.reason == reason::JOB_CREATED));
+}
+
+#[test]
+fn a_running_job_is_waited_for_even_when_the_target_changes() {
+    let mut sm = sm(MigrationMode::Job);
+    sm.spec.target_version = Some("2".into());
+    let mut i = inputs(&sm);
+    i.database = db(Some("1"));
+    i.jobs = vec![job("orders-old", JobState::Active, None)];
+    i.namer = Some(&other_namer);
+    let d = decide(&i);
+    assert_kstatus(&d);
+    assert_eq!(phase(&d), Phase::Migrating);
+    assert_eq!(d.action, Action::Nothing, "never two Jobs at once");
+    assert_eq!(cond(&d, cond::RECONCILING).reason, reason::JOB_RUNNING);
+    assert_eq!(d.status.last_run.as_ref().unwrap().result, "Running");
+}
+
+#[test]
+fn job_success_makes_it_ready_with_the_versions() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    i.database = db(Some("3"));
+    i.jobs = vec![job(
+        "orders-1a2b3c4d",
+        JobState::Succeeded,
+        Some(success("3")),
+    )];
+    let d = decide(&i);
+    assert_kstatus(&d);
+    assert_eq!(phase(&d), Phase::Ready);
+    assert_eq!(d.action, Action::Nothing);
+    assert_eq!(cond(&d, cond::READY).status, "True");
+    assert_eq!(cond(&d, cond::READY).reason, reason::UP_TO_DATE);
+    let run = d.status.last_run.as_ref().unwrap();
+    assert_eq!(
+        (run.kind.as_str(), run.result.as_str()),
+        ("Job", "Succeeded")
+    );
+    assert_eq!(run.message.as_deref(), Some("applied 3 (2 -> 3)"));
+}
+
+#[test]
+fn job_success_is_trusted_when_the_database_cannot_be_read() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    i.database = DbView::Unreachable("connection refused".into());
+    i.jobs = vec![job(
+        "orders-1a2b3c4d",
+        JobState::Succeeded,
+        Some(success("3")),
+    )];
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Ready);
+    assert_eq!(d.status.current_version.as_deref(), Some("3"));
+    let db = cond(&d, cond::DATABASE_REACHABLE);
+    assert_eq!(
+        (db.status.as_str(), db.reason.as_str()),
+        ("False", reason::DATABASE_UNREACHABLE)
+    );
+}
+
+#[test]
+fn job_failure_is_failed_and_stalled_with_the_runner_message() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    let failed = RunSummary {
+        result: "failed".into(),
+        error: Some(SummaryError {
+            kind: "migration_failed".into(),
+            message: "migration 3 (3_x.up.sql) failed at statement 2 of 2 (line 4): syntax error"
+                .into(),
+        }),
+        ..Default::default()
+    };
+    i.jobs = vec![job("orders-1a2b3c4d", JobState::Failed, Some(failed))];
+    let d = decide(&i);
+    assert_kstatus(&d);
+    assert_eq!(phase(&d), Phase::Failed);
+    assert_eq!(
+        d.action,
+        Action::Nothing,
+        "a failed Job is not retried by the controller"
+    );
+    let stalled = cond(&d, cond::STALLED);
+    assert_eq!(
+        (stalled.status.as_str(), stalled.reason.as_str()),
+        ("True", reason::MIGRATION_FAILED)
+    );
+    assert!(
+        stalled.message.contains("3_x.up.sql"),
+        "{}",
+        stalled.message
+    );
+    assert!(
+        d.events
+            .iter()
+            .any(|e| e.warning && e.reason == reason::MIGRATION_FAILED)
+    );
+}
+
+#[test]
+fn a_job_failing_without_a_summary_reports_why() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    let mut j = job("orders-1a2b3c4d", JobState::Failed, None);
+    j.failure = Some("DeadlineExceeded: Job was active longer than specified deadline".into());
+    i.jobs = vec![j];
+    let d = decide(&i);
+    assert!(cond(&d, cond::STALLED).message.contains("DeadlineExceeded"));
+}
+
+#[test]
+fn downgrade_denied_blocks_and_runs_nothing() {
+    let mut sm = sm(MigrationMode::Job);
+    sm.spec.target_version = Some("1".into());
+    let mut i = inputs(&sm);
+    i.database = db(Some("3"));
+    let d = decide(&i);
+    assert_kstatus(&d);
+    assert_eq!(phase(&d), Phase::Blocked);
+    assert_eq!(d.action, Action::Nothing);
+    assert_eq!(cond(&d, cond::STALLED).reason, reason::DOWNGRADE_DENIED);
+    // The same in init-container mode.
+    let mut sm2 = sm.clone();
+    sm2.spec.mode = MigrationMode::InitContainer;
+    let mut i = inputs(&sm2);
+    i.database = db(Some("3"));
+    assert_eq!(phase(&decide(&i)), Phase::Blocked);
+}
+
+#[test]
+fn downgrade_allowed_runs_a_downgrade_job() {
+    let mut sm = sm(MigrationMode::Job);
+    sm.spec.target_version = Some("1".into());
+    sm.spec.downgrade = DowngradePolicy::Allow;
+    let mut i = inputs(&sm);
+    i.database = db(Some("3"));
+    let d = decide(&i);
+    let Action::CreateJob(plan) = &d.action else {
+        panic!("{d:?}")
+    };
+    assert_eq!(plan.command, RunCommand::Downgrade);
+    assert_eq!(plan.target.as_deref(), Some("1"));
+}
+
+#[test]
+fn paused_runs_nothing_and_says_so() {
+    let mut sm = sm(MigrationMode::Job);
+    sm.spec.paused = true;
+    let d = decide(&inputs(&sm));
+    assert_kstatus(&d);
+    assert_eq!(d.action, Action::Nothing);
+    assert_eq!(phase(&d), Phase::Pending);
+    let rec = cond(&d, cond::RECONCILING);
+    assert_eq!(
+        (rec.status.as_str(), rec.reason.as_str()),
+        ("False", reason::PAUSED)
+    );
+    // Paused at the target is still Ready.
+    let mut i = inputs(&sm);
+    i.database = db(Some("3"));
+    assert_eq!(phase(&decide(&i)), Phase::Ready);
+}
+
+#[test]
+fn missing_inputs_are_named_and_nothing_runs() {
+    let sm = sm(MigrationMode::Job);
+    for (secret, src, want) in [
+        (
+            SecretState::Missing,
+            source(&["1"]),
+            reason::SECRET_NOT_FOUND,
+        ),
+        (
+            SecretState::KeyMissing,
+            source(&["1"]),
+            reason::SECRET_KEY_MISSING,
+        ),
+        (
+            SecretState::Found {
+                resource_version: "1".into(),
+            },
+            SourceState::Missing,
+            reason::CONFIG_MAP_NOT_FOUND,
+        ),
+    ] {
+        let mut i = inputs(&sm);
+        i.secret = secret;
+        i.source = src;
+        let d = decide(&i);
+        assert_kstatus(&d);
+        assert_eq!(d.action, Action::Nothing);
+        let stalled = cond(&d, cond::STALLED);
+        assert_eq!(
+            (stalled.status.as_str(), stalled.reason.as_str()),
+            ("True", want)
+        );
+        assert!(
+            stalled.message.contains("orders-db") || stalled.message.contains("orders-migrations"),
+            "{}",
+            stalled.message
+        );
+    }
+}
+
+#[test]
+fn invalid_source_unknown_target_and_disallowed_images_block() {
+    let mut sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    i.source = SourceState::Invalid("version 1 is defined twice".into());
+    assert_eq!(
+        cond(&decide(&i), cond::STALLED).reason,
+        reason::INVALID_SOURCE
+    );
+
+    sm.spec.target_version = Some("9".into());
+    let i = inputs(&sm);
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Blocked);
+    assert_eq!(cond(&d, cond::STALLED).reason, reason::UNKNOWN_TARGET);
+
+    sm.spec.target_version = None;
+    let mut i = inputs(&sm);
+    i.image_allowed = false;
+    let d = decide(&i);
+    assert_eq!(cond(&d, cond::STALLED).reason, reason::IMAGE_NOT_ALLOWED);
+    assert_eq!(d.action, Action::Nothing);
+}
+
+#[test]
+fn dirty_and_drifted_databases_fail() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    i.database = DbView::Read(DbRead {
+        current: Some("2".into()),
+        unfinished: Some("step 3 (up) did not finish".into()),
+        ..Default::default()
+    });
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Failed);
+    assert_eq!(cond(&d, cond::STALLED).reason, reason::DIRTY);
+    assert_eq!(d.action, Action::Nothing);
+
+    i.database = DbView::Read(DbRead {
+        current: Some("2".into()),
+        drift: Some("applied migration 1 changed".into()),
+        ..Default::default()
+    });
+    assert_eq!(cond(&decide(&i), cond::STALLED).reason, reason::DRIFT);
+}
+
+#[test]
+fn init_container_mode_waits_for_pods_and_reports_their_runs() {
+    let sm = sm(MigrationMode::InitContainer);
+    let d = decide(&inputs(&sm));
+    assert_kstatus(&d);
+    assert_eq!(phase(&d), Phase::Migrating);
+    assert_eq!(d.action, Action::Nothing, "no Jobs in init-container mode");
+    assert_eq!(cond(&d, cond::RECONCILING).reason, reason::WAITING_FOR_POD);
+
+    let mut i = inputs(&sm);
+    i.database = db(Some("3"));
+    assert_eq!(phase(&decide(&i)), Phase::Ready);
+
+    let mut i = inputs(&sm);
+    i.database = DbView::Unreachable("timed out".into());
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Pending);
+    assert_eq!(
+        cond(&d, cond::RECONCILING).reason,
+        reason::DATABASE_UNREACHABLE
+    );
+
+    let mut i = inputs(&sm);
+    let mut pod = job("web-7f9c", JobState::Failed, None);
+    pod.kind = RunKind::Pod;
+    pod.failure = Some("relation \"x\" does not exist".into());
+    i.jobs = vec![pod];
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Failed);
+    assert_eq!(d.status.last_run.as_ref().unwrap().kind, "Pod");
+}
+
+#[test]
+fn an_unchanged_world_gives_an_identical_status() {
+    let sm0 = sm(MigrationMode::Job);
+    let mut i = inputs(&sm0);
+    i.database = db(Some("3"));
+    i.jobs = vec![job(
+        "orders-1a2b3c4d",
+        JobState::Succeeded,
+        Some(success("3")),
+    )];
+    let first = decide(&i);
+    let mut sm1 = sm0.clone();
+    sm1.status = Some(first.status.clone());
+    let mut i = inputs(&sm1);
+    i.now = later();
+    i.database = db(Some("3"));
+    i.jobs = vec![job(
+        "orders-1a2b3c4d",
+        JobState::Succeeded,
+        Some(success("3")),
+    )];
+    let second = decide(&i);
+    assert_eq!(
+        first.status, second.status,
+        "no status churn: lastTransitionTime only moves on flips"
+    );
+    assert!(second.events.is_empty(), "no Event without a transition");
+
+    // A flip moves lastTransitionTime.
+    let mut i = inputs(&sm1);
+    i.now = later();
+    i.database = db(Some("2"));
+    let third = decide(&i);
+    assert_eq!(cond(&third, cond::READY).last_transition_time, later());
+}

@@ -1,0 +1,257 @@
+//! `schemagate controller`: a kube-runtime Controller over SchemaMigrations that runs
+//! migration Jobs, watches their results, reads each database's history, and reports it
+//! in the resource's status (server-side apply, one field manager).
+//!
+//! Triggers: the SchemaMigrations, the Jobs they own, and the ConfigMaps they reference
+//! (watched as metadata only). Secrets are read with `get`, never listed or watched: a
+//! periodic requeue picks up their changes.
+
+pub mod decide;
+pub mod job;
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::core::PartialObjectMeta;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, ResourceExt};
+
+use crate::api::{JOB_FOR_LABEL, SchemaMigration};
+use metrics::Metrics;
+use reconcile::{Context, Settings};
+use server::Health;
+
+/// How the controller process runs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ControllerArgs {
+    /// The runner image for Jobs and injected init containers (normally the controller's
+    /// own image, set by the chart).
+    #[arg(long, env = "SCHEMAGATE_IMAGE", default_value = concat!("ghcr.io/schemagate/schemagate:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+
+    /// Further runner images a SchemaMigration may choose (repeatable; `*` at the end
+    /// matches any suffix, e.g. registry.example/team/*).
+    #[arg(
+        long = "allowed-image",
+        env = "SCHEMAGATE_ALLOWED_IMAGES",
+        value_delimiter = ','
+    )]
+    pub allowed_images: Vec<String>,
+
+    /// Watch only this namespace [default: all namespaces].
+    #[arg(long, env = "SCHEMAGATE_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// Where /metrics, /livez and /readyz are served.
+    #[arg(long, env = "SCHEMAGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Elect a leader among replicas (only the leader acts).
+    #[arg(long, env = "SCHEMAGATE_LEADER_ELECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+
+    /// Namespace of the leader-election Lease [default: $POD_NAMESPACE, else "default"].
+    #[arg(long, env = "SCHEMAGATE_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Name of the leader-election Lease.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_LEADER_ELECTION_LEASE",
+        default_value = "schemagate-controller"
+    )]
+    pub leader_election_lease: String,
+
+    /// Read each database's history table to report its version in the status.
+    #[arg(long, env = "SCHEMAGATE_OBSERVE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub observe_database: bool,
+
+    /// How often every resource is looked at again when nothing triggers it (picks up
+    /// Secret changes and changes made to databases outside schemagate).
+    #[arg(long, env = "SCHEMAGATE_RESYNC", default_value = "5m", value_parser = crate::cli::parse_duration)]
+    pub resync: Duration,
+}
+
+/// Why the controller stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot build a Kubernetes client (in a cluster, or from KUBECONFIG): {0}")]
+    Client(#[source] kube::Error),
+    #[error("cannot serve the health endpoints on {addr}: {source}")]
+    Serve {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("lost leadership")]
+    LostLeadership,
+}
+
+fn identity() -> String {
+    std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        })
+}
+
+/// The SchemaMigrations that reference a ConfigMap.
+fn referencing(
+    store: &kube::runtime::reflector::Store<SchemaMigration>,
+    ns: Option<&str>,
+    name: &str,
+) -> Vec<ObjectRef<SchemaMigration>> {
+    store
+        .state()
+        .into_iter()
+        .filter(|sm| {
+            sm.namespace().as_deref() == ns
+                && sm
+                    .spec
+                    .source
+                    .config_map_ref
+                    .as_ref()
+                    .is_some_and(|c| c.name == name)
+        })
+        .map(|sm| ObjectRef::from_obj(&*sm))
+        .collect()
+}
+
+/// Runs the controller until a shutdown signal (or, with leader election, losing the lead).
+pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
+    let client = Client::try_default().await.map_err(RunError::Client)?;
+    let metrics = Arc::new(Metrics::new());
+    let health = Health::new();
+    let server = tokio::spawn(server::serve(
+        args.metrics_addr,
+        health.clone(),
+        metrics.clone(),
+    ));
+
+    let identity = identity();
+    let elector = args.leader_election.then(|| {
+        let ns = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        leader::Elector::new(
+            client.clone(),
+            &ns,
+            &args.leader_election_lease,
+            &identity,
+            Duration::from_secs(15),
+        )
+    });
+    if let Some(e) = &elector {
+        health.set_waiting("standing by for the leader lease");
+        // A standby is ready (it can serve the webhook) once the API server answers.
+        if e.api.get_opt(&e.name).await.is_ok() {
+            health.ready.store(true, Ordering::SeqCst);
+        }
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = tokio::signal::ctrl_c() => return Ok(()),
+        }
+        health.ready.store(false, Ordering::SeqCst);
+    }
+    health.set_waiting("waiting for the first watch sync");
+
+    // ConfigMaps are watched as metadata only: a change triggers the SchemaMigrations that
+    // reference it, which then read it with `get`.
+    let (sms, jobs, cms): (
+        Api<SchemaMigration>,
+        Api<Job>,
+        Api<PartialObjectMeta<ConfigMap>>,
+    ) = match &args.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: Settings {
+            image: args.image.clone(),
+            allowed_images: args.allowed_images.clone(),
+            observe_database: args.observe_database,
+            requeue: args.resync,
+            ..Settings::default()
+        },
+        metrics: metrics.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "schemagate-controller".into(),
+                instance: Some(identity.clone()),
+            },
+        ),
+        failures: Default::default(),
+    });
+
+    let controller = Controller::new(sms, watcher::Config::default().any_semantic())
+        .owns(jobs, watcher::Config::default().labels(JOB_FOR_LABEL));
+    let store = controller.store();
+    let ready_store = store.clone();
+    let ready_health = health.clone();
+    tokio::spawn(async move {
+        if ready_store.wait_until_ready().await.is_ok() {
+            ready_health.ready.store(true, Ordering::SeqCst);
+            tracing::info!("first watch sync done: ready");
+        }
+    });
+    let cm_store = store.clone();
+    let controller = controller
+        .watches(cms, watcher::Config::default(), move |cm| {
+            referencing(&cm_store, cm.namespace().as_deref(), &cm.name_any())
+        })
+        .shutdown_on_signal();
+
+    let run = controller
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+
+    let outcome = match &elector {
+        Some(e) => tokio::select! {
+            _ = run => Ok(()),
+            _ = e.keep() => Err(RunError::LostLeadership),
+        },
+        None => {
+            run.await;
+            Ok(())
+        }
+    };
+    health.alive.store(false, Ordering::SeqCst);
+    if server.is_finished()
+        && let Ok(Err(source)) = server.await
+    {
+        return Err(RunError::Serve {
+            addr: args.metrics_addr,
+            source,
+        });
+    }
+    outcome
+}

@@ -1,0 +1,643 @@
+//! Reconcile one SchemaMigration: observe (Secret, source, database, Jobs) -> decide (pure,
+//! `decide.rs`) -> act (create the Job, apply the status, record Events).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::controller::Action as Requeue;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+
+use super::decide::{
+    self, Action, DbRead, DbView, Decision, Inputs, JobState, JobView, RunCommand, RunKind,
+    RunSummary, SecretState, SourceState,
+};
+use super::job;
+use super::metrics::Metrics;
+use crate::api::{
+    AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, Phase, STATUS_LIST_MAX, SchemaMigration,
+};
+use crate::engine::dialect::{ConnectConfig, Db, HistoryTable};
+use crate::engine::{self, Backend, ChecksumMode, redact, runner, source};
+
+/// How the controller behaves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// The default runner image (the controller's own).
+    pub image: String,
+    /// Images the runner may use besides `image` (`*` at the end matches any suffix).
+    pub allowed_images: Vec<String>,
+    /// Read each database's history table to report its version.
+    pub observe_database: bool,
+    /// How long a database read may take.
+    pub db_timeout: Duration,
+    /// Steady-state requeue: picks up Secret changes (Secrets are read, never watched)
+    /// and database changes made outside schemagate.
+    pub requeue: Duration,
+    /// Requeue while a migration is expected to make progress.
+    pub requeue_busy: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            image: "ghcr.io/schemagate/schemagate:latest".into(),
+            allowed_images: Vec::new(),
+            observe_database: true,
+            db_timeout: Duration::from_secs(5),
+            requeue: Duration::from_secs(300),
+            requeue_busy: Duration::from_secs(15),
+        }
+    }
+}
+
+/// Shared by every reconciliation.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Consecutive failures per resource, for backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+/// Why a reconciliation failed (transient: it is retried with backoff).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{op}: {source}")]
+    Kube {
+        op: &'static str,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("the resource has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// A metric label: a fixed string, never the message.
+    pub fn metric_reason(&self) -> &'static str {
+        match self {
+            Error::Kube { op, .. } => op,
+            Error::NoNamespace => "no_namespace",
+        }
+    }
+}
+
+fn kube_err(op: &'static str) -> impl FnOnce(kube::Error) -> Error {
+    move |source| Error::Kube { op, source }
+}
+
+/// `*`-suffix patterns: `registry.example/team/*` allows every image under it.
+pub fn image_allowed(image: &str, default_image: &str, allowed: &[String]) -> bool {
+    image == default_image
+        || allowed.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => image.starts_with(prefix),
+            None => image == p,
+        })
+}
+
+/// What was observed, with the database URL kept out of it.
+pub struct Observed {
+    pub secret: SecretState,
+    pub source: SourceState,
+    pub database: DbView,
+    pub jobs: Vec<JobView>,
+}
+
+async fn read_secret(
+    client: &Client,
+    ns: &str,
+    sm: &SchemaMigration,
+) -> Result<(SecretState, Option<String>), Error> {
+    let r = &sm.spec.database.url_secret_ref;
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&r.name)
+        .await
+        .map_err(kube_err("get_secret"))?;
+    let Some(secret) = secret else {
+        return Ok((SecretState::Missing, None));
+    };
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(&r.key))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(&r.key).cloned())
+        });
+    match value {
+        None => Ok((SecretState::KeyMissing, None)),
+        Some(url) => {
+            // Registers the password, so no message or log line can carry it.
+            redact::redact_url(url.trim());
+            Ok((
+                SecretState::Found {
+                    resource_version: secret.resource_version().unwrap_or_default(),
+                },
+                Some(url.trim().to_string()),
+            ))
+        }
+    }
+}
+
+/// The source's files (none for an image), and its state.
+async fn read_source(
+    client: &Client,
+    ns: &str,
+    sm: &SchemaMigration,
+) -> Result<(SourceState, Option<Vec<(String, String)>>), Error> {
+    let src = &sm.spec.source;
+    let files = if let Some(cm) = &src.config_map_ref {
+        let found = Api::<ConfigMap>::namespaced(client.clone(), ns)
+            .get_opt(&cm.name)
+            .await
+            .map_err(kube_err("get_configmap"))?;
+        let Some(found) = found else {
+            return Ok((SourceState::Missing, None));
+        };
+        let mut files: Vec<(String, String)> = found.data.unwrap_or_default().into_iter().collect();
+        for (k, v) in found.binary_data.unwrap_or_default() {
+            if let Ok(text) = String::from_utf8(v.0) {
+                files.push((k, text));
+            }
+        }
+        files
+    } else if src.inline.is_some() {
+        job::inline_files(src)
+    } else if let Some(image) = &src.image {
+        let hash = crate::engine::script::sha256_hex(
+            format!("{}\n{}", image.reference, image.path).as_bytes(),
+        );
+        return Ok((SourceState::Opaque { hash }, None));
+    } else {
+        return Ok((SourceState::Invalid("no source is set".into()), None));
+    };
+    match source::load_files("the source", files.clone()) {
+        Ok(set) => Ok((
+            SourceState::Loaded {
+                versions: set
+                    .migrations
+                    .iter()
+                    .map(|m| m.version.to_string())
+                    .collect(),
+                hash: job::files_hash(&files),
+            },
+            Some(files),
+        )),
+        Err(e) => Ok((SourceState::Invalid(format!("{e}; {}", e.hint())), None)),
+    }
+}
+
+/// Reads the history table (never creating anything) and compares it with the files.
+async fn read_database(
+    sm: &SchemaMigration,
+    url: &str,
+    files: Option<&[(String, String)]>,
+    timeout: Duration,
+) -> DbView {
+    let table_name = sm
+        .spec
+        .options
+        .history_table
+        .clone()
+        .unwrap_or_else(|| engine::dialect::DEFAULT_HISTORY_TABLE.into());
+    let Ok(table) = HistoryTable::parse(&table_name) else {
+        return DbView::Unreachable(format!("invalid history table name {table_name:?}"));
+    };
+    let (url, _) = engine::dialect::split_url_params(url);
+    let cfg = ConnectConfig {
+        url,
+        table,
+        connect_timeout: timeout,
+        busy_timeout: Duration::from_millis(100),
+        application_name: "schemagate controller".into(),
+    };
+    let read = async {
+        let mut db = Db::connect(&cfg).await?;
+        let state = runner::read_state(&mut db).await;
+        db.close().await;
+        state.map_err(|e| match e {
+            runner::RunError::Db { source, .. } => source,
+            other => engine::DbError::new(engine::DbErrorKind::Other, other.to_string()),
+        })
+    };
+    let state = match tokio::time::timeout(timeout * 2, read).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return DbView::Unreachable(redact::redact(&e.to_string()).into_owned()),
+        Err(_) => {
+            return DbView::Unreachable(format!("no answer within {}s", (timeout * 2).as_secs()));
+        }
+    };
+    let set = files.and_then(|f| source::load_files("the source", f.to_vec()).ok());
+    let applied: Vec<AppliedMigration> = state
+        .applied
+        .values()
+        .map(|a| AppliedMigration {
+            version: a.version.clone(),
+            description: a.description.clone(),
+            checksum: a.checksum.clone(),
+            applied_at: Some(a.applied_at.clone()),
+            duration_ms: a.duration_ms,
+            applied_by: Some(a.applied_by.clone()),
+        })
+        .collect();
+    let skip = applied.len().saturating_sub(STATUS_LIST_MAX);
+    let (pending, drift) = match &set {
+        Some(set) => {
+            let pending = engine::plan::pending(set, &state)
+                .into_iter()
+                .map(|m| m.version.to_string())
+                .collect();
+            let d = engine::plan::drift(set, &state, ChecksumMode::Strict);
+            let drift = (!d.is_empty()).then(|| engine::plan::PlanError::Drift(d).to_string());
+            (pending, drift)
+        }
+        None => (Vec::new(), None),
+    };
+    DbView::Read(DbRead {
+        current: state.current().map(|v| v.to_string()),
+        applied: applied[skip..].to_vec(),
+        pending,
+        unfinished: state
+            .unfinished
+            .as_ref()
+            .map(|u| engine::plan::PlanError::Unfinished(Box::new(u.clone())).to_string()),
+        drift,
+    })
+}
+
+fn job_view(job: &Job) -> JobView {
+    let status = job.status.clone().unwrap_or_default();
+    let conditions = status.conditions.unwrap_or_default();
+    let finished = |t: &str| {
+        conditions
+            .iter()
+            .find(|c| c.type_ == t && c.status == "True")
+    };
+    let (state, failure) = if let Some(c) = finished("Failed") {
+        let why = [c.reason.clone(), c.message.clone()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(": ");
+        (JobState::Failed, Some(why))
+    } else if finished("Complete").is_some() {
+        (JobState::Succeeded, None)
+    } else {
+        (JobState::Active, None)
+    };
+    let ts = |t: Option<Time>| t.map(|t| t.0.to_string());
+    JobView {
+        kind: RunKind::Job,
+        name: job.name_any(),
+        state,
+        started: ts(status.start_time),
+        finished: ts(status.completion_time).or_else(|| {
+            finished("Failed")
+                .and_then(|c| c.last_transition_time.as_ref().map(|t| t.0.to_string()))
+        }),
+        summary: None,
+        failure,
+    }
+}
+
+/// The runner's summary from a finished Job's pod (its termination message).
+async fn job_summary(client: &Client, ns: &str, job: &str) -> Result<Option<RunSummary>, Error> {
+    let pods = Api::<Pod>::namespaced(client.clone(), ns)
+        .list(&ListParams::default().labels(&format!("job-name={job}")))
+        .await
+        .map_err(kube_err("list_pods"))?;
+    let mut newest: Option<(Timestamp, RunSummary)> = None;
+    for pod in pods.items {
+        let Some(status) = pod.status else { continue };
+        for cs in status.container_statuses.unwrap_or_default() {
+            if cs.name != "migrate" {
+                continue;
+            }
+            let Some(term) = cs.state.and_then(|s| s.terminated) else {
+                continue;
+            };
+            let Some(summary) = term.message.as_deref().and_then(|m| {
+                m.lines()
+                    .rev()
+                    .find_map(|l| serde_json::from_str::<RunSummary>(l).ok())
+            }) else {
+                continue;
+            };
+            let at = term
+                .finished_at
+                .map(|t| t.0)
+                .unwrap_or(Timestamp::UNIX_EPOCH);
+            if newest.as_ref().is_none_or(|(t, _)| at > *t) {
+                newest = Some((at, summary));
+            }
+        }
+    }
+    Ok(newest.map(|(_, s)| s))
+}
+
+/// Observes everything a decision needs.
+pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Error> {
+    let ns = sm.namespace().ok_or(Error::NoNamespace)?;
+    let name = sm.name_any();
+    let (secret, url) = read_secret(&ctx.client, &ns, sm).await?;
+    let (source, files) = read_source(&ctx.client, &ns, sm).await?;
+    let database = match (&url, ctx.settings.observe_database) {
+        (Some(url), true) => {
+            read_database(sm, url, files.as_deref(), ctx.settings.db_timeout).await
+        }
+        (_, false) => DbView::NotObserved,
+        (None, true) => DbView::Unreachable("the database URL is not available".into()),
+    };
+    let uid = sm.uid();
+    let mut jobs: Vec<Job> = Api::<Job>::namespaced(ctx.client.clone(), &ns)
+        .list(&ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}")))
+        .await
+        .map_err(kube_err("list_jobs"))?
+        .items
+        .into_iter()
+        .filter(|j| {
+            j.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect();
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.creation_timestamp().map(|t| t.0)));
+    let mut views: Vec<JobView> = jobs.iter().map(job_view).collect();
+    // The newest finished Job's summary (older ones were reported when they finished).
+    if let Some(v) = views.iter_mut().find(|v| v.state != JobState::Active) {
+        v.summary = job_summary(&ctx.client, &ns, &v.name).await?;
+    }
+    Ok(Observed {
+        secret,
+        source,
+        database,
+        jobs: views,
+    })
+}
+
+/// Decides from what was observed.
+pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) -> Decision {
+    let image = job::runner_image(sm, &ctx.settings.image);
+    let allowed = image_allowed(image, &ctx.settings.image, &ctx.settings.allowed_images);
+    let secret_version = match &o.secret {
+        SecretState::Found { resource_version } => Some(resource_version.clone()),
+        _ => None,
+    };
+    let source_hash = decide::source_hash(&o.source).map(str::to_string);
+    let name = sm.name_any();
+    let namer = move |target: Option<&str>, command: RunCommand| {
+        let hash = job::run_hash(
+            sm,
+            target,
+            command,
+            source_hash.as_deref().unwrap_or_default(),
+            secret_version.as_deref().unwrap_or_default(),
+        );
+        (job::job_name(&name, &hash), hash)
+    };
+    let can_name =
+        matches!(o.secret, SecretState::Found { .. }) && decide::source_hash(&o.source).is_some();
+    decide::decide(&Inputs {
+        sm,
+        now,
+        secret: o.secret.clone(),
+        source: o.source.clone(),
+        database: o.database.clone(),
+        jobs: o.jobs.clone(),
+        namer: can_name.then_some(&namer as &decide::Namer<'_>),
+        image_allowed: allowed,
+    })
+}
+
+/// Carries out a decision: the Job (adopted if it exists), the status (only when it
+/// changed: nothing is written at steady state), the Events.
+pub async fn act(ctx: &Context, sm: &SchemaMigration, d: &Decision) -> Result<(), Error> {
+    let ns = sm.namespace().ok_or(Error::NoNamespace)?;
+    if let Action::CreateJob(plan) = &d.action {
+        let mut inline_cm = None;
+        if sm.spec.source.inline.is_some() {
+            let files = job::inline_files(&sm.spec.source);
+            let name = job::inline_config_map_name(&sm.name_any(), &job::files_hash(&files));
+            let cm = job::inline_config_map(sm, &name, &files);
+            create_or_adopt(
+                &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
+                &cm,
+                "create_configmap",
+            )
+            .await?;
+            inline_cm = Some(name);
+        }
+        let image = job::runner_image(sm, &ctx.settings.image);
+        let job = job::job(sm, plan, image, inline_cm.as_deref());
+        create_or_adopt(
+            &Api::<Job>::namespaced(ctx.client.clone(), &ns),
+            &job,
+            "create_job",
+        )
+        .await?;
+    }
+    if sm.status.as_ref() != Some(&d.status) {
+        let api = Api::<SchemaMigration>::namespaced(ctx.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": "schemagate.dev/v1alpha1",
+            "kind": "SchemaMigration",
+            "status": d.status,
+        });
+        api.patch_status(
+            &sm.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(kube_err("patch_status"))?;
+    }
+    let reference = sm.object_ref(&());
+    for e in &d.events {
+        let event = Event {
+            type_: if e.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: e.reason.into(),
+            note: Some(redact::redact(&e.note).chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = ctx.recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %err, "could not record an Event");
+        }
+    }
+    Ok(())
+}
+
+/// Creates `obj`; if it exists already (a restarted controller, a concurrent
+/// reconciliation), adopts it: deterministic names make it the same object.
+async fn create_or_adopt<K>(api: &Api<K>, obj: &K, op: &'static str) -> Result<(), Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            obj,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(Error::Kube { op, source: e }),
+    }
+}
+
+/// The whole reconciliation of one resource.
+pub async fn reconcile(sm: Arc<SchemaMigration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    let started = Instant::now();
+    ctx.metrics.reconciles.inc();
+    let key = format!("{}/{}", sm.namespace().unwrap_or_default(), sm.name_any());
+    if sm.metadata.deletion_timestamp.is_some() {
+        // Deleting a SchemaMigration never touches the database; its Jobs go with it.
+        ctx.metrics.set_phase(&key, None);
+        return Ok(Requeue::await_change());
+    }
+    let observed = observe(&ctx, &sm).await?;
+    let now = Time(Timestamp::now());
+    let d = decision(&ctx, &sm, &observed, now);
+    note_finished_runs(&ctx, &sm, &d);
+    act(&ctx, &sm, &d).await?;
+    ctx.metrics.set_phase(&key, d.status.phase);
+    if let Ok(mut f) = ctx.failures.lock() {
+        f.remove(&key);
+    }
+    ctx.metrics
+        .reconcile_duration
+        .observe(started.elapsed().as_secs_f64());
+    let busy = matches!(d.status.phase, Some(Phase::Migrating | Phase::Pending));
+    Ok(Requeue::requeue(if busy {
+        ctx.settings.requeue_busy
+    } else {
+        ctx.settings.requeue
+    }))
+}
+
+/// Counts a run once, when the status first shows it finished.
+fn note_finished_runs(ctx: &Context, sm: &SchemaMigration, d: &Decision) {
+    let (Some(new), old) = (
+        d.status.last_run.as_ref(),
+        sm.status.as_ref().and_then(|s| s.last_run.as_ref()),
+    ) else {
+        return;
+    };
+    let finished = new.result == "Succeeded" || new.result == "Failed";
+    let seen = old.is_some_and(|o| o.name == new.name && o.result == new.result);
+    if finished && !seen {
+        let took = match (&new.started_at, &new.finished_at) {
+            (Some(a), Some(b)) => a
+                .parse::<Timestamp>()
+                .ok()
+                .zip(b.parse::<Timestamp>().ok())
+                .and_then(|(a, b)| b.duration_since(a).try_into().ok()),
+            _ => None,
+        };
+        ctx.metrics
+            .run_finished(&new.result.to_ascii_lowercase(), took);
+    }
+}
+
+/// Transient failures: logged, counted, reported as an Event, retried with exponential
+/// backoff and jitter (never a silent requeue).
+pub fn error_policy(sm: Arc<SchemaMigration>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    let key = format!("{}/{}", sm.namespace().unwrap_or_default(), sm.name_any());
+    let failures = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let n = f.entry(key.clone()).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .unwrap_or(1);
+    let message = redact::redact(&error.to_string()).into_owned();
+    tracing::warn!(resource = %key, error = %message, failures, "reconcile failed; retrying");
+    ctx.metrics.error(error.metric_reason());
+    let recorder_ctx = ctx.clone();
+    let reference = sm.object_ref(&());
+    tokio::spawn(async move {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ReconcileError".into(),
+            note: Some(message.chars().take(1000).collect()),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        let _ = recorder_ctx.recorder.publish(&event, &reference).await;
+    });
+    Requeue::requeue(backoff(failures, &key))
+}
+
+/// 1s, 2s, 4s ... up to 5 minutes, with +-20% jitter derived from the resource and count.
+pub fn backoff(failures: u32, key: &str) -> Duration {
+    let base = Duration::from_secs(1) * 2u32.saturating_pow(failures.saturating_sub(1).min(9));
+    let base = base.min(Duration::from_secs(300));
+    let seed = crate::engine::script::sha256_hex(format!("{key}/{failures}").as_bytes());
+    let n = u64::from_str_radix(&seed[..4], 16).unwrap_or(0) as f64 / 65535.0;
+    base.mul_f64(0.8 + 0.4 * n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let a = backoff(1, "shop/orders");
+        assert!(
+            a >= Duration::from_millis(800) && a <= Duration::from_millis(1200),
+            "{a:?}"
+        );
+        let b = backoff(4, "shop/orders");
+        assert!(
+            b >= Duration::from_millis(6400) && b <= Duration::from_millis(9600),
+            "{b:?}"
+        );
+        assert!(backoff(40, "shop/orders") <= Duration::from_secs(360));
+        assert_ne!(
+            backoff(3, "a/b"),
+            backoff(3, "c/d"),
+            "spread across resources"
+        );
+    }
+
+    #[test]
+    fn image_patterns() {
+        let def = "ghcr.io/schemagate/schemagate:0.1.0";
+        assert!(image_allowed(def, def, &[]));
+        assert!(!image_allowed("evil/image", def, &[]));
+        let allowed = vec![
+            "registry.example/team/*".to_string(),
+            "other/exact:1".to_string(),
+        ];
+        assert!(image_allowed(
+            "registry.example/team/runner:2",
+            def,
+            &allowed
+        ));
+        assert!(image_allowed("other/exact:1", def, &allowed));
+        assert!(!image_allowed("other/exact:2", def, &allowed));
+    }
+}
