@@ -1,0 +1,609 @@
+//! Reconcile flows against a mock Kubernetes API server (kube's tower-test pattern), with
+//! a real SQLite database behind the Secret's URL, so the controller's history reads are
+//! real too.
+
+mod support;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::{Request, Response, StatusCode};
+use k8s_openapi::ByteString;
+use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ContainerState, ContainerStateTerminated, ContainerStatus, Pod, PodStatus, Secret,
+};
+use kube::api::ObjectMeta;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Client, Resource};
+use schemagate::api::{
+    ConfigMapRef, DatabaseSpec, DowngradePolicy, MigrationMode, SchemaMigration,
+    SchemaMigrationSpec, SecretKeyRef, SourceSpec,
+};
+use schemagate::controller::metrics::Metrics;
+use schemagate::controller::reconcile::{self, Context, Settings};
+use serde_json::{Value, json};
+use support::*;
+
+const NS: &str = "shop";
+const IMAGE: &str = "ghcr.io/schemagate/schemagate:test";
+
+/// One request the mock API server saw.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    body: Value,
+}
+
+/// The cluster the mock API server answers from.
+#[derive(Clone, Default)]
+struct World {
+    secret: Option<Secret>,
+    config_map: Option<ConfigMap>,
+    jobs: Vec<Job>,
+    pods: Vec<Pod>,
+    /// Answer job creation with 409 (a Job of that name exists).
+    job_conflict: bool,
+    /// The resource, as the server returns it after a status patch.
+    resource: Value,
+}
+
+fn json_response(status: StatusCode, body: Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn not_found(what: &str) -> Response<Body> {
+    json_response(
+        StatusCode::NOT_FOUND,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": format!("{what} not found")}),
+    )
+}
+
+fn list(kind: &str, items: Value) -> Value {
+    json!({ "kind": kind, "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items })
+}
+
+fn answer(world: &World, seen: &Seen) -> Response<Body> {
+    let p = seen.path.as_str();
+    match (seen.method.as_str(), p) {
+        ("GET", _) if p.ends_with("/secrets/orders-db") => match &world.secret {
+            Some(s) => json_response(StatusCode::OK, serde_json::to_value(s).unwrap()),
+            None => not_found("secret"),
+        },
+        ("GET", _) if p.ends_with("/configmaps/orders-migrations") => match &world.config_map {
+            Some(c) => json_response(StatusCode::OK, serde_json::to_value(c).unwrap()),
+            None => not_found("configmap"),
+        },
+        ("GET", _) if p.ends_with("/jobs") => json_response(
+            StatusCode::OK,
+            list("JobList", serde_json::to_value(&world.jobs).unwrap()),
+        ),
+        ("GET", _) if p.ends_with("/pods") => json_response(
+            StatusCode::OK,
+            list("PodList", serde_json::to_value(&world.pods).unwrap()),
+        ),
+        ("POST", _) if p.ends_with("/jobs") && world.job_conflict => json_response(
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "AlreadyExists", "code": 409, "message": "exists"}),
+        ),
+        ("POST", _) => json_response(StatusCode::CREATED, seen.body.clone()),
+        ("PATCH", _) => {
+            let mut body = world.resource.clone();
+            body["status"] = seen.body["status"].clone();
+            json_response(StatusCode::OK, body)
+        }
+        _ => not_found("path"),
+    }
+}
+
+/// Runs one reconciliation against `world`; returns what the API server saw and the result.
+async fn reconcile_once(
+    sm: SchemaMigration,
+    mut world: World,
+) -> (
+    Vec<Seen>,
+    Result<kube::runtime::controller::Action, reconcile::Error>,
+) {
+    world.resource = serde_json::to_value(&sm).unwrap();
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let server = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .unwrap()
+                .to_bytes();
+            let s = Seen {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            };
+            let response = answer(&world, &s);
+            log.lock().unwrap().push(s);
+            send.send_response(response);
+        }
+    });
+    let client = Client::new(service, NS);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: Settings {
+            image: IMAGE.into(),
+            db_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        },
+        metrics: Arc::new(Metrics::new()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "schemagate-test".into(),
+                instance: None,
+            },
+        ),
+        failures: Default::default(),
+    });
+    let result = reconcile::reconcile(Arc::new(sm), ctx).await;
+    server.abort();
+    let seen = seen.lock().unwrap().clone();
+    (seen, result)
+}
+
+fn files() -> Vec<(&'static str, &'static str)> {
+    vec![
+        (
+            "1_create_orders.up.sql",
+            "CREATE TABLE orders (id INTEGER PRIMARY KEY);\n",
+        ),
+        ("1_create_orders.down.sql", "DROP TABLE orders;\n"),
+        (
+            "2_add_total.up.sql",
+            "ALTER TABLE orders ADD COLUMN total INTEGER;\n",
+        ),
+        (
+            "3_add_customer.up.sql",
+            "ALTER TABLE orders ADD COLUMN customer TEXT;\n",
+        ),
+    ]
+}
+
+/// A SQLite database migrated to `version` by the real binary, and its URL.
+fn database(version: Option<&str>) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("app.db").display());
+    if let Some(v) = version {
+        let mig = MigDir::new();
+        for (n, t) in files() {
+            mig.file(n, t);
+        }
+        let mut c = migrate(&url, mig.path());
+        c.args(["upgrade", v]);
+        assert_code(&run(c), 0);
+    }
+    (dir, url)
+}
+
+fn world(url: &str) -> World {
+    World {
+        secret: Some(Secret {
+            metadata: ObjectMeta {
+                name: Some("orders-db".into()),
+                namespace: Some(NS.into()),
+                resource_version: Some("41".into()),
+                ..Default::default()
+            },
+            data: Some([("url".to_string(), ByteString(url.as_bytes().to_vec()))].into()),
+            ..Default::default()
+        }),
+        config_map: Some(ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("orders-migrations".into()),
+                namespace: Some(NS.into()),
+                ..Default::default()
+            },
+            data: Some(
+                files()
+                    .into_iter()
+                    .map(|(n, t)| (n.to_string(), t.to_string()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn resource(mode: MigrationMode) -> SchemaMigration {
+    let mut sm = SchemaMigration::new(
+        "orders",
+        SchemaMigrationSpec {
+            database: DatabaseSpec {
+                url_secret_ref: SecretKeyRef {
+                    name: "orders-db".into(),
+                    key: "url".into(),
+                },
+            },
+            source: SourceSpec {
+                config_map_ref: Some(ConfigMapRef {
+                    name: "orders-migrations".into(),
+                }),
+                ..Default::default()
+            },
+            target_version: None,
+            mode,
+            downgrade: DowngradePolicy::Deny,
+            paused: false,
+            runner: Default::default(),
+            options: Default::default(),
+        },
+    );
+    sm.metadata.namespace = Some(NS.into());
+    sm.metadata.uid = Some("uid-orders".into());
+    sm.metadata.generation = Some(1);
+    sm
+}
+
+fn posts<'a>(seen: &'a [Seen], suffix: &str) -> Vec<&'a Seen> {
+    seen.iter()
+        .filter(|s| s.method == "POST" && s.path.ends_with(suffix))
+        .collect()
+}
+
+fn status_patch(seen: &[Seen]) -> Value {
+    let p: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.path.ends_with("/schemamigrations/orders/status"))
+        .collect();
+    assert_eq!(p.len(), 1, "{seen:#?}");
+    assert!(
+        p[0].query.contains("fieldManager=schemagate-controller")
+            && p[0].query.contains("force=true"),
+        "{}",
+        p[0].query
+    );
+    p[0].body["status"].clone()
+}
+
+fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
+    status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .unwrap()
+}
+
+/// The Job the controller would have named for this world (as created in the first test).
+async fn created_job(sm: &SchemaMigration, w: &World) -> Job {
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    let jobs = posts(&seen, "/jobs");
+    assert_eq!(jobs.len(), 1, "{seen:#?}");
+    serde_json::from_value(jobs[0].body.clone()).unwrap()
+}
+
+fn finished(mut job: Job, ok: bool) -> Job {
+    job.metadata.uid = Some("uid-job".into());
+    job.metadata.owner_references = Some(vec![sm_owner()]);
+    job.status = Some(JobStatus {
+        start_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-25T07:00:00Z".parse().unwrap(),
+        )),
+        completion_time: ok.then(|| {
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-11-25T07:00:09Z".parse().unwrap(),
+            )
+        }),
+        conditions: Some(vec![JobCondition {
+            type_: if ok { "Complete" } else { "Failed" }.into(),
+            status: "True".into(),
+            reason: (!ok).then(|| "BackoffLimitExceeded".into()),
+            message: (!ok).then(|| "Job has reached the specified backoff limit".into()),
+            last_transition_time: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-11-25T07:00:09Z".parse().unwrap(),
+            )),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    });
+    job
+}
+
+fn sm_owner() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+    resource(MigrationMode::Job)
+        .controller_owner_ref(&())
+        .unwrap()
+}
+
+fn pod_with_summary(job: &str, summary: Value) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("{job}-abcde")),
+            namespace: Some(NS.into()),
+            ..Default::default()
+        },
+        status: Some(PodStatus {
+            container_statuses: Some(vec![ContainerStatus {
+                name: "migrate".into(),
+                state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        exit_code: summary["exitCode"].as_i64().unwrap_or(0) as i32,
+                        message: Some(summary.to_string()),
+                        finished_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                            "2026-11-25T07:00:09Z".parse().unwrap(),
+                        )),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_new_resource_creates_exactly_the_expected_job() {
+    let (_db, url) = database(Some("1"));
+    let sm = resource(MigrationMode::Job);
+    let (seen, result) = reconcile_once(sm.clone(), world(&url)).await;
+    result.unwrap();
+    let jobs = posts(&seen, "/jobs");
+    assert_eq!(jobs.len(), 1, "exactly one Job: {seen:#?}");
+    let job: Job = serde_json::from_value(jobs[0].body.clone()).unwrap();
+    let name = job.metadata.name.clone().unwrap();
+    assert!(name.starts_with("orders-") && name.len() <= 63, "{name}");
+    let owner = &job.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str(), owner.controller),
+        ("SchemaMigration", "uid-orders", Some(true))
+    );
+    let pod = job.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some(IMAGE));
+    assert_eq!(c.args.as_ref().unwrap()[..3], ["migrate", "upgrade", "3"]);
+    let env = c.env.as_ref().unwrap();
+    let db = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
+    assert!(db.value.is_none());
+    assert_eq!(
+        db.value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "orders-db"
+    );
+    assert!(
+        !serde_json::to_string(&job).unwrap().contains(&url),
+        "the URL is never copied into the Job"
+    );
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(
+        (
+            sc.run_as_non_root,
+            sc.read_only_root_filesystem,
+            sc.allow_privilege_escalation
+        ),
+        (Some(true), Some(true), Some(false))
+    );
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "migrations")
+        .unwrap();
+    assert_eq!(vol.config_map.as_ref().unwrap().name, "orders-migrations");
+
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Migrating");
+    assert_eq!(
+        status["currentVersion"], "1",
+        "read from the real history table"
+    );
+    assert_eq!(status["targetVersion"], "3");
+    assert_eq!(status["pending"], json!(["2", "3"]));
+    assert_eq!(status["observedGeneration"], 1);
+    assert_eq!(condition(&status, "Reconciling")["status"], "True");
+    assert_eq!(condition(&status, "DatabaseReachable")["status"], "True");
+    assert!(
+        posts(&seen, "/events")
+            .iter()
+            .any(|e| e.body["reason"] == "JobCreated")
+    );
+    // Secrets are read with get; never listed.
+    assert!(
+        seen.iter()
+            .all(|s| !(s.method == "GET" && s.path.ends_with("/secrets")))
+    );
+}
+
+#[tokio::test]
+async fn job_success_makes_the_resource_ready_with_versions() {
+    let (_db, url) = database(Some("1"));
+    let sm = resource(MigrationMode::Job);
+    let w = world(&url);
+    let job = created_job(&sm, &w).await;
+    let name = job.metadata.name.clone().unwrap();
+    // The runner migrates the database and reports.
+    let mig = MigDir::new();
+    for (n, t) in files() {
+        mig.file(n, t);
+    }
+    let mut c = migrate(&url, mig.path());
+    c.arg("upgrade");
+    assert_code(&run(c), 0);
+    let mut w = w;
+    w.jobs = vec![finished(job, true)];
+    w.pods = vec![pod_with_summary(
+        &name,
+        json!({"schemagate": 1, "command": "upgrade", "result": "success", "from": "1", "to": "3", "applied": ["2", "3"], "exitCode": 0, "durationMs": 40}),
+    )];
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty(), "no second Job");
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["currentVersion"], "3");
+    assert_eq!(condition(&status, "Ready")["status"], "True");
+    assert_eq!(condition(&status, "Stalled")["status"], "False");
+    assert_eq!(status["applied"].as_array().unwrap().len(), 3);
+    let run = &status["lastRun"];
+    assert_eq!(
+        (
+            run["kind"].as_str(),
+            run["name"].as_str(),
+            run["result"].as_str()
+        ),
+        (Some("Job"), Some(name.as_str()), Some("Succeeded"))
+    );
+    assert_eq!(run["message"], "applied 2, 3 (1 -> 3)");
+}
+
+#[tokio::test]
+async fn job_failure_makes_the_resource_failed_and_stalled_with_the_runner_message() {
+    let (_db, url) = database(Some("1"));
+    let sm = resource(MigrationMode::Job);
+    let w = world(&url);
+    let job = created_job(&sm, &w).await;
+    let name = job.metadata.name.clone().unwrap();
+    let mut w = w;
+    w.jobs = vec![finished(job, false)];
+    w.pods = vec![pod_with_summary(
+        &name,
+        json!({"schemagate": 1, "result": "failed", "exitCode": 12, "applied": [],
+               "error": {"kind": "migration_failed", "message": "migration 2 (2_add_total.up.sql) failed at statement 1 of 1 (line 1): duplicate column name: total"}}),
+    )];
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    assert!(
+        posts(&seen, "/jobs").is_empty(),
+        "a failed Job is not retried"
+    );
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Failed");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some("MigrationFailed"))
+    );
+    assert!(
+        stalled["message"]
+            .as_str()
+            .unwrap()
+            .contains("2_add_total.up.sql"),
+        "{stalled}"
+    );
+    assert!(
+        posts(&seen, "/events")
+            .iter()
+            .any(|e| e.body["type"] == "Warning" && e.body["reason"] == "MigrationFailed")
+    );
+}
+
+#[tokio::test]
+async fn an_existing_job_is_adopted_not_duplicated() {
+    let (_db, url) = database(Some("1"));
+    let sm = resource(MigrationMode::Job);
+    let w = world(&url);
+    let mut job = created_job(&sm, &w).await;
+    // A restarted controller finds its Job still running: it waits for it.
+    job.metadata.owner_references = Some(vec![sm_owner()]);
+    job.status = Some(JobStatus {
+        active: Some(1),
+        ..Default::default()
+    });
+    let mut running = w.clone();
+    running.jobs = vec![job];
+    let (seen, result) = reconcile_once(sm.clone(), running).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty(), "{seen:#?}");
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Migrating");
+    assert_eq!(condition(&status, "Reconciling")["reason"], "JobRunning");
+    // A Job created by a concurrent reconciliation (409 on create) is adopted too.
+    let mut conflict = w;
+    conflict.job_conflict = true;
+    let (seen, result) = reconcile_once(sm, conflict).await;
+    result.unwrap();
+    assert_eq!(posts(&seen, "/jobs").len(), 1);
+    assert_eq!(status_patch(&seen)["phase"], "Migrating");
+}
+
+#[tokio::test]
+async fn a_denied_downgrade_blocks_and_creates_nothing() {
+    let (_db, url) = database(Some("3"));
+    let mut sm = resource(MigrationMode::Job);
+    sm.spec.target_version = Some("1".into());
+    let (seen, result) = reconcile_once(sm, world(&url)).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty());
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Blocked");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some("DowngradeDenied"))
+    );
+}
+
+#[tokio::test]
+async fn paused_creates_nothing_and_says_so() {
+    let (_db, url) = database(Some("1"));
+    let mut sm = resource(MigrationMode::Job);
+    sm.spec.paused = true;
+    let (seen, result) = reconcile_once(sm, world(&url)).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty());
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Pending");
+    assert_eq!(condition(&status, "Reconciling")["reason"], "Paused");
+}
+
+#[tokio::test]
+async fn a_missing_secret_is_named_and_nothing_else_is_read() {
+    let (_db, url) = database(Some("1"));
+    let mut w = world(&url);
+    w.secret = None;
+    let (seen, result) = reconcile_once(resource(MigrationMode::Job), w).await;
+    let action = result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty());
+    let status = status_patch(&seen);
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(stalled["reason"], "SecretNotFound");
+    assert!(stalled["message"].as_str().unwrap().contains("orders-db"));
+    // Retried: a missing Secret appears later.
+    assert_ne!(action, kube::runtime::controller::Action::await_change());
+}
+
+#[tokio::test]
+async fn a_steady_state_writes_nothing() {
+    let (_db, url) = database(Some("3"));
+    let sm = resource(MigrationMode::InitContainer);
+    let (seen, result) = reconcile_once(sm.clone(), world(&url)).await;
+    result.unwrap();
+    let status: schemagate::api::SchemaMigrationStatus =
+        serde_json::from_value(status_patch(&seen)).unwrap();
+    assert_eq!(status.phase, Some(schemagate::api::Phase::Ready));
+    let mut settled = sm;
+    settled.status = Some(status);
+    let (seen, result) = reconcile_once(settled, world(&url)).await;
+    result.unwrap();
+    let writes: Vec<&Seen> = seen.iter().filter(|s| s.method != "GET").collect();
+    assert!(
+        writes.is_empty(),
+        "no writes when nothing changed: {writes:#?}"
+    );
+}
