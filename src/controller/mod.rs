@@ -77,6 +77,10 @@ pub struct ControllerArgs {
     #[arg(long, env = "SCHEMAGATE_OBSERVE_DATABASE", default_value_t = true, action = clap::ArgAction::Set)]
     pub observe_database: bool,
 
+    /// How many resources are reconciled at once (each may hold one database connection).
+    #[arg(long, env = "SCHEMAGATE_CONCURRENCY", default_value_t = 8)]
+    pub concurrency: u16,
+
     /// How often every resource is looked at again when nothing triggers it (picks up
     /// Secret changes and changes made to databases outside schemagate).
     #[arg(long, env = "SCHEMAGATE_RESYNC", default_value = "5m", value_parser = crate::cli::parse_duration)]
@@ -209,6 +213,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
     });
 
     let controller = Controller::new(sms, watcher::Config::default().any_semantic())
+        .with_config(
+            kube::runtime::controller::Config::default()
+                .concurrency(args.concurrency.max(1))
+                .debounce(Duration::from_millis(500)),
+        )
         .owns(jobs, watcher::Config::default().labels(JOB_FOR_LABEL));
     let store = controller.store();
     let ready_store = store.clone();

@@ -360,19 +360,25 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
         (_, false) => DbView::NotObserved,
         (None, true) => DbView::Unreachable("the database URL is not available".into()),
     };
+    // Jobs exist in Job mode only (a switch to init-container mode while a Job runs is
+    // harmless: the runner holds the database lock, the pods wait for it).
     let uid = sm.uid();
-    let mut jobs: Vec<Job> = Api::<Job>::namespaced(ctx.client.clone(), &ns)
-        .list(&ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}")))
-        .await
-        .map_err(kube_err("list_jobs"))?
-        .items
-        .into_iter()
-        .filter(|j| {
-            j.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
-        })
-        .collect();
+    let mut jobs: Vec<Job> = if sm.spec.mode != crate::api::MigrationMode::Job {
+        Vec::new()
+    } else {
+        Api::<Job>::namespaced(ctx.client.clone(), &ns)
+            .list(&ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}")))
+            .await
+            .map_err(kube_err("list_jobs"))?
+            .items
+            .into_iter()
+            .filter(|j| {
+                j.owner_references()
+                    .iter()
+                    .any(|o| Some(&o.uid) == uid.as_ref())
+            })
+            .collect()
+    };
     jobs.sort_by_key(|j| std::cmp::Reverse(j.creation_timestamp().map(|t| t.0)));
     let mut views: Vec<JobView> = jobs.iter().map(job_view).collect();
     // The newest finished Job's summary (older ones were reported when they finished).
