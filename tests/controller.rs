@@ -18,8 +18,8 @@ use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::{Client, Resource};
 use schemagate::api::{
-    ConfigMapRef, DatabaseSpec, DowngradePolicy, MigrationMode, SchemaMigration,
-    SchemaMigrationSpec, SecretKeyRef, SourceSpec,
+    InlineMigration, MIGRATION_LABEL, MigrationMode, SchemaMigration, SchemaMigrationSpec,
+    SourceSpec,
 };
 use schemagate::controller::metrics::Metrics;
 use schemagate::controller::reconcile::{self, Context, Settings};
@@ -112,6 +112,18 @@ async fn reconcile_once(
     Result<kube::runtime::controller::Action, reconcile::Error>,
 ) {
     world.resource = serde_json::to_value(&sm).unwrap();
+    // Gated pods reach the controller through its watch (a reflector store), not a list.
+    let (pod_store, mut writer) = kube::runtime::reflector::store::<Pod>();
+    for pod in world.pods.iter().filter(|p| {
+        p.metadata
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(MIGRATION_LABEL))
+    }) {
+        let mut slim = pod.clone();
+        reconcile::slim_pod(&mut slim);
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(slim));
+    }
     let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
     let log = seen.clone();
@@ -150,6 +162,7 @@ async fn reconcile_once(
             },
         ),
         failures: Default::default(),
+        pods: pod_store,
     });
     let result = reconcile::reconcile(Arc::new(sm), ctx).await;
     server.abort();
@@ -225,24 +238,12 @@ fn resource(mode: MigrationMode) -> SchemaMigration {
     let mut sm = SchemaMigration::new(
         "orders",
         SchemaMigrationSpec {
-            database: DatabaseSpec {
-                url_secret_ref: SecretKeyRef {
-                    name: "orders-db".into(),
-                    key: "url".into(),
-                },
-            },
-            source: SourceSpec {
-                config_map_ref: Some(ConfigMapRef {
-                    name: "orders-migrations".into(),
-                }),
-                ..Default::default()
-            },
-            target_version: None,
             mode,
-            downgrade: DowngradePolicy::Deny,
-            paused: false,
-            runner: Default::default(),
-            options: Default::default(),
+            ..SchemaMigrationSpec::new(
+                "orders-db",
+                "url",
+                SourceSpec::config_map("orders-migrations"),
+            )
         },
     );
     sm.metadata.namespace = Some(NS.into());
@@ -403,7 +404,7 @@ async fn a_new_resource_creates_exactly_the_expected_job() {
         .as_ref()
         .unwrap()
         .iter()
-        .find(|v| v.name == "migrations")
+        .find(|v| v.name == "schemagate-migrations")
         .unwrap();
     assert_eq!(vol.config_map.as_ref().unwrap().name, "orders-migrations");
 
@@ -606,4 +607,161 @@ async fn a_steady_state_writes_nothing() {
         writes.is_empty(),
         "no writes when nothing changed: {writes:#?}"
     );
+}
+
+/// An app pod gated by `orders`, its injected init container finished as `summary` says
+/// (`restarting`: the kubelet restarts it after that failure).
+fn gated_pod(name: &str, finished_at: &str, summary: Value, restarting: bool) -> Pod {
+    let code = summary["exitCode"].as_i64().unwrap_or(0) as i32;
+    let terminated = ContainerState {
+        terminated: Some(ContainerStateTerminated {
+            exit_code: code,
+            message: Some(format!("some log line\n{summary}")),
+            started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                "2026-11-25T07:00:00Z".parse().unwrap(),
+            )),
+            finished_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                finished_at.parse().unwrap(),
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let waiting = ContainerState {
+        waiting: Some(k8s_openapi::api::core::v1::ContainerStateWaiting {
+            reason: Some("CrashLoopBackOff".into()),
+            message: None,
+        }),
+        ..Default::default()
+    };
+    let (state, last_state) = if restarting {
+        (waiting, Some(terminated))
+    } else {
+        (terminated, None)
+    };
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            labels: Some([(MIGRATION_LABEL.to_string(), "orders".to_string())].into()),
+            annotations: Some([("big".to_string(), "x".repeat(4096))].into()),
+            ..Default::default()
+        },
+        spec: Some(Default::default()),
+        status: Some(PodStatus {
+            init_container_statuses: Some(vec![ContainerStatus {
+                name: "schemagate-migrate".into(),
+                state: Some(state),
+                last_state,
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+    }
+}
+
+fn events<'a>(seen: &'a [Seen], reason: &str) -> Vec<&'a Seen> {
+    posts(seen, "/events")
+        .into_iter()
+        .filter(|e| e.body["reason"] == reason)
+        .collect()
+}
+
+#[tokio::test]
+async fn init_container_runs_are_recorded_from_the_pod_that_migrated() {
+    let (_db, url) = database(Some("3"));
+    let mut w = world(&url);
+    let applied =
+        json!({"result": "applied", "from": "1", "to": "3", "applied": ["2", "3"], "exitCode": 0});
+    let noop = json!({"result": "noop", "current": "3", "exitCode": 0});
+    // The pod that migrated, and a later one that found nothing to do.
+    w.pods = vec![
+        gated_pod("web-7f9-a", "2026-11-25T07:00:05Z", applied, false),
+        gated_pod("web-7f9-b", "2026-11-25T07:00:06Z", noop, false),
+    ];
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.status = Some(Default::default());
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty());
+    assert!(
+        !seen.iter().any(|s| s.path.ends_with("/pods")),
+        "pods come from the watch, not a list: {seen:#?}"
+    );
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["currentVersion"], "3");
+    let last = &status["lastRun"];
+    assert_eq!(
+        (
+            last["kind"].as_str(),
+            last["name"].as_str(),
+            last["result"].as_str()
+        ),
+        (Some("Pod"), Some("web-7f9-a"), Some("Succeeded"))
+    );
+    assert_eq!(last["message"], "applied 2, 3 (1 -> 3)");
+    assert_eq!(last["finishedAt"], "2026-11-25T07:00:05Z");
+    let migrated = events(&seen, "Migrated");
+    assert_eq!(migrated.len(), 1, "{seen:#?}");
+    assert!(
+        migrated[0].body["note"]
+            .as_str()
+            .unwrap()
+            .contains("pod web-7f9-a applied 2, 3"),
+        "{:?}",
+        migrated[0].body
+    );
+}
+
+#[tokio::test]
+async fn a_failed_init_container_fails_the_resource_with_the_runner_message() {
+    let (_db, url) = database(Some("1"));
+    let mut w = world(&url);
+    let failed = json!({"result": "failed", "from": "1", "applied": [], "exitCode": 13,
+        "error": {"kind": "migration_failed", "message": "migration 2 failed at statement 1: no such table: order"}});
+    w.pods = vec![gated_pod("web-8a1-a", "2026-11-25T07:00:05Z", failed, true)];
+    let (seen, result) = reconcile_once(resource(MigrationMode::InitContainer), w).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Failed");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(stalled["reason"], "MigrationFailed");
+    let message = stalled["message"].as_str().unwrap();
+    assert!(
+        message.contains("web-8a1-a") && message.contains("no such table: order"),
+        "{message}"
+    );
+    assert_eq!(status["lastRun"]["result"], "Failed");
+    let warned = events(&seen, "MigrationFailed");
+    assert_eq!(warned.len(), 1, "one Event, not one per source: {seen:#?}");
+    assert_eq!(warned[0].body["type"], "Warning");
+}
+
+#[tokio::test]
+async fn init_container_mode_creates_the_inline_config_map_the_pods_mount() {
+    let (_db, url) = database(None);
+    let mut w = world(&url);
+    w.config_map = None;
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.spec.source = SourceSpec {
+        inline: Some(vec![InlineMigration {
+            version: "1".into(),
+            description: "create orders".into(),
+            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
+            down: None,
+        }]),
+        ..Default::default()
+    };
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    let created = posts(&seen, "/configmaps");
+    assert_eq!(created.len(), 1, "{seen:#?}");
+    let name = created[0].body["metadata"]["name"].as_str().unwrap();
+    assert!(name.starts_with("orders-inline-"), "{name}");
+    assert_eq!(
+        created[0].body["metadata"]["ownerReferences"][0]["kind"],
+        "SchemaMigration"
+    );
+    assert_eq!(status_patch(&seen)["phase"], "Migrating");
 }

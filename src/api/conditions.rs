@@ -38,6 +38,8 @@ pub mod reason {
     pub const UNKNOWN_TARGET: &str = "UnknownTarget";
     /// The target is below the current version and `downgrade: Deny`.
     pub const DOWNGRADE_DENIED: &str = "DowngradeDenied";
+    /// A run (a Job, or a gated pod's init container) applied migrations (Event reason).
+    pub const MIGRATED: &str = "Migrated";
     /// The last migration run failed.
     pub const MIGRATION_FAILED: &str = "MigrationFailed";
     /// A step did not finish (a non-transactional migration stopped part-way).

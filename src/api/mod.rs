@@ -109,6 +109,39 @@ pub struct SchemaMigrationSpec {
     pub options: MigrationOptions,
 }
 
+impl SchemaMigrationSpec {
+    /// A spec for the database URL under `key` of Secret `secret`, migrations from
+    /// `source`, and every other field at its default (InitContainer mode, downgrades
+    /// denied, the newest migration as the target).
+    pub fn new(secret: &str, key: &str, source: SourceSpec) -> Self {
+        SchemaMigrationSpec {
+            database: DatabaseSpec {
+                url_secret_ref: SecretKeyRef {
+                    name: secret.into(),
+                    key: key.into(),
+                },
+            },
+            source,
+            target_version: None,
+            mode: MigrationMode::default(),
+            downgrade: DowngradePolicy::default(),
+            paused: false,
+            runner: RunnerSpec::default(),
+            options: MigrationOptions::default(),
+        }
+    }
+}
+
+impl SourceSpec {
+    /// Migrations from the ConfigMap `name`.
+    pub fn config_map(name: &str) -> Self {
+        SourceSpec {
+            config_map_ref: Some(ConfigMapRef { name: name.into() }),
+            ..Default::default()
+        }
+    }
+}
+
 /// The database connection.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

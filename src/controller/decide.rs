@@ -655,6 +655,33 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     }
 
     let newest = i.jobs.first();
+    // A run that finished since the last status: who migrated what, or why it failed.
+    if let Some(run) = newest.filter(|r| r.state != JobState::Active) {
+        let seen = previous
+            .last_run
+            .as_ref()
+            .is_some_and(|l| l.name == run.name && l.result == last_run(run).result);
+        let applied = run.summary.as_ref().is_some_and(|s| !s.applied.is_empty());
+        let kind = match run.kind {
+            RunKind::Job => "Job",
+            RunKind::Pod => "pod",
+        };
+        let message = last_run(run).message.unwrap_or_default();
+        let told = events.iter().any(|e| e.reason == reason::MIGRATION_FAILED);
+        if !seen && run.state == JobState::Failed && !told {
+            events.push(EventNote {
+                warning: true,
+                reason: reason::MIGRATION_FAILED,
+                note: format!("{kind} {} failed: {message}", run.name),
+            });
+        } else if !seen && applied {
+            events.push(EventNote {
+                warning: false,
+                reason: reason::MIGRATED,
+                note: format!("{kind} {} {message}", run.name),
+            });
+        }
+    }
     let status = SchemaMigrationStatus {
         observed_generation: generation,
         phase: Some(verdict.phase),

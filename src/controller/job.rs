@@ -20,6 +20,8 @@ use crate::engine::script::sha256_hex;
 
 /// Where the runner finds the migration files.
 pub const MIGRATIONS_DIR: &str = "/migrations";
+/// The volume holding them (prefixed: it joins the app's own volumes in gated pods).
+pub const MIGRATIONS_VOLUME: &str = "schemagate-migrations";
 /// The unprivileged user the runner runs as (distroless "nonroot").
 pub const RUNNER_UID: i64 = 65532;
 /// Annotation carrying the run hash of a Job.
@@ -271,7 +273,7 @@ pub fn migrations_volume(
 ) -> (Vec<Volume>, Vec<Container>) {
     let source = &sm.spec.source;
     let config_map = |name: &str| Volume {
-        name: "migrations".into(),
+        name: MIGRATIONS_VOLUME.into(),
         config_map: Some(ConfigMapVolumeSource {
             name: name.into(),
             ..Default::default()
@@ -292,7 +294,7 @@ pub fn migrations_volume(
             path: MIGRATIONS_DIR.into(),
         });
     let volume = Volume {
-        name: "migrations".into(),
+        name: MIGRATIONS_VOLUME.into(),
         empty_dir: Some(EmptyDirVolumeSource {
             size_limit: Some(Quantity("64Mi".into())),
             ..Default::default()
@@ -310,7 +312,7 @@ pub fn migrations_volume(
             format!("{MIGRATIONS_DIR}/"),
         ]),
         volume_mounts: Some(vec![VolumeMount {
-            name: "migrations".into(),
+            name: MIGRATIONS_VOLUME.into(),
             mount_path: MIGRATIONS_DIR.into(),
             ..Default::default()
         }]),
@@ -335,7 +337,7 @@ pub fn runner_container(
         env: Some(runner_env(sm)),
         volume_mounts: Some(vec![
             VolumeMount {
-                name: "migrations".into(),
+                name: MIGRATIONS_VOLUME.into(),
                 mount_path: MIGRATIONS_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()

@@ -38,6 +38,9 @@ pub struct Metrics {
     pub runs: Family<ResultLabel, Counter>,
     pub run_duration: Histogram,
     phases: Family<PhaseLabel, Gauge>,
+    /// Admission reviews answered, by outcome (injected, unchanged, denied, invalid).
+    pub admissions: Family<ResultLabel, Counter>,
+    pub admission_duration: Histogram,
     phase_of: Mutex<HashMap<String, Phase>>,
 }
 
@@ -56,6 +59,18 @@ impl Metrics {
         let runs = Family::<ResultLabel, Counter>::default();
         let run_duration = Histogram::new(exponential_buckets(0.5, 2.0, 14));
         let phases = Family::<PhaseLabel, Gauge>::default();
+        let admissions = Family::<ResultLabel, Counter>::default();
+        let admission_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        registry.register(
+            "admissions",
+            "Admission reviews of gated pods, by outcome",
+            admissions.clone(),
+        );
+        registry.register(
+            "admission_duration_seconds",
+            "How long an admission review takes (including the SchemaMigration read)",
+            admission_duration.clone(),
+        );
         registry.register(
             "reconciles",
             "Reconciliations of SchemaMigrations",
@@ -97,6 +112,8 @@ impl Metrics {
             runs,
             run_duration,
             phases,
+            admissions,
+            admission_duration,
             phase_of: Mutex::new(HashMap::new()),
         }
     }
@@ -108,6 +125,16 @@ impl Metrics {
                 reason: reason.into(),
             })
             .inc();
+    }
+
+    /// Records an answered admission review.
+    pub fn admitted(&self, outcome: &str, took: Duration) {
+        self.admissions
+            .get_or_create(&ResultLabel {
+                result: outcome.into(),
+            })
+            .inc();
+        self.admission_duration.observe(took.as_secs_f64());
     }
 
     /// Records a finished run.

@@ -20,11 +20,12 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use crate::api::{JOB_FOR_LABEL, SchemaMigration};
@@ -85,6 +86,14 @@ pub struct ControllerArgs {
     /// Secret changes and changes made to databases outside schemagate).
     #[arg(long, env = "SCHEMAGATE_RESYNC", default_value = "5m", value_parser = crate::cli::parse_duration)]
     pub resync: Duration,
+
+    /// The controller's own namespace (leader-election Lease, webhook certificate Secret;
+    /// excluded from the webhook). In a cluster the chart sets it from the pod.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    #[command(flatten)]
+    pub webhook: crate::webhook::runtime::WebhookArgs,
 }
 
 /// Why the controller stopped.
@@ -100,6 +109,8 @@ pub enum RunError {
     },
     #[error("lost leadership")]
     LostLeadership,
+    #[error("cannot start the admission webhook: {0}")]
+    Webhook(#[from] crate::webhook::runtime::StartError),
 }
 
 fn identity() -> String {
@@ -145,13 +156,31 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         metrics.clone(),
     ));
 
+    // Every replica serves the webhook, leader or not: pods must never wait on an election.
+    let webhook_tasks = if args.webhook.enabled {
+        let settings = crate::webhook::InjectSettings {
+            image: args.image.clone(),
+            allowed_images: args.allowed_images.clone(),
+            wait_timeout: args.webhook.webhook_wait_timeout,
+        };
+        crate::webhook::runtime::start(
+            &args.webhook,
+            client.clone(),
+            &args.namespace,
+            settings,
+            metrics.clone(),
+        )
+        .await?
+    } else {
+        Vec::new()
+    };
+
     let identity = identity();
     let elector = args.leader_election.then(|| {
         let ns = args
             .leader_election_namespace
             .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".into());
+            .unwrap_or_else(|| args.namespace.clone());
         leader::Elector::new(
             client.clone(),
             &ns,
@@ -175,13 +204,16 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
     health.set_waiting("waiting for the first watch sync");
 
     // ConfigMaps are watched as metadata only: a change triggers the SchemaMigrations that
-    // reference it, which then read it with `get`.
-    let (sms, jobs, cms): (
+    // reference it, which then read it with `get`. Gated pods are kept slimmed in a store
+    // (their init containers' results are init-container mode's runs).
+    let (sms, jobs, cms, pods): (
         Api<SchemaMigration>,
         Api<Job>,
         Api<PartialObjectMeta<ConfigMap>>,
+        Api<Pod>,
     ) = match &args.watch_namespace {
         Some(ns) => (
+            Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
             Api::namespaced(client.clone(), ns),
@@ -190,8 +222,19 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             Api::all(client.clone()),
             Api::all(client.clone()),
             Api::all(client.clone()),
+            Api::all(client.clone()),
         ),
     };
+    let (pod_store, pod_writer) = reflector::store::<Pod>();
+    let pod_stream = reflector(
+        pod_writer,
+        watcher(
+            pods,
+            watcher::Config::default().labels(crate::api::MIGRATION_LABEL),
+        )
+        .modify(reconcile::slim_pod),
+    )
+    .touched_objects();
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: Settings {
@@ -210,6 +253,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             },
         ),
         failures: Default::default(),
+        pods: pod_store,
     });
 
     let controller = Controller::new(sms, watcher::Config::default().any_semantic())
@@ -233,6 +277,11 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         .watches(cms, watcher::Config::default(), move |cm| {
             referencing(&cm_store, cm.namespace().as_deref(), &cm.name_any())
         })
+        .watches_stream(pod_stream, |pod| {
+            let ns = pod.namespace()?;
+            let name = pod.labels().get(crate::api::MIGRATION_LABEL)?.clone();
+            Some(ObjectRef::new(&name).within(&ns))
+        })
         .shutdown_on_signal();
 
     let run = controller
@@ -254,6 +303,9 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         }
     };
     health.alive.store(false, Ordering::SeqCst);
+    for t in webhook_tasks {
+        t.abort();
+    }
     if server.is_finished()
         && let Ok(Err(source)) = server.await
     {

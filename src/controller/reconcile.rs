@@ -12,6 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
@@ -22,10 +23,12 @@ use super::decide::{
 use super::job;
 use super::metrics::Metrics;
 use crate::api::{
-    AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, Phase, STATUS_LIST_MAX, SchemaMigration,
+    AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, MIGRATION_LABEL, MigrationMode, Phase,
+    STATUS_LIST_MAX, SchemaMigration,
 };
 use crate::engine::dialect::{ConnectConfig, Db, HistoryTable};
 use crate::engine::{self, Backend, ChecksumMode, redact, runner, source};
+use crate::webhook::INIT_CONTAINER;
 
 /// How the controller behaves.
 #[derive(Clone, Debug)]
@@ -66,6 +69,9 @@ pub struct Context {
     pub recorder: Recorder,
     /// Consecutive failures per resource, for backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Pods labelled `schemagate.dev/migration`, slimmed to what `pod_run` reads (see
+    /// `slim_pod`), kept by a reflector: init-container runs cost no API reads.
+    pub pods: Store<Pod>,
 }
 
 /// Why a reconciliation failed (transient: it is retried with backoff).
@@ -312,6 +318,128 @@ fn job_view(job: &Job) -> JobView {
     }
 }
 
+/// The last JSON line of a termination message: the runner's summary.
+fn summary_of(message: Option<&str>) -> Option<RunSummary> {
+    message?
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<RunSummary>(l.trim()).ok())
+}
+
+/// Keeps only what `pod_run` and the pod-to-resource mapping read: a watched pod costs a
+/// few hundred bytes in the store, not its whole spec.
+pub fn slim_pod(pod: &mut Pod) {
+    pod.spec = None;
+    let m = &mut pod.metadata;
+    m.managed_fields = None;
+    m.annotations = None;
+    m.owner_references = None;
+    m.finalizers = None;
+    if let Some(labels) = &mut m.labels {
+        labels.retain(|k, _| k == MIGRATION_LABEL);
+    }
+    if let Some(status) = &mut pod.status {
+        let ours = status
+            .init_container_statuses
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| c.name == INIT_CONTAINER)
+            .collect::<Vec<_>>();
+        *status = k8s_openapi::api::core::v1::PodStatus {
+            phase: status.phase.take(),
+            init_container_statuses: (!ours.is_empty()).then_some(ours),
+            ..Default::default()
+        };
+    }
+}
+
+/// A gated pod's migration run, from its injected init container's status (`None`: the
+/// pod has not got that far, or was not injected).
+pub fn pod_run(pod: &Pod) -> Option<JobView> {
+    let cs = pod
+        .status
+        .as_ref()?
+        .init_container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == INIT_CONTAINER)?;
+    let ts = |t: &Option<Time>| t.as_ref().map(|t| t.0.to_string());
+    let state = cs.state.clone().unwrap_or_default();
+    let view = |state, started, finished, message: Option<&str>, code: i32| JobView {
+        kind: RunKind::Pod,
+        name: pod.name_any(),
+        state,
+        started,
+        finished,
+        summary: summary_of(message),
+        failure: (state == JobState::Failed).then(|| {
+            let tail = message
+                .map(|m| m.lines().last().unwrap_or_default().trim().to_string())
+                .filter(|m| !m.is_empty());
+            tail.unwrap_or_else(|| format!("the init container exited with code {code}"))
+        }),
+    };
+    if let Some(t) = &state.terminated {
+        let result = if t.exit_code == 0 {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        };
+        return Some(view(
+            result,
+            ts(&t.started_at),
+            ts(&t.finished_at),
+            t.message.as_deref(),
+            t.exit_code,
+        ));
+    }
+    // Restarting after a failure (CrashLoopBackOff): the failure is the news.
+    if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref())
+        && t.exit_code != 0
+    {
+        return Some(view(
+            JobState::Failed,
+            ts(&t.started_at),
+            ts(&t.finished_at),
+            t.message.as_deref(),
+            t.exit_code,
+        ));
+    }
+    let started = state.running.as_ref().and_then(|r| ts(&r.started_at));
+    Some(view(JobState::Active, started, None, None, 0))
+}
+
+/// The runs of a resource's gated pods, most telling first: failures and runs that
+/// applied something (newest first), then the rest. Pods that only found the database
+/// current do not push the run that migrated it out of `lastRun`.
+pub fn pod_runs(pods: &Store<Pod>, namespace: &str, name: &str) -> Vec<JobView> {
+    let mut runs: Vec<(bool, String, JobView)> = pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(namespace)
+                && p.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(name)
+                && p.metadata.deletion_timestamp.is_none()
+        })
+        .filter_map(|p| {
+            let run = pod_run(p)?;
+            let telling = run.state == JobState::Failed
+                || run.summary.as_ref().is_some_and(|s| !s.applied.is_empty());
+            let at = run
+                .finished
+                .clone()
+                .or(run.started.clone())
+                .or_else(|| p.creation_timestamp().map(|t| t.0.to_string()))
+                .unwrap_or_default();
+            Some((telling, at, run))
+        })
+        .collect();
+    // RFC 3339 UTC times sort as text.
+    runs.sort_by(|a, b| (b.0, &b.1, &b.2.name).cmp(&(a.0, &a.1, &a.2.name)));
+    runs.into_iter().map(|(_, _, r)| r).collect()
+}
+
 /// The runner's summary from a finished Job's pod (its termination message).
 async fn job_summary(client: &Client, ns: &str, job: &str) -> Result<Option<RunSummary>, Error> {
     let pods = Api::<Pod>::namespaced(client.clone(), ns)
@@ -328,11 +456,7 @@ async fn job_summary(client: &Client, ns: &str, job: &str) -> Result<Option<RunS
             let Some(term) = cs.state.and_then(|s| s.terminated) else {
                 continue;
             };
-            let Some(summary) = term.message.as_deref().and_then(|m| {
-                m.lines()
-                    .rev()
-                    .find_map(|l| serde_json::from_str::<RunSummary>(l).ok())
-            }) else {
+            let Some(summary) = summary_of(term.message.as_deref()) else {
                 continue;
             };
             let at = term
@@ -361,11 +485,18 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
         (None, true) => DbView::Unreachable("the database URL is not available".into()),
     };
     // Jobs exist in Job mode only (a switch to init-container mode while a Job runs is
-    // harmless: the runner holds the database lock, the pods wait for it).
+    // harmless: the runner holds the database lock, the pods wait for it); init-container
+    // runs are read from the pod store.
+    if sm.spec.mode == MigrationMode::InitContainer {
+        return Ok(Observed {
+            secret,
+            source,
+            database,
+            jobs: pod_runs(&ctx.pods, &ns, &name),
+        });
+    }
     let uid = sm.uid();
-    let mut jobs: Vec<Job> = if sm.spec.mode != crate::api::MigrationMode::Job {
-        Vec::new()
-    } else {
+    let mut jobs: Vec<Job> = {
         Api::<Job>::namespaced(ctx.client.clone(), &ns)
             .list(&ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}")))
             .await
@@ -431,19 +562,31 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
 /// changed: nothing is written at steady state), the Events.
 pub async fn act(ctx: &Context, sm: &SchemaMigration, d: &Decision) -> Result<(), Error> {
     let ns = sm.namespace().ok_or(Error::NoNamespace)?;
+    let inline = sm.spec.source.inline.is_some().then(|| {
+        let files = job::inline_files(&sm.spec.source);
+        let name = job::inline_config_map_name(&sm.name_any(), &job::files_hash(&files));
+        (name, files)
+    });
+    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns);
+    // Init-container mode: gated pods mount the inline migrations from this ConfigMap, so
+    // it must exist before they start (read first: no write at steady state).
+    if let (MigrationMode::InitContainer, Some((name, files))) = (&sm.spec.mode, &inline)
+        && d.status.phase != Some(Phase::Blocked)
+        && cms
+            .get_metadata_opt(name)
+            .await
+            .map_err(kube_err("get_configmap"))?
+            .is_none()
+    {
+        let cm = job::inline_config_map(sm, name, files);
+        create_or_adopt(&cms, &cm, "create_configmap").await?;
+    }
     if let Action::CreateJob(plan) = &d.action {
         let mut inline_cm = None;
-        if sm.spec.source.inline.is_some() {
-            let files = job::inline_files(&sm.spec.source);
-            let name = job::inline_config_map_name(&sm.name_any(), &job::files_hash(&files));
-            let cm = job::inline_config_map(sm, &name, &files);
-            create_or_adopt(
-                &Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns),
-                &cm,
-                "create_configmap",
-            )
-            .await?;
-            inline_cm = Some(name);
+        if let Some((name, files)) = &inline {
+            let cm = job::inline_config_map(sm, name, files);
+            create_or_adopt(&cms, &cm, "create_configmap").await?;
+            inline_cm = Some(name.clone());
         }
         let image = job::runner_image(sm, &ctx.settings.image);
         let job = job::job(sm, plan, image, inline_cm.as_deref());

@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::api::conditions::status_of;
-use crate::api::{ConfigMapRef, DatabaseSpec, SchemaMigrationSpec, SecretKeyRef, SourceSpec};
+use crate::api::{SchemaMigrationSpec, SourceSpec};
 use k8s_openapi::jiff::Timestamp;
 
 fn now() -> Time {
@@ -17,24 +17,12 @@ fn sm(mode: MigrationMode) -> SchemaMigration {
     let mut sm = SchemaMigration::new(
         "orders",
         SchemaMigrationSpec {
-            database: DatabaseSpec {
-                url_secret_ref: SecretKeyRef {
-                    name: "orders-db".into(),
-                    key: "url".into(),
-                },
-            },
-            source: SourceSpec {
-                config_map_ref: Some(ConfigMapRef {
-                    name: "orders-migrations".into(),
-                }),
-                ..Default::default()
-            },
-            target_version: None,
             mode,
-            downgrade: DowngradePolicy::Deny,
-            paused: false,
-            runner: Default::default(),
-            options: Default::default(),
+            ..SchemaMigrationSpec::new(
+                "orders-db",
+                "url",
+                SourceSpec::config_map("orders-migrations"),
+            )
         },
     );
     sm.metadata.namespace = Some("shop".into());

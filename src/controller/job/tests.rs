@@ -1,26 +1,12 @@
 use super::*;
-use crate::api::{
-    ConfigMapRef, DatabaseSpec, ImageSource, InlineMigration, MigrationMode, SchemaMigrationSpec,
-    SecretKeyRef, SourceSpec,
-};
+use crate::api::{ImageSource, InlineMigration, MigrationMode, SchemaMigrationSpec, SourceSpec};
 
 fn sm(source: SourceSpec) -> SchemaMigration {
     let mut sm = SchemaMigration::new(
         "orders",
         SchemaMigrationSpec {
-            database: DatabaseSpec {
-                url_secret_ref: SecretKeyRef {
-                    name: "orders-db".into(),
-                    key: "url".into(),
-                },
-            },
-            source,
-            target_version: None,
             mode: MigrationMode::Job,
-            downgrade: Default::default(),
-            paused: false,
-            runner: Default::default(),
-            options: Default::default(),
+            ..SchemaMigrationSpec::new("orders-db", "url", source)
         },
     );
     sm.metadata.namespace = Some("shop".into());
@@ -29,12 +15,7 @@ fn sm(source: SourceSpec) -> SchemaMigration {
 }
 
 fn cm_source() -> SourceSpec {
-    SourceSpec {
-        config_map_ref: Some(ConfigMapRef {
-            name: "orders-migrations".into(),
-        }),
-        ..Default::default()
-    }
+    SourceSpec::config_map("orders-migrations")
 }
 
 fn plan() -> JobPlan {
@@ -143,14 +124,17 @@ fn the_job_runs_the_engine_with_the_secret_by_reference_and_hardened_security() 
     assert_eq!(psc.run_as_non_root, Some(true));
 
     let vols = pod.volumes.as_ref().unwrap();
-    let mig = vols.iter().find(|v| v.name == "migrations").unwrap();
+    let mig = vols
+        .iter()
+        .find(|v| v.name == "schemagate-migrations")
+        .unwrap();
     assert_eq!(mig.config_map.as_ref().unwrap().name, "orders-migrations");
     let mount = c
         .volume_mounts
         .as_ref()
         .unwrap()
         .iter()
-        .find(|m| m.name == "migrations")
+        .find(|m| m.name == "schemagate-migrations")
         .unwrap();
     assert_eq!(
         (mount.mount_path.as_str(), mount.read_only),
@@ -205,7 +189,7 @@ fn inline_sources_become_an_owned_immutable_config_map() {
         .volumes
         .unwrap()
         .into_iter()
-        .find(|v| v.name == "migrations")
+        .find(|v| v.name == "schemagate-migrations")
         .unwrap();
     assert_eq!(mig.config_map.unwrap().name, name);
 }
@@ -238,7 +222,7 @@ fn image_sources_are_copied_by_a_hardened_init_container() {
         .volumes
         .unwrap()
         .into_iter()
-        .find(|v| v.name == "migrations")
+        .find(|v| v.name == "schemagate-migrations")
         .unwrap();
     assert!(mig.empty_dir.is_some());
 }

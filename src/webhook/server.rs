@@ -1,0 +1,305 @@
+//! The webhook over HTTPS: `POST /mutate` with an AdmissionReview v1 of a Pod CREATE,
+//! answered with the same review's response (a JSON Patch when the runner is injected).
+//!
+//! Never panics on input: a body that is not an AdmissionReview gets an `invalid`
+//! response; a wrong method, path, content type or size gets a plain HTTP error saying
+//! what was expected.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::{Api, Client};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use super::{InjectSettings, Outcome, Refusal, gated_by, inject, patch};
+use crate::api::SchemaMigration;
+use crate::controller::metrics::Metrics;
+use crate::engine::redact;
+
+/// The largest request body accepted (the API server's own limit is 3 MiB).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Finds the SchemaMigration a pod names.
+pub trait Lookup: Send + Sync + 'static {
+    /// `Ok(None)` when it does not exist; `Err` (a message) when it cannot be read.
+    fn get(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<SchemaMigration>, String>> + Send;
+}
+
+/// Reads SchemaMigrations from the API server, fresh for every pod (a paused or blocked
+/// resource must refuse pods at once).
+pub struct KubeLookup {
+    pub client: Client,
+    pub timeout: Duration,
+}
+
+impl Lookup for KubeLookup {
+    async fn get(&self, namespace: &str, name: &str) -> Result<Option<SchemaMigration>, String> {
+        let api = Api::<SchemaMigration>::namespaced(self.client.clone(), namespace);
+        match tokio::time::timeout(self.timeout, api.get_opt(name)).await {
+            Ok(Ok(sm)) => Ok(sm),
+            Ok(Err(e)) => Err(redact::redact(&e.to_string()).into_owned()),
+            Err(_) => Err(format!("no answer within {}s", self.timeout.as_secs())),
+        }
+    }
+}
+
+/// Everything the webhook needs to answer.
+pub struct Webhook<L> {
+    pub lookup: L,
+    pub settings: InjectSettings,
+    pub metrics: Arc<Metrics>,
+}
+
+fn invalid(why: String) -> (serde_json::Value, &'static str) {
+    let review = AdmissionResponse::invalid(why).into_review();
+    (
+        serde_json::to_value(review).unwrap_or(serde_json::Value::Null),
+        "invalid",
+    )
+}
+
+/// Answers one AdmissionReview (the request body): the response review and an outcome
+/// label (`injected`, `unchanged`, `denied`, `invalid`).
+pub async fn review<L: Lookup>(wh: &Webhook<L>, body: &[u8]) -> (serde_json::Value, &'static str) {
+    let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("the request body is not an AdmissionReview: {e}")),
+    };
+    let req: AdmissionRequest<DynamicObject> = match review.try_into() {
+        Ok(r) => r,
+        Err(e) => return invalid(format!("the AdmissionReview has no usable request: {e}")),
+    };
+    let (response, outcome) = decide(wh, &req).await;
+    let review = response.into_review();
+    match serde_json::to_value(review) {
+        Ok(v) => (v, outcome),
+        Err(e) => invalid(format!("cannot encode the response: {e}")),
+    }
+}
+
+async fn decide<L: Lookup>(
+    wh: &Webhook<L>,
+    req: &AdmissionRequest<DynamicObject>,
+) -> (AdmissionResponse, &'static str) {
+    let response = AdmissionResponse::from(req);
+    // The configuration sends only Pod CREATEs; anything else passes untouched.
+    if req.operation != Operation::Create || req.kind.kind != "Pod" || !req.kind.group.is_empty() {
+        return (response, "unchanged");
+    }
+    let Some(object) = &req.object else {
+        return (response.deny("the review carries no pod"), "denied");
+    };
+    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+        Ok(p) => p,
+        Err(e) => {
+            return (
+                response.deny(format!("the pod cannot be read: {e}")),
+                "denied",
+            );
+        }
+    };
+    let Some(name) = gated_by(&pod) else {
+        return (response, "unchanged");
+    };
+    let namespace = req
+        .namespace
+        .clone()
+        .or_else(|| pod.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".into());
+    let pod_name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.clone().map(|g| format!("{g}*")))
+        .unwrap_or_default();
+    let sm = match wh.lookup.get(&namespace, name).await {
+        Ok(sm) => sm,
+        Err(e) => {
+            let why = format!(
+                "cannot read SchemaMigration {namespace}/{name}, which gates this pod: {e}; \
+                 the pod is refused until it can be read (its controller retries)"
+            );
+            tracing::warn!(namespace, pod = pod_name, migration = name, error = %e, "admission: refused, lookup failed");
+            return (response.deny(why), "denied");
+        }
+    };
+    match inject(&pod, &namespace, name, sm.as_ref(), &wh.settings) {
+        Err(Refusal(why)) => {
+            tracing::info!(namespace, pod = pod_name, migration = name, reason = %why, "admission: refused");
+            (response.deny(why), "denied")
+        }
+        Ok(Outcome::Unchanged(why)) => {
+            tracing::debug!(
+                namespace,
+                pod = pod_name,
+                migration = name,
+                why,
+                "admission: unchanged"
+            );
+            (response, "unchanged")
+        }
+        Ok(Outcome::Patched(patched)) => {
+            let before = serde_json::to_value(&pod);
+            let after = serde_json::to_value(&*patched);
+            let (Ok(before), Ok(after)) = (before, after) else {
+                return (response.deny("cannot encode the pod"), "denied");
+            };
+            match response.with_patch(patch::diff(&before, &after)) {
+                Ok(r) => {
+                    tracing::info!(
+                        namespace,
+                        pod = pod_name,
+                        migration = name,
+                        "admission: runner injected"
+                    );
+                    (r, "injected")
+                }
+                Err(e) => {
+                    let r =
+                        AdmissionResponse::from(req).deny(format!("cannot encode the patch: {e}"));
+                    (r, "denied")
+                }
+            }
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
+    content_type
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// One HTTP request.
+pub async fn handle<L: Lookup>(wh: &Webhook<L>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let started = Instant::now();
+    if req.uri().path() != super::tls::MUTATE_PATH {
+        return text(
+            StatusCode::NOT_FOUND,
+            format!(
+                "not found: the webhook serves POST {}\n",
+                super::tls::MUTATE_PATH
+            ),
+        );
+    }
+    if req.method() != Method::POST {
+        let mut r = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "the webhook takes POST with an AdmissionReview\n".into(),
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return r;
+    }
+    if !is_json(req.headers().get(header::CONTENT_TYPE)) {
+        let got = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_string();
+        wh.metrics.admitted("invalid", started.elapsed());
+        return text(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported Content-Type {got:?}: send an AdmissionReview v1 as application/json\n"
+            ),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            wh.metrics.admitted("invalid", started.elapsed());
+            let too_big = e
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            return if too_big {
+                text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the request body is larger than {MAX_BODY} bytes\n"),
+                )
+            } else {
+                text(
+                    StatusCode::BAD_REQUEST,
+                    format!("cannot read the request body: {e}\n"),
+                )
+            };
+        }
+    };
+    let (answer, outcome) = review(wh, &body).await;
+    wh.metrics.admitted(outcome, started.elapsed());
+    let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// Serves HTTPS on `listener` until the task is dropped. A failed handshake or connection
+/// only ends that connection.
+pub async fn serve<L: Lookup>(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    wh: Arc<Webhook<L>>,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving once it passes.
+                tracing::warn!(error = %e, "webhook: cannot accept a connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, wh) = (acceptor.clone(), wh.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "webhook: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = hyper::service::service_fn(move |req| {
+                let wh = wh.clone();
+                async move { Ok::<_, Infallible>(handle(&wh, req).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}

@@ -1,0 +1,268 @@
+//! Pod in -> patched pod out, for both modes and every refusal.
+
+use super::*;
+use crate::api::{
+    DowngradePolicy, ImageSource, SchemaMigrationSpec, SchemaMigrationStatus, SourceSpec,
+};
+use k8s_openapi::api::core::v1::{Container, PodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use std::collections::BTreeMap;
+
+fn settings() -> InjectSettings {
+    InjectSettings {
+        image: "ghcr.io/schemagate/schemagate:0.1.0".into(),
+        allowed_images: vec![],
+        wait_timeout: Duration::from_secs(3600),
+    }
+}
+
+fn sm(mode: MigrationMode) -> SchemaMigration {
+    let mut sm = SchemaMigration::new(
+        "orders",
+        SchemaMigrationSpec {
+            target_version: Some("20251101".into()),
+            mode,
+            ..SchemaMigrationSpec::new(
+                "orders-db",
+                "url",
+                SourceSpec::config_map("orders-migrations"),
+            )
+        },
+    );
+    sm.metadata.namespace = Some("shop".into());
+    sm
+}
+
+fn pod(init: &[&str]) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some("web-1".into()),
+            labels: Some(BTreeMap::from([(MIGRATION_LABEL.into(), "orders".into())])),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![Container {
+                name: "web".into(),
+                image: Some("shop/web:2".into()),
+                ..Default::default()
+            }],
+            init_containers: (!init.is_empty()).then(|| {
+                init.iter()
+                    .map(|n| Container {
+                        name: n.to_string(),
+                        image: Some("busybox".into()),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            volumes: Some(vec![Volume {
+                name: "data".into(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        status: None,
+    }
+}
+
+fn patched(o: Outcome) -> Pod {
+    match o {
+        Outcome::Patched(p) => *p,
+        other => panic!("expected a patch: {other:?}"),
+    }
+}
+
+fn init_names(p: &Pod) -> Vec<String> {
+    p.spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .iter()
+        .flatten()
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+#[test]
+fn init_container_mode_prepends_the_migrating_runner_and_keeps_the_pods_own() {
+    let p = patched(
+        inject(
+            &pod(&["app-init"]),
+            "shop",
+            "orders",
+            Some(&sm(MigrationMode::InitContainer)),
+            &settings(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(init_names(&p), [INIT_CONTAINER, "app-init"]);
+    let c = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    assert_eq!(
+        c.image.as_deref(),
+        Some("ghcr.io/schemagate/schemagate:0.1.0")
+    );
+    assert_eq!(
+        c.args.as_ref().unwrap(),
+        &["migrate", "upgrade", "20251101", "--output", "json"]
+    );
+    let env = c.env.as_ref().unwrap();
+    let url = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
+    assert!(url.value.is_none(), "secretKeyRef, never a copied value");
+    assert_eq!(
+        url.value_from
+            .as_ref()
+            .unwrap()
+            .secret_key_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "orders-db"
+    );
+    let sc = c.security_context.as_ref().unwrap();
+    assert_eq!(
+        (
+            sc.run_as_non_root,
+            sc.read_only_root_filesystem,
+            sc.allow_privilege_escalation
+        ),
+        (Some(true), Some(true), Some(false))
+    );
+    assert_eq!(
+        c.termination_message_policy.as_deref(),
+        Some("FallbackToLogsOnError")
+    );
+    assert!(c.resources.as_ref().unwrap().requests.is_some());
+    let volumes: Vec<&str> = p
+        .spec
+        .as_ref()
+        .unwrap()
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(volumes, ["data", "schemagate-migrations", "schemagate-tmp"]);
+    // The app's containers are untouched.
+    assert_eq!(
+        p.spec.as_ref().unwrap().containers,
+        pod(&[]).spec.unwrap().containers
+    );
+}
+
+#[test]
+fn job_mode_prepends_a_runner_that_only_waits() {
+    let p = patched(
+        inject(
+            &pod(&[]),
+            "shop",
+            "orders",
+            Some(&sm(MigrationMode::Job)),
+            &settings(),
+        )
+        .unwrap(),
+    );
+    let c = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    assert_eq!(c.name, INIT_CONTAINER);
+    assert_eq!(
+        c.args.as_ref().unwrap(),
+        &[
+            "migrate",
+            "wait",
+            "--version",
+            "20251101",
+            "--timeout",
+            "3600s",
+            "--output",
+            "json"
+        ]
+    );
+}
+
+#[test]
+fn an_injected_pod_is_never_injected_twice() {
+    let s = sm(MigrationMode::InitContainer);
+    let once = patched(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap());
+    assert_eq!(
+        inject(&once, "shop", "orders", Some(&s), &settings()).unwrap(),
+        Outcome::Unchanged("already injected")
+    );
+}
+
+#[test]
+fn missing_paused_and_blocked_resources_refuse_the_pod_naming_why() {
+    let e = inject(&pod(&[]), "shop", "orders", None, &settings()).unwrap_err();
+    assert!(
+        e.0.contains("shop/orders") && e.0.contains("does not exist"),
+        "{}",
+        e.0
+    );
+
+    let mut paused = sm(MigrationMode::InitContainer);
+    paused.spec.paused = true;
+    let e = inject(&pod(&[]), "shop", "orders", Some(&paused), &settings()).unwrap_err();
+    assert!(e.0.contains("paused"), "{}", e.0);
+
+    let mut blocked = sm(MigrationMode::InitContainer);
+    blocked.status = Some(SchemaMigrationStatus {
+        phase: Some(Phase::Blocked),
+        conditions: vec![Condition {
+            type_: conditions::STALLED.into(),
+            status: "True".into(),
+            reason: reason::DOWNGRADE_DENIED.into(),
+            message: "the database is at 3, above the target 1".into(),
+            observed_generation: None,
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        }],
+        ..Default::default()
+    });
+    let e = inject(&pod(&[]), "shop", "orders", Some(&blocked), &settings()).unwrap_err();
+    assert!(
+        e.0.contains("DowngradeDenied") && e.0.contains("above the target"),
+        "{}",
+        e.0
+    );
+
+    let mut foreign = sm(MigrationMode::InitContainer);
+    foreign.spec.runner.image = Some("evil.example/runner:1".into());
+    let e = inject(&pod(&[]), "shop", "orders", Some(&foreign), &settings()).unwrap_err();
+    assert!(e.0.contains("does not allow"), "{}", e.0);
+}
+
+#[test]
+fn image_sources_get_their_copy_container_first() {
+    let mut s = sm(MigrationMode::InitContainer);
+    s.spec.source = SourceSpec {
+        image: Some(ImageSource {
+            reference: "registry.example/orders-migrations:1.4".into(),
+            path: "/migrations".into(),
+        }),
+        ..Default::default()
+    };
+    let p = patched(inject(&pod(&["app-init"]), "shop", "orders", Some(&s), &settings()).unwrap());
+    assert_eq!(
+        init_names(&p),
+        [FETCH_CONTAINER, INIT_CONTAINER, "app-init"]
+    );
+}
+
+#[test]
+fn a_lower_target_with_downgrades_allowed_reverts_in_init_container_mode() {
+    let mut s = sm(MigrationMode::InitContainer);
+    s.spec.target_version = Some("1".into());
+    s.spec.downgrade = DowngradePolicy::Allow;
+    s.status = Some(SchemaMigrationStatus {
+        current_version: Some("3".into()),
+        ..Default::default()
+    });
+    let p = patched(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap());
+    let c = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+    assert_eq!(c.args.as_ref().unwrap()[..3], ["migrate", "downgrade", "1"]);
+}
+
+#[test]
+fn the_label_names_the_resource() {
+    assert_eq!(gated_by(&pod(&[])), Some("orders"));
+    let mut p = pod(&[]);
+    p.metadata.labels = None;
+    assert_eq!(gated_by(&p), None);
+}
