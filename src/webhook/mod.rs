@@ -168,9 +168,16 @@ pub fn inject(
 
     let mut patched = pod.clone();
     let mut pod_spec = spec;
-    let mut init = fetch;
-    init.push(runner);
-    init.extend(pod_spec.init_containers.take().unwrap_or_default());
+    // Ours run before the pod's own init containers, except native sidecars the pod starts
+    // first (restartPolicy: Always, e.g. a database proxy): the runner may need them to
+    // reach the database, so it goes right after them.
+    let mut init = pod_spec.init_containers.take().unwrap_or_default();
+    let sidecars = init
+        .iter()
+        .take_while(|c| c.restart_policy.as_deref() == Some("Always"))
+        .count();
+    let ours: Vec<_> = fetch.into_iter().chain([runner]).collect();
+    init.splice(sidecars..sidecars, ours);
     pod_spec.init_containers = Some(init);
     let mut all_volumes: Vec<Volume> = pod_spec.volumes.take().unwrap_or_default();
     for v in volumes.into_iter().chain([job::tmp_volume()]) {

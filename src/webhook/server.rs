@@ -86,8 +86,27 @@ pub async fn review<L: Lookup>(wh: &Webhook<L>, body: &[u8]) -> (serde_json::Val
     let (response, outcome) = decide(wh, &req).await;
     let review = response.into_review();
     match serde_json::to_value(review) {
-        Ok(v) => (v, outcome),
+        Ok(mut v) => {
+            base64_patch(&mut v);
+            (v, outcome)
+        }
         Err(e) => invalid(format!("cannot encode the response: {e}")),
+    }
+}
+
+/// The patch as the API server documents it: a base64 string (kube serializes the bytes
+/// as a JSON array of numbers, which Go happens to accept too).
+fn base64_patch(review: &mut serde_json::Value) {
+    use base64::Engine;
+    let Some(patch) = review.pointer_mut("/response/patch") else {
+        return;
+    };
+    if let Some(bytes) = patch.as_array().map(|a| {
+        a.iter()
+            .filter_map(|b| b.as_u64().and_then(|b| u8::try_from(b).ok()))
+            .collect::<Vec<u8>>()
+    }) {
+        *patch = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
     }
 }
 

@@ -150,6 +150,30 @@ fn init_container_mode_prepends_the_migrating_runner_and_keeps_the_pods_own() {
 }
 
 #[test]
+fn native_sidecars_the_pod_starts_first_stay_before_the_runner() {
+    let mut input = pod(&["db-proxy", "app-init"]);
+    let init = input
+        .spec
+        .as_mut()
+        .unwrap()
+        .init_containers
+        .as_mut()
+        .unwrap();
+    init[0].restart_policy = Some("Always".into());
+    let p = patched(
+        inject(
+            &input,
+            "shop",
+            "orders",
+            Some(&sm(MigrationMode::InitContainer)),
+            &settings(),
+        )
+        .unwrap(),
+    );
+    assert_eq!(init_names(&p), ["db-proxy", INIT_CONTAINER, "app-init"]);
+}
+
+#[test]
 fn job_mode_prepends_a_runner_that_only_waits() {
     let p = patched(
         inject(
