@@ -750,3 +750,281 @@ fn injected_runners_racing_on_postgres_migrate_exactly_once() {
         vec!["1".to_string(), "2".to_string()]
     );
 }
+
+/// A cluster holding only what the certificate bootstrap touches, behind kube's mock
+/// service: the Secret (with resourceVersions and conflicts) and the webhook configuration.
+#[derive(Default)]
+struct Cluster {
+    secret: Option<Value>,
+    rv: u64,
+    configuration: Option<Value>,
+    /// The next update of the Secret loses a race with another replica.
+    lose_next_update: bool,
+    seen: Vec<(String, String, String)>,
+}
+
+fn mock_client(
+    cluster: Arc<std::sync::Mutex<Cluster>>,
+) -> (kube::Client, tokio::task::JoinHandle<()>) {
+    use http::{Request, Response, StatusCode};
+    use kube::client::Body;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let task = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .unwrap()
+                .to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            let method = parts.method.to_string();
+            let path = parts.uri.path().to_string();
+            let mut c = cluster.lock().unwrap();
+            c.seen.push((
+                method.clone(),
+                path.clone(),
+                parts.uri.query().unwrap_or_default().to_string(),
+            ));
+            let status = |code: u16, reason: &str| {
+                (
+                    StatusCode::from_u16(code).unwrap(),
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason}),
+                )
+            };
+            let (code, out) = if path.contains("/secrets") {
+                match method.as_str() {
+                    "GET" => match &c.secret {
+                        Some(s) => (StatusCode::OK, s.clone()),
+                        None => status(404, "NotFound"),
+                    },
+                    "POST" if c.secret.is_some() => status(409, "AlreadyExists"),
+                    "PUT" if c.lose_next_update => {
+                        c.lose_next_update = false;
+                        c.rv += 1;
+                        let rv = c.rv.to_string();
+                        c.secret.as_mut().unwrap()["metadata"]["resourceVersion"] = json!(rv);
+                        status(409, "Conflict")
+                    }
+                    "PUT"
+                        if body["metadata"]["resourceVersion"]
+                            != c.secret.as_ref().unwrap()["metadata"]["resourceVersion"] =>
+                    {
+                        status(409, "Conflict")
+                    }
+                    "POST" | "PUT" => {
+                        c.rv += 1;
+                        let mut stored = body.clone();
+                        stored["metadata"]["resourceVersion"] = json!(c.rv.to_string());
+                        c.secret = Some(stored.clone());
+                        (StatusCode::OK, stored)
+                    }
+                    _ => status(405, "MethodNotAllowed"),
+                }
+            } else {
+                match (method.as_str(), &mut c.configuration) {
+                    ("GET", Some(m)) => (StatusCode::OK, m.clone()),
+                    ("GET", None) => status(404, "NotFound"),
+                    ("PATCH", _)
+                        if parts.headers["content-type"] == "application/apply-patch+yaml" =>
+                    {
+                        c.configuration = Some(body.clone());
+                        (StatusCode::OK, body.clone())
+                    }
+                    ("PATCH", Some(m)) => {
+                        // Strategic merge of webhooks by name.
+                        for w in body["webhooks"].as_array().unwrap() {
+                            for have in m["webhooks"].as_array_mut().unwrap() {
+                                if have["name"] == w["name"] {
+                                    have["clientConfig"]["caBundle"] =
+                                        w["clientConfig"]["caBundle"].clone();
+                                }
+                            }
+                        }
+                        (StatusCode::OK, m.clone())
+                    }
+                    _ => status(404, "NotFound"),
+                }
+            };
+            send.send_response(
+                Response::builder()
+                    .status(code)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&out).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    (kube::Client::new(service, "ops"), task)
+}
+
+fn writes(c: &Cluster) -> Vec<String> {
+    c.seen
+        .iter()
+        .filter(|(m, _, _)| m != "GET")
+        .map(|(m, p, _)| format!("{m} {p}"))
+        .collect()
+}
+
+const HOSTS: [&str; 2] = ["schemagate-webhook.ops.svc", "schemagate-webhook.ops"];
+
+fn hosts() -> Vec<String> {
+    HOSTS.iter().map(|s| s.to_string()).collect()
+}
+
+async fn ensure(client: &kube::Client) -> Result<Bundle, schemagate::webhook::tls::TlsError> {
+    let api = kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "ops");
+    schemagate::webhook::tls::ensure_secret(
+        &api,
+        "ops",
+        "schemagate-webhook-tls",
+        &hosts(),
+        &Lifetimes::default(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_certificate_secret_is_created_once_then_only_read() {
+    let cluster = Arc::new(std::sync::Mutex::new(Cluster::default()));
+    let (client, task) = mock_client(cluster.clone());
+    let first = ensure(&client).await.unwrap();
+    assert_eq!(
+        writes(&cluster.lock().unwrap()),
+        ["POST /api/v1/namespaces/ops/secrets"]
+    );
+    // Another replica (or a restart) reads the same certificate and writes nothing.
+    let second = ensure(&client).await.unwrap();
+    assert_eq!(second, first);
+    assert_eq!(writes(&cluster.lock().unwrap()).len(), 1);
+    let c = cluster.lock().unwrap();
+    let secret = c.secret.as_ref().unwrap();
+    assert_eq!(secret["type"], "kubernetes.io/tls");
+    assert!(secret["data"]["tls.crt"].is_string() && secret["data"]["ca.crt"].is_string());
+    task.abort();
+}
+
+#[tokio::test]
+async fn an_expiring_certificate_is_renewed_with_the_same_ca_despite_a_racing_replica() {
+    let cluster = Arc::new(std::sync::Mutex::new(Cluster::default()));
+    let old = Bundle::generate(
+        &hosts(),
+        Timestamp::now()
+            .checked_sub(k8s_openapi::jiff::SignedDuration::from_hours(24 * 300))
+            .unwrap(),
+        &Lifetimes::default(),
+    )
+    .unwrap();
+    {
+        let mut c = cluster.lock().unwrap();
+        let mut s = serde_json::to_value(old.to_secret("ops", "schemagate-webhook-tls")).unwrap();
+        s["metadata"]["resourceVersion"] = json!("1");
+        c.rv = 1;
+        c.secret = Some(s);
+        c.lose_next_update = true;
+    }
+    let (client, task) = mock_client(cluster.clone());
+    let renewed = ensure(&client).await.unwrap();
+    assert_ne!(renewed.cert_pem, old.cert_pem);
+    assert_eq!(renewed.ca_bundle_pem, old.ca_bundle_pem, "same CA");
+    assert!(renewed.not_after > old.not_after);
+    let c = cluster.lock().unwrap();
+    // The first update lost the race (409), the re-read one won.
+    assert_eq!(
+        writes(&c),
+        [
+            "PUT /api/v1/namespaces/ops/secrets/schemagate-webhook-tls",
+            "PUT /api/v1/namespaces/ops/secrets/schemagate-webhook-tls"
+        ]
+    );
+    let stored: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(c.secret.clone().unwrap()).unwrap();
+    assert_eq!(Bundle::from_secret(&stored).unwrap(), renewed);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_damaged_certificate_secret_is_replaced() {
+    let cluster = Arc::new(std::sync::Mutex::new(Cluster::default()));
+    cluster.lock().unwrap().secret = Some(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "schemagate-webhook-tls", "namespace": "ops", "resourceVersion": "0"},
+        "data": {"tls.crt": "bm90IGEgY2VydA=="}
+    }));
+    let (client, task) = mock_client(cluster.clone());
+    let bundle = ensure(&client).await.unwrap();
+    assert!(bundle.certified_key().is_ok());
+    assert_eq!(writes(&cluster.lock().unwrap()).len(), 1);
+    task.abort();
+}
+
+#[tokio::test]
+async fn the_ca_bundle_is_written_into_the_configuration_only_when_it_differs() {
+    use schemagate::webhook::tls::{Endpoint, register, webhook_configuration};
+    let cluster = Arc::new(std::sync::Mutex::new(Cluster::default()));
+    let (client, task) = mock_client(cluster.clone());
+    let api =
+        kube::Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
+            client,
+        );
+    let service = Endpoint::Service {
+        namespace: "ops".into(),
+        name: "schemagate-webhook".into(),
+    };
+    // In a cluster the chart installs the configuration; without it nothing is gated.
+    let err = register(&api, "schemagate", &service, "CA1", "ops")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("install it"), "{err}");
+
+    let installed = webhook_configuration("schemagate", &service, "", "ops");
+    cluster.lock().unwrap().configuration = Some(serde_json::to_value(installed).unwrap());
+    assert!(
+        register(&api, "schemagate", &service, "CA1", "ops")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !register(&api, "schemagate", &service, "CA1", "ops")
+            .await
+            .unwrap()
+    );
+    {
+        let c = cluster.lock().unwrap();
+        let patches: Vec<&(String, String, String)> =
+            c.seen.iter().filter(|(m, _, _)| m == "PATCH").collect();
+        assert_eq!(patches.len(), 1, "{:?}", c.seen);
+        let w = &c.configuration.as_ref().unwrap()["webhooks"][0];
+        assert_eq!(
+            w["clientConfig"]["caBundle"],
+            json!(base64::engine::general_purpose::STANDARD.encode("CA1"))
+        );
+        assert_eq!(w["clientConfig"]["service"]["name"], "schemagate-webhook");
+    }
+
+    // Outside a cluster the controller registers the whole configuration at its URL.
+    cluster.lock().unwrap().configuration = None;
+    let url = Endpoint::Url("https://127.0.0.1:9443".into());
+    assert!(
+        register(&api, "schemagate", &url, "CA2", "ops")
+            .await
+            .unwrap()
+    );
+    assert!(
+        !register(&api, "schemagate", &url, "CA2", "ops")
+            .await
+            .unwrap()
+    );
+    let c = cluster.lock().unwrap();
+    let applies: Vec<&(String, String, String)> =
+        c.seen.iter().filter(|(m, _, _)| m == "PATCH").collect();
+    assert_eq!(applies.len(), 2, "one more write: {:?}", c.seen);
+    assert!(
+        applies[1].2.contains("fieldManager=schemagate-controller"),
+        "{:?}",
+        applies[1]
+    );
+    let w = &c.configuration.as_ref().unwrap()["webhooks"][0];
+    assert_eq!(w["clientConfig"]["url"], "https://127.0.0.1:9443/mutate");
+    assert_eq!(w["failurePolicy"], "Fail");
+    task.abort();
+}
