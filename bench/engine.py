@@ -8,6 +8,8 @@ prints medians and ratios:
       each) as one process, vs `psql` applying the same files, one transaction per
       migration, in one session;
   (b) the no-op `migrate upgrade` on the fully migrated database vs `psql -c 'select 1'`;
+  (d) the same as the injected init container runs it (target version, JSON output and
+      logs, summary written to the termination log) vs `psql -c 'select 1'`;
   (c) peak RSS of (b), next to psql's;
   the same (a) and (b) on MariaDB against the `mariadb` client (if installed), and the lease
   lock's extra cost per run on PostgreSQL against the session (advisory) lock.
@@ -218,6 +220,17 @@ def bench_postgres(args, binary, tmp):
         for _ in range(args.noop_runs):
             psql_b.append(timed(psql_cmd, env))
             sg_b.append(timed(sg_cmd, sg_env))
+        # (d) the injected init container on a current schema: the same command the webhook
+        # injects, with its environment (JSON logs, summary to the termination log).
+        last = sorted(p.name.split("_")[0] for p in mig.glob("*.up.sql"))
+        init_env = dict(sg_env, DATABASE_URL=server.url(migrated), SCHEMAGATE_DIR=str(mig),
+                        SCHEMAGATE_SUMMARY_FILE=str(tmp / "termination-log"),
+                        SCHEMAGATE_LOG_FORMAT="json", SCHEMAGATE_LOG="info", POD_NAME="web-7f9c6d-x")
+        init_cmd = [binary, "migrate", "upgrade", max(last, key=int), "--output", "json"]
+        psql_d, sg_d = [], []
+        for _ in range(args.noop_runs):
+            psql_d.append(timed(psql_cmd, env))
+            sg_d.append(timed(init_cmd, init_env))
         have_time = Path("/usr/bin/time").exists()
         for _ in range(5 if have_time else 0):
             psql_rss.append(peak_rss_kib(psql_cmd, env))
@@ -247,6 +260,7 @@ def bench_postgres(args, binary, tmp):
         print(f"{'(c) peak RSS of (b), max of 5 [MiB]':<52}{max(psql_rss) / 1024:>12.2f}{max(sg_rss) / 1024:>14.2f}{max(sg_rss) / max(psql_rss):>9.3f}")
     else:
         print("(c) skipped: /usr/bin/time (Debian package `time`) is not installed")
+    print(f"{'(d) init container, schema current, median of %d [ms]' % args.noop_runs:<52}{med(psql_d) * 1000:>12.2f}{med(sg_d) * 1000:>14.2f}{med(sg_d) / med(psql_d):>9.3f}")
     print(f"    (a) runs psql: {', '.join(f'{t:.3f}' for t in psql_a)}  schemagate: {', '.join(f'{t:.3f}' for t in sg_a)}")
     print(f"{'lock':<52}{'session':>12}{'lease':>14}{'ratio':>9}")
     print(f"{'upgrade of %d migrations, median of %d [ms]' % (args.lease_migrations, args.lease_runs):<52}"

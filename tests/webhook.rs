@@ -971,20 +971,20 @@ async fn the_ca_bundle_is_written_into_the_configuration_only_when_it_differs() 
         name: "schemagate-webhook".into(),
     };
     // In a cluster the chart installs the configuration; without it nothing is gated.
-    let err = register(&api, "schemagate", &service, "CA1", "ops")
+    let err = register(&api, "schemagate", &service, "CA1", "ops", &[])
         .await
         .unwrap_err();
     assert!(err.to_string().contains("install it"), "{err}");
 
-    let installed = webhook_configuration("schemagate", &service, "", "ops");
+    let installed = webhook_configuration("schemagate", &service, "", "ops", &[]);
     cluster.lock().unwrap().configuration = Some(serde_json::to_value(installed).unwrap());
     assert!(
-        register(&api, "schemagate", &service, "CA1", "ops")
+        register(&api, "schemagate", &service, "CA1", "ops", &[])
             .await
             .unwrap()
     );
     assert!(
-        !register(&api, "schemagate", &service, "CA1", "ops")
+        !register(&api, "schemagate", &service, "CA1", "ops", &[])
             .await
             .unwrap()
     );
@@ -1005,12 +1005,12 @@ async fn the_ca_bundle_is_written_into_the_configuration_only_when_it_differs() 
     cluster.lock().unwrap().configuration = None;
     let url = Endpoint::Url("https://127.0.0.1:9443".into());
     assert!(
-        register(&api, "schemagate", &url, "CA2", "ops")
+        register(&api, "schemagate", &url, "CA2", "ops", &[])
             .await
             .unwrap()
     );
     assert!(
-        !register(&api, "schemagate", &url, "CA2", "ops")
+        !register(&api, "schemagate", &url, "CA2", "ops", &[])
             .await
             .unwrap()
     );

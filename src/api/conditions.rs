@@ -16,8 +16,6 @@ pub const DATABASE_REACHABLE: &str = "DatabaseReachable";
 pub mod reason {
     /// The database is at the target version.
     pub const UP_TO_DATE: &str = "UpToDate";
-    /// The database is above the target version and downgrades are not asked for.
-    pub const AHEAD_OF_TARGET: &str = "AheadOfTarget";
     /// A migration Job runs.
     pub const JOB_RUNNING: &str = "JobRunning";
     /// A migration Job was created.

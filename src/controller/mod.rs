@@ -50,9 +50,14 @@ pub struct ControllerArgs {
     )]
     pub allowed_images: Vec<String>,
 
-    /// Watch only this namespace [default: all namespaces].
-    #[arg(long, env = "SCHEMAGATE_WATCH_NAMESPACE")]
-    pub watch_namespace: Option<String>,
+    /// Watch only these namespaces (repeatable, or comma-separated) [default: all
+    /// namespaces]. With a list, the controller needs Roles in those namespaces only.
+    #[arg(
+        long = "watch-namespace",
+        env = "SCHEMAGATE_WATCH_NAMESPACES",
+        value_delimiter = ','
+    )]
+    pub watch_namespace: Vec<String>,
 
     /// Where /metrics, /livez and /readyz are served.
     #[arg(long, env = "SCHEMAGATE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
@@ -145,6 +150,80 @@ fn referencing(
         .collect()
 }
 
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = kube::core::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// The controller for one namespace (`None`: all): SchemaMigrations, the Jobs they own,
+/// the ConfigMaps they reference (metadata only: a change triggers the resources that
+/// reference it, which then read it with `get`) and the gated pods (kept slimmed in the
+/// context's store through `pod_writer`: their init containers' results are
+/// init-container mode's runs).
+/// Returns the loop and the resource store (ready after the first sync).
+fn scoped_controller(
+    client: &Client,
+    namespace: Option<&str>,
+    concurrency: u16,
+    ctx: Arc<Context>,
+    pod_writer: reflector::store::Writer<Pod>,
+) -> (
+    impl std::future::Future<Output = ()> + Send + use<>,
+    kube::runtime::reflector::Store<SchemaMigration>,
+) {
+    let pod_stream = reflector(
+        pod_writer,
+        watcher(
+            api::<Pod>(client, namespace),
+            watcher::Config::default().labels(crate::api::MIGRATION_LABEL),
+        )
+        .modify(reconcile::slim_pod),
+    )
+    .touched_objects();
+    let controller = Controller::new(
+        api::<SchemaMigration>(client, namespace),
+        watcher::Config::default().any_semantic(),
+    )
+    .with_config(
+        kube::runtime::controller::Config::default()
+            .concurrency(concurrency.max(1))
+            .debounce(Duration::from_millis(500)),
+    )
+    .owns(
+        api::<Job>(client, namespace),
+        watcher::Config::default().labels(JOB_FOR_LABEL),
+    );
+    let store = controller.store();
+    let cm_store = store.clone();
+    let cms: Api<PartialObjectMeta<ConfigMap>> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let run = controller
+        .watches(cms, watcher::Config::default(), move |cm| {
+            referencing(&cm_store, cm.namespace().as_deref(), &cm.name_any())
+        })
+        .watches_stream(pod_stream, |pod| {
+            let ns = pod.namespace()?;
+            let name = pod.labels().get(crate::api::MIGRATION_LABEL)?.clone();
+            Some(ObjectRef::new(&name).within(&ns))
+        })
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "controller event");
+            }
+        });
+    (run, store)
+}
+
 /// Runs the controller until a shutdown signal (or, with leader election, losing the lead).
 pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
     let client = Client::try_default().await.map_err(RunError::Client)?;
@@ -167,6 +246,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             &args.webhook,
             client.clone(),
             &args.namespace,
+            &args.watch_namespace,
             settings,
             metrics.clone(),
         )
@@ -203,94 +283,55 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
     }
     health.set_waiting("waiting for the first watch sync");
 
-    // ConfigMaps are watched as metadata only: a change triggers the SchemaMigrations that
-    // reference it, which then read it with `get`. Gated pods are kept slimmed in a store
-    // (their init containers' results are init-container mode's runs).
-    let (sms, jobs, cms, pods): (
-        Api<SchemaMigration>,
-        Api<Job>,
-        Api<PartialObjectMeta<ConfigMap>>,
-        Api<Pod>,
-    ) = match &args.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
+    let settings = Settings {
+        image: args.image.clone(),
+        allowed_images: args.allowed_images.clone(),
+        observe_database: args.observe_database,
+        requeue: args.resync,
+        ..Settings::default()
     };
-    let (pod_store, pod_writer) = reflector::store::<Pod>();
-    let pod_stream = reflector(
-        pod_writer,
-        watcher(
-            pods,
-            watcher::Config::default().labels(crate::api::MIGRATION_LABEL),
-        )
-        .modify(reconcile::slim_pod),
-    )
-    .touched_objects();
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        settings: Settings {
-            image: args.image.clone(),
-            allowed_images: args.allowed_images.clone(),
-            observe_database: args.observe_database,
-            requeue: args.resync,
-            ..Settings::default()
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "schemagate-controller".into(),
+            instance: Some(identity.clone()),
         },
-        metrics: metrics.clone(),
-        recorder: Recorder::new(
-            client.clone(),
-            Reporter {
-                controller: "schemagate-controller".into(),
-                instance: Some(identity.clone()),
-            },
-        ),
-        failures: Default::default(),
-        pods: pod_store,
-    });
-
-    let controller = Controller::new(sms, watcher::Config::default().any_semantic())
-        .with_config(
-            kube::runtime::controller::Config::default()
-                .concurrency(args.concurrency.max(1))
-                .debounce(Duration::from_millis(500)),
-        )
-        .owns(jobs, watcher::Config::default().labels(JOB_FOR_LABEL));
-    let store = controller.store();
-    let ready_store = store.clone();
+    );
+    // One controller per watched namespace (or one over all): with a namespace list the
+    // chart grants Roles in those namespaces only, and nothing is listed cluster-wide.
+    let scopes: Vec<Option<String>> = if args.watch_namespace.is_empty() {
+        vec![None]
+    } else {
+        args.watch_namespace.iter().cloned().map(Some).collect()
+    };
+    let mut runs = Vec::new();
+    let mut stores = Vec::new();
+    for scope in scopes {
+        let (pods, pod_writer) = reflector::store::<Pod>();
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            settings: settings.clone(),
+            metrics: metrics.clone(),
+            recorder: recorder.clone(),
+            failures: Default::default(),
+            pods,
+        });
+        let (run, store) =
+            scoped_controller(&client, scope.as_deref(), args.concurrency, ctx, pod_writer);
+        runs.push(run);
+        stores.push(store);
+    }
     let ready_health = health.clone();
     tokio::spawn(async move {
-        if ready_store.wait_until_ready().await.is_ok() {
-            ready_health.ready.store(true, Ordering::SeqCst);
-            tracing::info!("first watch sync done: ready");
-        }
-    });
-    let cm_store = store.clone();
-    let controller = controller
-        .watches(cms, watcher::Config::default(), move |cm| {
-            referencing(&cm_store, cm.namespace().as_deref(), &cm.name_any())
-        })
-        .watches_stream(pod_stream, |pod| {
-            let ns = pod.namespace()?;
-            let name = pod.labels().get(crate::api::MIGRATION_LABEL)?.clone();
-            Some(ObjectRef::new(&name).within(&ns))
-        })
-        .shutdown_on_signal();
-
-    let run = controller
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
+        for store in stores {
+            if store.wait_until_ready().await.is_err() {
+                return;
             }
-        });
+        }
+        ready_health.ready.store(true, Ordering::SeqCst);
+        tracing::info!("first watch sync done: ready");
+    });
+    let run = futures_util::future::join_all(runs);
 
     let outcome = match &elector {
         Some(e) => tokio::select! {

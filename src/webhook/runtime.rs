@@ -109,6 +109,7 @@ struct SelfManaged {
     registration: Api<MutatingWebhookConfiguration>,
     configuration: String,
     endpoint: Endpoint,
+    watched: Vec<String>,
 }
 
 impl Source {
@@ -125,6 +126,7 @@ impl Source {
                     registration,
                     configuration,
                     endpoint,
+                    watched,
                 } = &**sm;
                 let bundle = tls::ensure_secret(
                     api,
@@ -140,6 +142,7 @@ impl Source {
                     endpoint,
                     &bundle.ca_bundle_pem,
                     namespace,
+                    watched,
                 )
                 .await
                 {
@@ -162,6 +165,7 @@ pub async fn start(
     args: &WebhookArgs,
     client: Client,
     own_namespace: &str,
+    watched: &[String],
     settings: InjectSettings,
     metrics: Arc<Metrics>,
 ) -> Result<Vec<JoinHandle<()>>, StartError> {
@@ -183,6 +187,7 @@ pub async fn start(
                 registration: Api::all(client.clone()),
                 configuration: args.webhook_configuration.clone(),
                 endpoint,
+                watched: watched.to_vec(),
             }))
         }
     };

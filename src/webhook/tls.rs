@@ -578,17 +578,29 @@ impl Endpoint {
 }
 
 /// The MutatingWebhookConfiguration: Pod CREATE only, only pods with the label, never in
-/// `kube-system` or the controller's own namespace, failing closed within 10 seconds.
+/// `kube-system` or the controller's own namespace (and, when the controller watches a
+/// list of namespaces, only in those), failing closed within 10 seconds.
 pub fn webhook_configuration(
     name: &str,
     endpoint: &Endpoint,
     ca_bundle: &str,
     own_namespace: &str,
+    watched: &[String],
 ) -> MutatingWebhookConfiguration {
     let mut excluded = vec!["kube-system".to_string()];
     if own_namespace != "kube-system" {
         excluded.push(own_namespace.to_string());
     }
+    let (operator, values) = if watched.is_empty() {
+        ("NotIn", excluded)
+    } else {
+        let only = watched
+            .iter()
+            .filter(|n| !excluded.contains(n))
+            .cloned()
+            .collect();
+        ("In", only)
+    };
     MutatingWebhookConfiguration {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -621,8 +633,8 @@ pub fn webhook_configuration(
             namespace_selector: Some(LabelSelector {
                 match_expressions: Some(vec![LabelSelectorRequirement {
                     key: "kubernetes.io/metadata.name".into(),
-                    operator: "NotIn".into(),
-                    values: Some(excluded),
+                    operator: operator.into(),
+                    values: Some(values),
                 }]),
                 match_labels: None,
             }),
@@ -647,13 +659,14 @@ pub async fn register(
     endpoint: &Endpoint,
     ca_bundle: &str,
     own_namespace: &str,
+    watched: &[String],
 ) -> Result<bool, TlsError> {
     let err = |source| TlsError::Register {
         name: name.to_string(),
         source: Box::new(source),
     };
     let existing = api.get_opt(name).await.map_err(err)?;
-    let wanted = webhook_configuration(name, endpoint, ca_bundle, own_namespace);
+    let wanted = webhook_configuration(name, endpoint, ca_bundle, own_namespace, watched);
     match endpoint {
         Endpoint::Url(_) => {
             let same = existing.as_ref().is_some_and(|e| {
@@ -841,6 +854,7 @@ mod tests {
             &Endpoint::Url("https://127.0.0.1:9443".into()),
             "CA",
             "ops",
+            &[],
         );
         let w = &c.webhooks.unwrap()[0];
         assert_eq!(w.failure_policy.as_deref(), Some("Fail"));
