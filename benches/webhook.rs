@@ -36,6 +36,14 @@ impl Lookup for Memory {
     async fn get(&self, _ns: &str, name: &str) -> Result<Option<SchemaMigration>, String> {
         Ok(self.0.get(name).cloned())
     }
+
+    async fn authorized(
+        &self,
+        _user: &k8s_openapi::api::authentication::v1::UserInfo,
+        _attributes: k8s_openapi::api::authorization::v1::ResourceAttributes,
+    ) -> Result<bool, String> {
+        Ok(true)
+    }
 }
 
 /// The echo baseline: same TLS configuration, body back as JSON.
@@ -159,6 +167,7 @@ fn main() {
                 allowed_images: vec![],
                 wait_timeout: Duration::from_secs(600),
             },
+            policy: Default::default(),
             metrics: Arc::new(Metrics::new()),
         });
         let wh_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

@@ -765,3 +765,134 @@ async fn init_container_mode_creates_the_inline_config_map_the_pods_mount() {
     );
     assert_eq!(status_patch(&seen)["phase"], "Migrating");
 }
+
+/// A log sink for one test.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_controller_shows_the_database_password_nowhere() {
+    let password = "Pl41n-S3cret&pw";
+    let encoded = support::postgres::urlencode(password);
+    // Unreachable on purpose: the connection error is the likeliest place for a URL.
+    let url = format!("postgres://app:{encoded}@127.0.0.1:1/orders?sslmode=disable");
+    let logs = Captured::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let sm = resource(MigrationMode::Job);
+    let mut w = world(&url);
+    // A Job that failed, whose runner (an older or foreign one) put the URL in its message.
+    let job = finished(created_job(&sm, &w).await, false);
+    let name = job.metadata.name.clone().unwrap();
+    w.jobs = vec![job];
+    w.pods = vec![pod_with_summary(
+        &name,
+        json!({"result": "failed", "exitCode": 11, "error": {"kind": "connect",
+               "message": format!("cannot connect to {url}: password {password} rejected")}}),
+    )];
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(
+        status["phase"], "Failed",
+        "the failure is reported: {status}"
+    );
+    let reachable = condition(&status, "DatabaseReachable");
+    assert_eq!(reachable["status"], "False");
+
+    // A failing reconciliation goes through error_policy: log line, metric, Event.
+    let ctx_metrics = Arc::new(Metrics::new());
+    let err = reconcile::Error::Kube {
+        op: "get_secret",
+        source: kube::Error::Service(format!("connecting to {url} failed").into()),
+    };
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let events: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let log = events.clone();
+    let (first, arrived) = tokio::sync::oneshot::channel::<()>();
+    let mut first = Some(first);
+    let api = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let bytes = http_body_util::BodyExt::collect(request.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            log.lock().unwrap().push(body.clone());
+            send.send_response(json_response(StatusCode::CREATED, body));
+            if let Some(f) = first.take() {
+                let _ = f.send(());
+            }
+        }
+    });
+    let client = Client::new(service, NS);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: Settings::default(),
+        metrics: ctx_metrics.clone(),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "schemagate-test".into(),
+                instance: None,
+            },
+        ),
+        failures: Default::default(),
+        pods: kube::runtime::reflector::store::<Pod>().0,
+    });
+    reconcile::error_policy(Arc::new(sm), &err, ctx);
+    tokio::time::timeout(Duration::from_secs(10), arrived)
+        .await
+        .expect("the error Event within 10s")
+        .unwrap();
+    api.abort();
+
+    let mut surfaces: Vec<(String, String)> = seen
+        .iter()
+        .map(|s| {
+            (
+                format!("{} {}?{}", s.method, s.path, s.query),
+                s.body.to_string(),
+            )
+        })
+        .collect();
+    surfaces.extend(
+        events
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| ("error Event".to_string(), e.to_string())),
+    );
+    surfaces.push((
+        "logs".into(),
+        String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned(),
+    ));
+    surfaces.push(("metrics".into(), ctx_metrics.encode()));
+    assert!(
+        surfaces.iter().any(|(at, _)| at == "logs")
+            && surfaces.iter().any(|(_, t)| t.contains("ReconcileError")),
+        "the error went somewhere"
+    );
+    for (at, text) in &surfaces {
+        assert!(
+            !text.contains(password) && !text.contains(&encoded),
+            "{at} shows the password: {text}"
+        );
+    }
+}

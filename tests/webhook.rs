@@ -34,8 +34,12 @@ use tokio_rustls::TlsConnector;
 
 const IMAGE: &str = "ghcr.io/schemagate/schemagate:test";
 
-/// SchemaMigrations by name; the name `unreadable` fails like an unreachable API server.
-struct Fake(HashMap<String, SchemaMigration>);
+/// SchemaMigrations by name (the name `unreadable` fails like an unreachable API server),
+/// and what each user may do: (user, verb, resource, namespace) granted.
+struct Fake(
+    HashMap<String, SchemaMigration>,
+    Vec<(&'static str, &'static str, &'static str, &'static str)>,
+);
 
 impl Lookup for Fake {
     async fn get(&self, namespace: &str, name: &str) -> Result<Option<SchemaMigration>, String> {
@@ -47,6 +51,23 @@ impl Lookup for Fake {
             .get(name)
             .filter(|sm| sm.metadata.namespace.as_deref() == Some(namespace))
             .cloned())
+    }
+
+    async fn authorized(
+        &self,
+        user: &k8s_openapi::api::authentication::v1::UserInfo,
+        a: k8s_openapi::api::authorization::v1::ResourceAttributes,
+    ) -> Result<bool, String> {
+        let who = user.username.as_deref().unwrap_or_default();
+        if who == "flaky" {
+            return Err("the API server did not answer".into());
+        }
+        Ok(self.1.iter().any(|(u, verb, resource, ns)| {
+            *u == who
+                && Some(*verb) == a.verb.as_deref()
+                && Some(*resource) == a.resource.as_deref()
+                && Some(*ns) == a.namespace.as_deref()
+        }))
     }
 }
 
@@ -119,8 +140,21 @@ async fn start() -> Server {
     let addr = listener.local_addr().unwrap();
     let metrics = Arc::new(Metrics::new());
     let webhook = Arc::new(Webhook {
-        lookup: Fake(sms),
+        lookup: Fake(
+            sms,
+            vec![
+                ("deployer", "create", "jobs", "shop"),
+                ("deployer", "create", "pods", "shop"),
+                ("app-dev", "create", "pods", "shop"),
+            ],
+        ),
         settings: settings(),
+        policy: schemagate::webhook::validate::Policy {
+            image: IMAGE.into(),
+            allowed_images: vec!["registry.example/db/*".into()],
+            controller_namespace: "schemagate-system".into(),
+            controller_service_account: Some("schemagate".into()),
+        },
         metrics: metrics.clone(),
     });
     let task = tokio::spawn(serve(listener, config, webhook));
@@ -267,11 +301,16 @@ fn review(uid: &str, pod: Value) -> Value {
 
 /// Posts a review; returns the response part of the answer.
 async fn admit(s: &Server, review: &Value) -> Value {
+    admit_at(s, "/mutate", review).await
+}
+
+/// Posts a review to `path`; returns the response part of the answer.
+async fn admit_at(s: &Server, path: &str, review: &Value) -> Value {
     let (status, headers, body) = request(
         s.addr,
         &s.bundle.ca_bundle_pem,
         "POST",
-        "/mutate",
+        path,
         "application/json",
         review.to_string().as_bytes(),
     )
@@ -504,7 +543,7 @@ async fn wrong_content_type_method_and_path_get_clear_http_errors() {
         headers.to_ascii_lowercase().contains("allow: post"),
         "{headers}"
     );
-    let (status, _, _) = request(s.addr, &ca, "POST", "/validate", "application/json", b"{}")
+    let (status, _, _) = request(s.addr, &ca, "POST", "/admit", "application/json", b"{}")
         .await
         .unwrap();
     assert_eq!(status, 404);
@@ -757,7 +796,8 @@ fn injected_runners_racing_on_postgres_migrate_exactly_once() {
 struct Cluster {
     secret: Option<Value>,
     rv: u64,
-    configuration: Option<Value>,
+    /// Webhook configurations by resource (mutating..., validating...).
+    configurations: HashMap<String, Value>,
     /// The next update of the Secret loses a race with another replica.
     lose_next_update: bool,
     seen: Vec<(String, String, String)>,
@@ -821,15 +861,18 @@ fn mock_client(
                     _ => status(405, "MethodNotAllowed"),
                 }
             } else {
-                match (method.as_str(), &mut c.configuration) {
+                let resource = path.split('/').nth(4).unwrap_or_default().to_string();
+                let apply = parts
+                    .headers
+                    .get("content-type")
+                    .is_some_and(|v| v == "application/apply-patch+yaml");
+                if method == "PATCH" && apply {
+                    c.configurations.insert(resource.clone(), body.clone());
+                }
+                match (method.as_str(), c.configurations.get_mut(&resource)) {
                     ("GET", Some(m)) => (StatusCode::OK, m.clone()),
                     ("GET", None) => status(404, "NotFound"),
-                    ("PATCH", _)
-                        if parts.headers["content-type"] == "application/apply-patch+yaml" =>
-                    {
-                        c.configuration = Some(body.clone());
-                        (StatusCode::OK, body.clone())
-                    }
+                    ("PATCH", Some(m)) if apply => (StatusCode::OK, m.clone()),
                     ("PATCH", Some(m)) => {
                         // Strategic merge of webhooks by name.
                         for w in body["webhooks"].as_array().unwrap() {
@@ -958,73 +1001,330 @@ async fn a_damaged_certificate_secret_is_replaced() {
 }
 
 #[tokio::test]
-async fn the_ca_bundle_is_written_into_the_configuration_only_when_it_differs() {
-    use schemagate::webhook::tls::{Endpoint, register, webhook_configuration};
+async fn the_ca_bundle_is_written_into_both_configurations_only_when_it_differs() {
+    use schemagate::webhook::tls::{
+        Endpoint, register, validating_configuration, webhook_configuration,
+    };
+    const MUTATING: &str = "mutatingwebhookconfigurations";
+    const VALIDATING: &str = "validatingwebhookconfigurations";
     let cluster = Arc::new(std::sync::Mutex::new(Cluster::default()));
     let (client, task) = mock_client(cluster.clone());
-    let api =
-        kube::Api::<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration>::all(
-            client,
-        );
     let service = Endpoint::Service {
         namespace: "ops".into(),
         name: "schemagate-webhook".into(),
     };
-    // In a cluster the chart installs the configuration; without it nothing is gated.
-    let err = register(&api, "schemagate", &service, "CA1", "ops", &[])
+    // In a cluster the chart installs the configurations; without them nothing is checked.
+    let err = register(&client, "schemagate", &service, "CA1", "ops", &[])
         .await
         .unwrap_err();
     assert!(err.to_string().contains("install it"), "{err}");
 
-    let installed = webhook_configuration("schemagate", &service, "", "ops", &[]);
-    cluster.lock().unwrap().configuration = Some(serde_json::to_value(installed).unwrap());
+    {
+        let mut c = cluster.lock().unwrap();
+        let m = webhook_configuration("schemagate", &service, "", "ops", &[]);
+        let v = validating_configuration("schemagate", &service, "");
+        c.configurations
+            .insert(MUTATING.into(), serde_json::to_value(m).unwrap());
+        c.configurations
+            .insert(VALIDATING.into(), serde_json::to_value(v).unwrap());
+        c.seen.clear();
+    }
     assert!(
-        register(&api, "schemagate", &service, "CA1", "ops", &[])
+        register(&client, "schemagate", &service, "CA1", "ops", &[])
             .await
             .unwrap()
     );
     assert!(
-        !register(&api, "schemagate", &service, "CA1", "ops", &[])
+        !register(&client, "schemagate", &service, "CA1", "ops", &[])
             .await
             .unwrap()
     );
     {
         let c = cluster.lock().unwrap();
-        let patches: Vec<&(String, String, String)> =
-            c.seen.iter().filter(|(m, _, _)| m == "PATCH").collect();
-        assert_eq!(patches.len(), 1, "{:?}", c.seen);
-        let w = &c.configuration.as_ref().unwrap()["webhooks"][0];
         assert_eq!(
-            w["clientConfig"]["caBundle"],
-            json!(base64::engine::general_purpose::STANDARD.encode("CA1"))
+            writes(&c).len(),
+            2,
+            "one patch each, then nothing: {:?}",
+            c.seen
         );
-        assert_eq!(w["clientConfig"]["service"]["name"], "schemagate-webhook");
+        let ca = json!(base64::engine::general_purpose::STANDARD.encode("CA1"));
+        let m = &c.configurations[MUTATING]["webhooks"][0];
+        assert_eq!(m["clientConfig"]["caBundle"], ca);
+        assert_eq!(m["clientConfig"]["service"]["path"], "/mutate");
+        let v = &c.configurations[VALIDATING]["webhooks"][0];
+        assert_eq!(v["clientConfig"]["caBundle"], ca);
+        assert_eq!(v["clientConfig"]["service"]["path"], "/validate");
+        assert_eq!(v["rules"][0]["resources"], json!(["schemamigrations"]));
+        assert_eq!(v["rules"][0]["operations"], json!(["CREATE", "UPDATE"]));
     }
 
-    // Outside a cluster the controller registers the whole configuration at its URL.
-    cluster.lock().unwrap().configuration = None;
+    // Outside a cluster the controller registers both whole, at its URL.
+    {
+        let mut c = cluster.lock().unwrap();
+        c.configurations.clear();
+        c.seen.clear();
+    }
     let url = Endpoint::Url("https://127.0.0.1:9443".into());
     assert!(
-        register(&api, "schemagate", &url, "CA2", "ops", &[])
+        register(&client, "schemagate", &url, "CA2", "ops", &[])
             .await
             .unwrap()
     );
     assert!(
-        !register(&api, "schemagate", &url, "CA2", "ops", &[])
+        !register(&client, "schemagate", &url, "CA2", "ops", &[])
             .await
             .unwrap()
     );
     let c = cluster.lock().unwrap();
     let applies: Vec<&(String, String, String)> =
         c.seen.iter().filter(|(m, _, _)| m == "PATCH").collect();
-    assert_eq!(applies.len(), 2, "one more write: {:?}", c.seen);
+    assert_eq!(applies.len(), 2, "{:?}", c.seen);
     assert!(
-        applies[1].2.contains("fieldManager=schemagate-controller"),
-        "{:?}",
-        applies[1]
+        applies
+            .iter()
+            .all(|a| a.2.contains("fieldManager=schemagate-controller")),
+        "{applies:?}"
     );
-    let w = &c.configuration.as_ref().unwrap()["webhooks"][0];
-    assert_eq!(w["clientConfig"]["url"], "https://127.0.0.1:9443/mutate");
-    assert_eq!(w["failurePolicy"], "Fail");
+    let m = &c.configurations[MUTATING]["webhooks"][0];
+    assert_eq!(m["clientConfig"]["url"], "https://127.0.0.1:9443/mutate");
+    assert_eq!(m["failurePolicy"], "Fail");
+    let v = &c.configurations[VALIDATING]["webhooks"][0];
+    assert_eq!(v["clientConfig"]["url"], "https://127.0.0.1:9443/validate");
     task.abort();
+}
+
+/// A SchemaMigration write as the API server sends it to the validating webhook.
+fn sm_review(
+    uid: &str,
+    user: &str,
+    operation: &str,
+    sm: &SchemaMigration,
+    old: Option<&SchemaMigration>,
+) -> Value {
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": uid,
+            "kind": {"group": "schemagate.dev", "version": "v1alpha1", "kind": "SchemaMigration"},
+            "resource": {"group": "schemagate.dev", "version": "v1alpha1", "resource": "schemamigrations"},
+            "requestKind": {"group": "schemagate.dev", "version": "v1alpha1", "kind": "SchemaMigration"},
+            "requestResource": {"group": "schemagate.dev", "version": "v1alpha1", "resource": "schemamigrations"},
+            "name": sm.metadata.name,
+            "namespace": sm.metadata.namespace,
+            "operation": operation,
+            "userInfo": {
+                "username": user,
+                "uid": "4b1f8d0e-0000-4000-8000-000000000001",
+                "groups": ["team-shop", "system:authenticated"],
+                "extra": {"authentication.kubernetes.io/credential-id": ["X509SHA256=ab12"]}
+            },
+            "object": serde_json::to_value(sm).unwrap(),
+            "oldObject": old.map(|o| serde_json::to_value(o).unwrap()),
+            "dryRun": false,
+            "options": {"kind": if operation == "CREATE" { "CreateOptions" } else { "UpdateOptions" }, "apiVersion": "meta.k8s.io/v1"}
+        }
+    })
+}
+
+fn written(mode: MigrationMode) -> SchemaMigration {
+    let mut sm = resource("orders", mode);
+    sm.metadata.uid = None;
+    sm
+}
+
+#[tokio::test]
+async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
+    let s = start().await;
+    let check = |user: &'static str,
+                 op: &'static str,
+                 sm: SchemaMigration,
+                 old: Option<SchemaMigration>| {
+        let s = &s;
+        async move {
+            admit_at(
+                s,
+                "/validate",
+                &sm_review("uid-v", user, op, &sm, old.as_ref()),
+            )
+            .await
+        }
+    };
+    let allowed = |r: &Value| r["allowed"] == true;
+    let message = |r: &Value| {
+        r["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+
+    // Init-container mode with the defaults runs nothing on the writer's behalf.
+    let r = check(
+        "viewer",
+        "CREATE",
+        written(MigrationMode::InitContainer),
+        None,
+    )
+    .await;
+    assert!(allowed(&r), "{r}");
+    assert_eq!(r["uid"], "uid-v");
+
+    // Job mode: the controller creates Jobs, so the writer must be able to.
+    let r = check("app-dev", "CREATE", written(MigrationMode::Job), None).await;
+    assert!(!allowed(&r));
+    let m = message(&r);
+    assert!(
+        m.contains("app-dev may not create jobs.batch in namespace shop")
+            && m.contains("mode: Job"),
+        "{m}"
+    );
+    let r = check("deployer", "CREATE", written(MigrationMode::Job), None).await;
+    assert!(allowed(&r), "{r}");
+
+    // A chosen runner image, allowed by policy: the writer must be able to create pods.
+    let mut own_image = written(MigrationMode::InitContainer);
+    own_image.spec.runner.image = Some("registry.example/db/runner:2".into());
+    assert!(allowed(
+        &check("app-dev", "CREATE", own_image.clone(), None).await
+    ));
+    let r = check("viewer", "CREATE", own_image.clone(), None).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("viewer may not create pods"),
+        "{}",
+        message(&r)
+    );
+
+    // An image outside the allowlist: refused whoever asks, naming the list.
+    let mut evil = written(MigrationMode::Job);
+    evil.spec.runner.image = Some("evil.example/miner:latest".into());
+    let r = check("deployer", "CREATE", evil, None).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("evil.example/miner:latest is not allowed")
+            && message(&r).contains("registry.example/db/*"),
+        "{}",
+        message(&r)
+    );
+
+    // The controller's own service account: never.
+    let mut own_sa = written(MigrationMode::Job);
+    own_sa.metadata.namespace = Some("schemagate-system".into());
+    own_sa.spec.runner.service_account_name = Some("schemagate".into());
+    let r = check("cluster-admin", "CREATE", own_sa, None).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("own service account"),
+        "{}",
+        message(&r)
+    );
+
+    // A service account the writer may not run Jobs with (no Job creation at all here).
+    let mut sa = written(MigrationMode::Job);
+    sa.spec.runner.service_account_name = Some("migrator".into());
+    let r = check("app-dev", "CREATE", sa, None).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("serviceAccountName migrator"),
+        "{}",
+        message(&r)
+    );
+
+    // Permission checks that cannot be made refuse (fail closed).
+    let r = check("flaky", "CREATE", written(MigrationMode::Job), None).await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("cannot check whether flaky"),
+        "{}",
+        message(&r)
+    );
+
+    // Updates: a label change asks nothing; a new target in Job mode runs a new Job.
+    let before = written(MigrationMode::Job);
+    let mut labelled = before.clone();
+    labelled.metadata.labels = Some([("team".to_string(), "shop".to_string())].into());
+    assert!(allowed(
+        &check("viewer", "UPDATE", labelled, Some(before.clone())).await
+    ));
+    let mut retarget = before.clone();
+    retarget.spec.target_version = Some("3".into());
+    let r = check("app-dev", "UPDATE", retarget, Some(before)).await;
+    assert!(!allowed(&r), "{r}");
+}
+
+#[tokio::test]
+async fn the_check_sends_a_subject_access_review_for_the_requesting_user() {
+    use http::{Request, Response};
+    use kube::client::Body;
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen: Arc<std::sync::Mutex<Vec<(String, String, Value)>>> = Arc::default();
+    let log = seen.clone();
+    let api = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .unwrap()
+                .to_bytes();
+            let mut body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            log.lock().unwrap().push((
+                parts.method.to_string(),
+                parts.uri.path().to_string(),
+                body.clone(),
+            ));
+            body["status"] = json!({"allowed": false, "reason": "no RBAC policy matched"});
+            send.send_response(
+                Response::builder()
+                    .status(201)
+                    .header("content-type", "application/json")
+                    .body(Body::from(serde_json::to_vec(&body).unwrap()))
+                    .unwrap(),
+            );
+        }
+    });
+    let webhook = Webhook {
+        lookup: schemagate::webhook::server::KubeLookup {
+            client: kube::Client::new(service, "default"),
+            timeout: Duration::from_secs(5),
+        },
+        settings: settings(),
+        policy: schemagate::webhook::validate::Policy {
+            image: IMAGE.into(),
+            ..Default::default()
+        },
+        metrics: Arc::new(Metrics::new()),
+    };
+    let body = sm_review(
+        "uid-sar",
+        "app-dev",
+        "CREATE",
+        &written(MigrationMode::Job),
+        None,
+    );
+    let (answer, outcome) =
+        schemagate::webhook::server::review(&webhook, "/validate", body.to_string().as_bytes())
+            .await;
+    assert_eq!(outcome, "denied");
+    assert_eq!(answer["response"]["allowed"], false);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1, "{seen:#?}");
+    let (method, path, sar) = &seen[0];
+    assert_eq!(
+        (method.as_str(), path.as_str()),
+        ("POST", "/apis/authorization.k8s.io/v1/subjectaccessreviews")
+    );
+    assert_eq!(sar["kind"], "SubjectAccessReview");
+    let spec = &sar["spec"];
+    assert_eq!(spec["user"], "app-dev");
+    assert_eq!(spec["uid"], "4b1f8d0e-0000-4000-8000-000000000001");
+    assert_eq!(spec["groups"], json!(["team-shop", "system:authenticated"]));
+    assert_eq!(
+        spec["extra"],
+        json!({"authentication.kubernetes.io/credential-id": ["X509SHA256=ab12"]})
+    );
+    assert_eq!(
+        spec["resourceAttributes"],
+        json!({"namespace": "shop", "verb": "create", "group": "batch", "resource": "jobs"})
+    );
+    api.abort();
 }

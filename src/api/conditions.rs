@@ -52,6 +52,8 @@ pub mod reason {
     pub const NOT_OBSERVED: &str = "NotObserved";
     /// A Job succeeded but the database does not show the target version.
     pub const UNEXPECTED_VERSION: &str = "UnexpectedVersion";
+    /// The resource names the controller's own service account for its runner.
+    pub const SERVICE_ACCOUNT_NOT_ALLOWED: &str = "ServiceAccountNotAllowed";
     /// The runner image is not allowed by the controller's policy.
     pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
 }

@@ -188,6 +188,8 @@ pub struct Inputs<'a> {
     pub namer: Option<&'a Namer<'a>>,
     /// False when the runner image is outside the controller's allowed list.
     pub image_allowed: bool,
+    /// False when the resource names the controller's own service account.
+    pub service_account_allowed: bool,
 }
 
 /// An Event to record.
@@ -393,6 +395,15 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
                 Phase::Blocked,
                 reason::IMAGE_NOT_ALLOWED,
                 "the runner image is not in the controller's list of allowed images".into(),
+            );
+        }
+        if !i.service_account_allowed {
+            break 'verdict Verdict::new(
+                Phase::Blocked,
+                reason::SERVICE_ACCOUNT_NOT_ALLOWED,
+                "spec.runner.serviceAccountName is the schemagate controller's own service \
+                 account, which no SchemaMigration may use"
+                    .into(),
             );
         }
         if let (Some(t), SourceState::Loaded { versions, .. }) = (&spec.target_version, &i.source) {

@@ -97,6 +97,11 @@ pub struct ControllerArgs {
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub namespace: String,
 
+    /// The controller's own service account (in --namespace), which no SchemaMigration
+    /// may use for its runner. In a cluster the chart sets it from the pod.
+    #[arg(long, env = "SCHEMAGATE_SERVICE_ACCOUNT")]
+    pub service_account: Option<String>,
+
     #[command(flatten)]
     pub webhook: crate::webhook::runtime::WebhookArgs,
 }
@@ -218,6 +223,7 @@ fn scoped_controller(
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {
+                let e = crate::engine::redact::redact(&e.to_string()).into_owned();
                 tracing::debug!(error = %e, "controller event");
             }
         });
@@ -242,12 +248,19 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             allowed_images: args.allowed_images.clone(),
             wait_timeout: args.webhook.webhook_wait_timeout,
         };
+        let policy = crate::webhook::validate::Policy {
+            image: args.image.clone(),
+            allowed_images: args.allowed_images.clone(),
+            controller_namespace: args.namespace.clone(),
+            controller_service_account: args.service_account.clone(),
+        };
         crate::webhook::runtime::start(
             &args.webhook,
             client.clone(),
             &args.namespace,
             &args.watch_namespace,
             settings,
+            policy,
             metrics.clone(),
         )
         .await?
@@ -286,6 +299,8 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
     let settings = Settings {
         image: args.image.clone(),
         allowed_images: args.allowed_images.clone(),
+        controller_namespace: args.namespace.clone(),
+        controller_service_account: args.service_account.clone(),
         observe_database: args.observe_database,
         requeue: args.resync,
         ..Settings::default()

@@ -37,6 +37,9 @@ pub struct Settings {
     pub image: String,
     /// Images the runner may use besides `image` (`*` at the end matches any suffix).
     pub allowed_images: Vec<String>,
+    /// The controller's own namespace and service account, which no resource may use.
+    pub controller_namespace: String,
+    pub controller_service_account: Option<String>,
     /// Read each database's history table to report its version.
     pub observe_database: bool,
     /// How long a database read may take.
@@ -53,6 +56,8 @@ impl Default for Settings {
         Settings {
             image: "ghcr.io/schemagate/schemagate:latest".into(),
             allowed_images: Vec::new(),
+            controller_namespace: "default".into(),
+            controller_service_account: None,
             observe_database: true,
             db_timeout: Duration::from_secs(5),
             requeue: Duration::from_secs(300),
@@ -546,7 +551,7 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
     };
     let can_name =
         matches!(o.secret, SecretState::Found { .. }) && decide::source_hash(&o.source).is_some();
-    decide::decide(&Inputs {
+    let decision = decide::decide(&Inputs {
         sm,
         now,
         secret: o.secret.clone(),
@@ -555,7 +560,35 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
         jobs: o.jobs.clone(),
         namer: can_name.then_some(&namer as &decide::Namer<'_>),
         image_allowed: allowed,
-    })
+        service_account_allowed: service_account_allowed(sm, &ctx.settings),
+    });
+    redacted(decision)
+}
+
+/// The decision with every registered secret (the database passwords the controller read)
+/// masked: runners' messages reach the status and Events, and a runner (an older or a
+/// foreign one) may have printed a URL. Done here, before the status is compared with the
+/// stored one, so the comparison sees what is stored.
+fn redacted(mut d: Decision) -> Decision {
+    let text = serde_json::to_string(&d.status).unwrap_or_default();
+    let clean = redact::redact(&text);
+    if let std::borrow::Cow::Owned(clean) = clean
+        && let Ok(status) = serde_json::from_str(&clean)
+    {
+        d.status = status;
+    }
+    for e in &mut d.events {
+        e.note = redact::redact(&e.note).into_owned();
+    }
+    d
+}
+
+/// False when the resource asks for the controller's own service account.
+pub fn service_account_allowed(sm: &SchemaMigration, settings: &Settings) -> bool {
+    let own = settings.controller_service_account.as_deref();
+    !(own.is_some()
+        && sm.spec.runner.service_account_name.as_deref() == own
+        && sm.namespace().as_deref() == Some(settings.controller_namespace.as_str()))
 }
 
 /// Carries out a decision: the Job (adopted if it exists), the status (only when it

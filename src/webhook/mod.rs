@@ -10,6 +10,7 @@ pub mod patch;
 pub mod runtime;
 pub mod server;
 pub mod tls;
+pub mod validate;
 
 use std::time::Duration;
 

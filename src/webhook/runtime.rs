@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client};
 use tokio::net::TcpListener;
@@ -16,6 +15,7 @@ use tokio::task::JoinHandle;
 use super::InjectSettings;
 use super::server::{KubeLookup, Webhook};
 use super::tls::{self, Endpoint, Lifetimes, Resolver, TlsError};
+use super::validate::Policy;
 use crate::controller::metrics::Metrics;
 
 /// The webhook's flags (part of `schemagate controller`).
@@ -106,7 +106,7 @@ struct SelfManaged {
     api: Api<Secret>,
     namespace: String,
     name: String,
-    registration: Api<MutatingWebhookConfiguration>,
+    client: Client,
     configuration: String,
     endpoint: Endpoint,
     watched: Vec<String>,
@@ -123,7 +123,7 @@ impl Source {
                     api,
                     namespace,
                     name,
-                    registration,
+                    client,
                     configuration,
                     endpoint,
                     watched,
@@ -137,7 +137,7 @@ impl Source {
                 )
                 .await?;
                 match tls::register(
-                    registration,
+                    client,
                     configuration,
                     endpoint,
                     &bundle.ca_bundle_pem,
@@ -167,6 +167,7 @@ pub async fn start(
     own_namespace: &str,
     watched: &[String],
     settings: InjectSettings,
+    policy: Policy,
     metrics: Arc<Metrics>,
 ) -> Result<Vec<JoinHandle<()>>, StartError> {
     let source = match (&args.webhook_cert_dir, &args.webhook_url) {
@@ -184,7 +185,7 @@ pub async fn start(
                 api: Api::namespaced(client.clone(), own_namespace),
                 namespace: own_namespace.into(),
                 name: args.webhook_secret.clone(),
-                registration: Api::all(client.clone()),
+                client: client.clone(),
                 configuration: args.webhook_configuration.clone(),
                 endpoint,
                 watched: watched.to_vec(),
@@ -207,6 +208,7 @@ pub async fn start(
             timeout: Duration::from_secs(5),
         },
         settings,
+        policy,
         metrics,
     });
     let server = tokio::spawn(async move {

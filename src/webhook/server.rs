@@ -1,5 +1,6 @@
 //! The webhook over HTTPS: `POST /mutate` with an AdmissionReview v1 of a Pod CREATE,
-//! answered with the same review's response (a JSON Patch when the runner is injected).
+//! answered with the same review's response (a JSON Patch when the runner is injected);
+//! `POST /validate` with a review of a SchemaMigration CREATE/UPDATE (see `validate.rs`).
 //!
 //! Never panics on input: a body that is not an AdmissionReview gets an `invalid`
 //! response; a wrong method, path, content type or size gets a plain HTTP error saying
@@ -14,13 +15,19 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use k8s_openapi::api::authentication::v1::UserInfo;
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::DynamicObject;
+use kube::api::{DynamicObject, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::{Api, Client};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
+use super::tls::{MUTATE_PATH, VALIDATE_PATH};
+use super::validate::{Policy, Violation, requirements};
 use super::{InjectSettings, Outcome, Refusal, gated_by, inject, patch};
 use crate::api::SchemaMigration;
 use crate::controller::metrics::Metrics;
@@ -29,18 +36,27 @@ use crate::engine::redact;
 /// The largest request body accepted (the API server's own limit is 3 MiB).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
 
-/// Finds the SchemaMigration a pod names.
+/// What the webhook asks the API server.
 pub trait Lookup: Send + Sync + 'static {
-    /// `Ok(None)` when it does not exist; `Err` (a message) when it cannot be read.
+    /// The SchemaMigration a pod names: `Ok(None)` when it does not exist; `Err` (a
+    /// message) when it cannot be read.
     fn get(
         &self,
         namespace: &str,
         name: &str,
     ) -> impl Future<Output = Result<Option<SchemaMigration>, String>> + Send;
+
+    /// Whether `user` may do what `attributes` describe (a SubjectAccessReview): the
+    /// verdict, or `Err` (a message) when it cannot be asked.
+    fn authorized(
+        &self,
+        user: &UserInfo,
+        attributes: ResourceAttributes,
+    ) -> impl Future<Output = Result<bool, String>> + Send;
 }
 
 /// Reads SchemaMigrations from the API server, fresh for every pod (a paused or blocked
-/// resource must refuse pods at once).
+/// resource must refuse pods at once), and asks it about permissions.
 pub struct KubeLookup {
     pub client: Client,
     pub timeout: Duration,
@@ -55,12 +71,41 @@ impl Lookup for KubeLookup {
             Err(_) => Err(format!("no answer within {}s", self.timeout.as_secs())),
         }
     }
+
+    async fn authorized(
+        &self,
+        user: &UserInfo,
+        attributes: ResourceAttributes,
+    ) -> Result<bool, String> {
+        let review = SubjectAccessReview {
+            metadata: Default::default(),
+            spec: SubjectAccessReviewSpec {
+                user: user.username.clone(),
+                groups: user.groups.clone(),
+                uid: user.uid.clone(),
+                extra: user.extra.clone(),
+                resource_attributes: Some(attributes),
+                non_resource_attributes: None,
+            },
+            status: None,
+        };
+        let api = Api::<SubjectAccessReview>::all(self.client.clone());
+        match tokio::time::timeout(self.timeout, api.create(&PostParams::default(), &review)).await
+        {
+            Ok(Ok(r)) => Ok(r
+                .status
+                .is_some_and(|s| s.allowed && s.denied != Some(true))),
+            Ok(Err(e)) => Err(redact::redact(&e.to_string()).into_owned()),
+            Err(_) => Err(format!("no answer within {}s", self.timeout.as_secs())),
+        }
+    }
 }
 
 /// Everything the webhook needs to answer.
 pub struct Webhook<L> {
     pub lookup: L,
     pub settings: InjectSettings,
+    pub policy: Policy,
     pub metrics: Arc<Metrics>,
 }
 
@@ -72,9 +117,13 @@ fn invalid(why: String) -> (serde_json::Value, &'static str) {
     )
 }
 
-/// Answers one AdmissionReview (the request body): the response review and an outcome
-/// label (`injected`, `unchanged`, `denied`, `invalid`).
-pub async fn review<L: Lookup>(wh: &Webhook<L>, body: &[u8]) -> (serde_json::Value, &'static str) {
+/// Answers one AdmissionReview (the request body) posted to `path`: the response review and
+/// an outcome label (`injected`, `unchanged`, `allowed`, `denied`, `invalid`).
+pub async fn review<L: Lookup>(
+    wh: &Webhook<L>,
+    path: &str,
+    body: &[u8],
+) -> (serde_json::Value, &'static str) {
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => return invalid(format!("the request body is not an AdmissionReview: {e}")),
@@ -83,7 +132,11 @@ pub async fn review<L: Lookup>(wh: &Webhook<L>, body: &[u8]) -> (serde_json::Val
         Ok(r) => r,
         Err(e) => return invalid(format!("the AdmissionReview has no usable request: {e}")),
     };
-    let (response, outcome) = decide(wh, &req).await;
+    let (response, outcome) = if path == VALIDATE_PATH {
+        validate(wh, &req).await
+    } else {
+        decide(wh, &req).await
+    };
     let review = response.into_review();
     match serde_json::to_value(review) {
         Ok(mut v) => {
@@ -197,6 +250,78 @@ async fn decide<L: Lookup>(
     }
 }
 
+/// The validating check of a SchemaMigration write.
+async fn validate<L: Lookup>(
+    wh: &Webhook<L>,
+    req: &AdmissionRequest<DynamicObject>,
+) -> (AdmissionResponse, &'static str) {
+    let response = AdmissionResponse::from(req);
+    let writes = matches!(req.operation, Operation::Create | Operation::Update);
+    if !writes || req.kind.kind != "SchemaMigration" || req.kind.group != crate::api::GROUP {
+        return (response, "allowed");
+    }
+    let parse = |o: &Option<DynamicObject>| {
+        o.as_ref()
+            .map(|o| serde_json::to_value(o).and_then(serde_json::from_value::<SchemaMigration>))
+    };
+    let sm = match parse(&req.object) {
+        Some(Ok(sm)) => sm,
+        Some(Err(e)) => {
+            return (
+                response.deny(format!("not a valid SchemaMigration: {e}")),
+                "denied",
+            );
+        }
+        None => return (response.deny("the review carries no object"), "denied"),
+    };
+    // Changes that leave the spec alone (labels, finalizers, owner references) ask nothing.
+    if let Some(Ok(old)) = parse(&req.old_object)
+        && old.spec == sm.spec
+    {
+        return (response, "allowed");
+    }
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let needs = match requirements(&sm, &namespace, &wh.policy) {
+        Ok(n) => n,
+        Err(Violation(why)) => return (response.deny(why), "denied"),
+    };
+    let user = req.user_info.username.clone().unwrap_or_else(|| "?".into());
+    for need in needs {
+        match wh
+            .lookup
+            .authorized(&req.user_info, need.attributes(&namespace))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                let why = format!(
+                    "{user} may not {} in namespace {namespace}, which this SchemaMigration \
+                     asks schemagate to do on their behalf ({}); a SchemaMigration may only \
+                     ask for what its writer may do: grant that permission, or drop those fields",
+                    need.describe(),
+                    need.why
+                );
+                tracing::info!(
+                    namespace,
+                    user,
+                    permission = need.describe(),
+                    "admission: SchemaMigration refused"
+                );
+                return (response.deny(why), "denied");
+            }
+            Err(e) => {
+                let why = format!(
+                    "cannot check whether {user} may {} in namespace {namespace}: {e}; \
+                     refused until it can be checked",
+                    need.describe()
+                );
+                return (response.deny(why), "denied");
+            }
+        }
+    }
+    (response, "allowed")
+}
+
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
@@ -217,13 +342,11 @@ fn is_json(content_type: Option<&header::HeaderValue>) -> bool {
 /// One HTTP request.
 pub async fn handle<L: Lookup>(wh: &Webhook<L>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let started = Instant::now();
-    if req.uri().path() != super::tls::MUTATE_PATH {
+    let path = req.uri().path().to_string();
+    if path != MUTATE_PATH && path != VALIDATE_PATH {
         return text(
             StatusCode::NOT_FOUND,
-            format!(
-                "not found: the webhook serves POST {}\n",
-                super::tls::MUTATE_PATH
-            ),
+            format!("not found: the webhook serves POST {MUTATE_PATH} and POST {VALIDATE_PATH}\n"),
         );
     }
     if req.method() != Method::POST {
@@ -270,7 +393,7 @@ pub async fn handle<L: Lookup>(wh: &Webhook<L>, req: Request<Incoming>) -> Respo
             };
         }
     };
-    let (answer, outcome) = review(wh, &body).await;
+    let (answer, outcome) = review(wh, &path, &body).await;
     wh.metrics.admitted(outcome, started.elapsed());
     let mut r = Response::new(Full::new(Bytes::from(answer.to_string())));
     r.headers_mut().insert(

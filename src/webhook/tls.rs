@@ -16,7 +16,7 @@ use std::time::Duration;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
-    WebhookClientConfig,
+    ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
@@ -34,8 +34,12 @@ use crate::api::{FIELD_MANAGER, MIGRATION_LABEL};
 
 /// The one webhook of the configuration.
 pub const WEBHOOK_NAME: &str = "pods.schemagate.dev";
-/// The path the API server posts AdmissionReviews to.
+/// The path the API server posts pod AdmissionReviews to.
 pub const MUTATE_PATH: &str = "/mutate";
+/// The path the API server posts SchemaMigration AdmissionReviews to.
+pub const VALIDATE_PATH: &str = "/validate";
+/// The one webhook of the validating configuration.
+pub const VALIDATING_WEBHOOK_NAME: &str = "schemamigrations.schemagate.dev";
 
 const ANN_NOT_AFTER: &str = "schemagate.dev/not-after";
 const ANN_CA_NOT_AFTER: &str = "schemagate.dev/ca-not-after";
@@ -68,15 +72,16 @@ pub enum TlsError {
     )]
     Contended { namespace: String, name: String },
     #[error(
-        "MutatingWebhookConfiguration {name} does not exist, so no pod is gated; install it \
-         with the chart (or run with --webhook-url outside a cluster)"
+        "{kind} {name} does not exist, so the webhook is not called; install it with the \
+         chart (or run with --webhook-url outside a cluster)"
     )]
-    NotInstalled { name: String },
+    NotInstalled { kind: String, name: String },
     #[error(
-        "cannot write the CA bundle into MutatingWebhookConfiguration {name}: {source}; the \
-         controller needs get/patch on it"
+        "cannot write the CA bundle into {kind} {name}: {source}; the controller needs \
+         get/patch on it"
     )]
     Register {
+        kind: String,
         name: String,
         #[source]
         source: Box<kube::Error>,
@@ -555,7 +560,7 @@ impl Endpoint {
         }
     }
 
-    fn client_config(&self, ca_bundle: &str) -> WebhookClientConfig {
+    fn client_config(&self, ca_bundle: &str, path: &str) -> WebhookClientConfig {
         let ca = Some(ByteString(ca_bundle.as_bytes().to_vec()));
         match self {
             Endpoint::Service { namespace, name } => WebhookClientConfig {
@@ -563,7 +568,7 @@ impl Endpoint {
                 service: Some(ServiceReference {
                     namespace: namespace.clone(),
                     name: name.clone(),
-                    path: Some(MUTATE_PATH.into()),
+                    path: Some(path.into()),
                     port: Some(443),
                 }),
                 url: None,
@@ -571,7 +576,7 @@ impl Endpoint {
             Endpoint::Url(url) => WebhookClientConfig {
                 ca_bundle: ca,
                 service: None,
-                url: Some(format!("{}{MUTATE_PATH}", url.trim_end_matches('/'))),
+                url: Some(format!("{}{path}", url.trim_end_matches('/'))),
             },
         }
     }
@@ -616,7 +621,7 @@ pub fn webhook_configuration(
         webhooks: Some(vec![MutatingWebhook {
             name: WEBHOOK_NAME.into(),
             admission_review_versions: vec!["v1".into()],
-            client_config: endpoint.client_config(ca_bundle),
+            client_config: endpoint.client_config(ca_bundle, MUTATE_PATH),
             failure_policy: Some("Fail".into()),
             match_policy: Some("Equivalent".into()),
             side_effects: "None".into(),
@@ -650,42 +655,121 @@ pub fn webhook_configuration(
     }
 }
 
-/// Makes the API server trust `ca_bundle`: with a URL endpoint the whole configuration is
-/// applied (server-side apply); with a Service endpoint the chart owns the configuration
-/// and only the CA bundle of its webhooks is patched. Writes only when something differs.
+/// The ValidatingWebhookConfiguration: SchemaMigration CREATE and UPDATE, in every
+/// namespace, failing closed (see `validate.rs`).
+pub fn validating_configuration(
+    name: &str,
+    endpoint: &Endpoint,
+    ca_bundle: &str,
+) -> ValidatingWebhookConfiguration {
+    ValidatingWebhookConfiguration {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            labels: Some(managed_by()),
+            ..Default::default()
+        },
+        webhooks: Some(vec![ValidatingWebhook {
+            name: VALIDATING_WEBHOOK_NAME.into(),
+            admission_review_versions: vec!["v1".into()],
+            client_config: endpoint.client_config(ca_bundle, VALIDATE_PATH),
+            failure_policy: Some("Fail".into()),
+            match_policy: Some("Equivalent".into()),
+            side_effects: "None".into(),
+            timeout_seconds: Some(10),
+            object_selector: None,
+            namespace_selector: None,
+            rules: Some(vec![RuleWithOperations {
+                api_groups: Some(vec![crate::api::GROUP.into()]),
+                api_versions: Some(vec!["*".into()]),
+                operations: Some(vec!["CREATE".into(), "UPDATE".into()]),
+                resources: Some(vec!["schemamigrations".into()]),
+                scope: Some("Namespaced".into()),
+            }]),
+            match_conditions: None,
+        }]),
+    }
+}
+
+fn managed_by() -> std::collections::BTreeMap<String, String> {
+    [(
+        "app.kubernetes.io/managed-by".to_string(),
+        "schemagate".to_string(),
+    )]
+    .into()
+}
+
+/// Makes the API server trust `ca_bundle` for both webhook configurations (named `name`):
+/// with a URL endpoint they are applied whole (server-side apply); with a Service endpoint
+/// the chart owns them and only the CA bundles are patched. Writes only what differs;
+/// returns whether anything was written.
 pub async fn register(
-    api: &Api<MutatingWebhookConfiguration>,
+    client: &kube::Client,
     name: &str,
     endpoint: &Endpoint,
     ca_bundle: &str,
     own_namespace: &str,
     watched: &[String],
 ) -> Result<bool, TlsError> {
+    let mutating = webhook_configuration(name, endpoint, ca_bundle, own_namespace, watched);
+    let validating = validating_configuration(name, endpoint, ca_bundle);
+    let a = ensure(
+        &Api::all(client.clone()),
+        name,
+        endpoint,
+        ca_bundle,
+        &mutating,
+    )
+    .await?;
+    let b = ensure(
+        &Api::all(client.clone()),
+        name,
+        endpoint,
+        ca_bundle,
+        &validating,
+    )
+    .await?;
+    Ok(a || b)
+}
+
+/// One configuration: applied whole (URL endpoint) or its CA bundles patched.
+async fn ensure<K>(
+    api: &Api<K>,
+    name: &str,
+    endpoint: &Endpoint,
+    ca_bundle: &str,
+    wanted: &K,
+) -> Result<bool, TlsError>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::Serialize
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let kind = K::kind(&()).to_string();
     let err = |source| TlsError::Register {
+        kind: kind.clone(),
         name: name.to_string(),
         source: Box::new(source),
     };
     let existing = api.get_opt(name).await.map_err(err)?;
-    let wanted = webhook_configuration(name, endpoint, ca_bundle, own_namespace, watched);
+    let value = |k: &K| serde_json::to_value(k).unwrap_or_default();
+    let want = value(wanted);
     match endpoint {
         Endpoint::Url(_) => {
             let same = existing.as_ref().is_some_and(|e| {
-                e.webhooks == wanted.webhooks
-                    && e.labels()
-                        .get("app.kubernetes.io/managed-by")
-                        .map(String::as_str)
-                        == Some("schemagate")
+                let e = value(e);
+                e["webhooks"] == want["webhooks"]
+                    && e["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "schemagate"
             });
             if same {
                 return Ok(false);
             }
-            let mut apply = wanted;
-            apply.metadata.managed_fields = None;
             let body = serde_json::json!({
-                "apiVersion": "admissionregistration.k8s.io/v1",
-                "kind": "MutatingWebhookConfiguration",
-                "metadata": apply.metadata,
-                "webhooks": apply.webhooks,
+                "apiVersion": K::api_version(&()),
+                "kind": kind,
+                "metadata": want["metadata"],
+                "webhooks": want["webhooks"],
             });
             api.patch(
                 name,
@@ -698,15 +782,19 @@ pub async fn register(
         }
         Endpoint::Service { .. } => {
             let Some(existing) = existing else {
-                return Err(TlsError::NotInstalled { name: name.into() });
+                return Err(TlsError::NotInstalled {
+                    kind: kind.clone(),
+                    name: name.into(),
+                });
             };
-            let want = ByteString(ca_bundle.as_bytes().to_vec());
-            let stale: Vec<String> = existing
-                .webhooks
-                .iter()
+            let ca =
+                serde_json::to_value(ByteString(ca_bundle.as_bytes().to_vec())).unwrap_or_default();
+            let stale: Vec<serde_json::Value> = value(&existing)["webhooks"]
+                .as_array()
+                .into_iter()
                 .flatten()
-                .filter(|w| w.client_config.ca_bundle.as_ref() != Some(&want))
-                .map(|w| w.name.clone())
+                .filter(|w| w["clientConfig"]["caBundle"] != ca)
+                .map(|w| w["name"].clone())
                 .collect();
             if stale.is_empty() {
                 return Ok(false);
@@ -715,7 +803,7 @@ pub async fn register(
             let patch = serde_json::json!({
                 "webhooks": stale.iter().map(|n| serde_json::json!({
                     "name": n,
-                    "clientConfig": { "caBundle": want },
+                    "clientConfig": { "caBundle": ca },
                 })).collect::<Vec<_>>(),
             });
             api.patch(

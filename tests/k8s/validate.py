@@ -154,6 +154,11 @@ def check_chart_invariants(docs, values, label):
         fail(label, f"probes: {probes}")
     if "requests" not in container.get("resources", {}):
         fail(label, "no resource requests")
+    for problem in pss_restricted(pod):
+        fail(label, f"controller pod is not Pod Security restricted: {problem}")
+    env = {e["name"]: e for e in container.get("env", [])}
+    if env.get("SCHEMAGATE_SERVICE_ACCOUNT", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "spec.serviceAccountName":
+        fail(label, "the controller does not know its own service account (SCHEMAGATE_SERVICE_ACCOUNT)")
     lease = arg(args, "--leader-election-lease")
     role_rules = [r for role in by_kind(docs, "Role") if role["metadata"]["namespace"] == NAMESPACE
                   for r in role["rules"]]
@@ -186,11 +191,29 @@ def check_chart_invariants(docs, values, label):
             fail(label, f"rules: {w['rules']}")
         if not 1 <= w["timeoutSeconds"] <= 30 or w["sideEffects"] != "None":
             fail(label, "timeoutSeconds/sideEffects")
+        vwcs = by_kind(docs, "ValidatingWebhookConfiguration")
+        if len(vwcs) != 1:
+            fail(label, "expected one ValidatingWebhookConfiguration")
+            return
+        v = vwcs[0]["webhooks"][0]
+        if vwcs[0]["metadata"]["name"] != mwc["metadata"]["name"]:
+            fail(label, "both webhook configurations must carry --webhook-configuration's name")
+        if v["clientConfig"]["service"]["name"] != ref["name"] or v["clientConfig"]["service"]["path"] != "/validate":
+            fail(label, "the validating webhook does not call the Service at /validate")
+        if v["failurePolicy"] != "Fail" or v["rules"] != [{
+                "apiGroups": ["schemagate.dev"], "apiVersions": ["*"], "operations": ["CREATE", "UPDATE"],
+                "resources": ["schemamigrations"], "scope": "Namespaced"}]:
+            fail(label, f"validating webhook: {v}")
+        sar = [r for cr in by_kind(docs, "ClusterRole") for r in cr["rules"]
+               if "subjectaccessreviews" in r.get("resources", [])]
+        if not sar or sar[0]["verbs"] != ["create"]:
+            fail(label, "the controller cannot create SubjectAccessReviews")
         cert_manager = webhook.get("certManager", {}).get("enabled", False)
         if cert_manager:
-            inject = mwc["metadata"].get("annotations", {}).get("cert-manager.io/inject-ca-from", "")
             certs = by_kind(docs, "Certificate")
-            if not certs or inject != f"{NAMESPACE}/{certs[0]['metadata']['name']}":
+            injects = {c["metadata"].get("annotations", {}).get("cert-manager.io/inject-ca-from", "")
+                       for c in (mwc, vwcs[0])}
+            if not certs or injects != {f"{NAMESPACE}/{certs[0]['metadata']['name']}"}:
                 fail(label, "cert-manager CA injection does not point at the Certificate")
             volumes = {v["name"]: v for v in pod.get("volumes", [])}
             if arg(args, "--webhook-cert-dir") != "/tls" or volumes.get("tls", {}).get("secret", {}).get("secretName") != certs[0]["spec"]["secretName"]:
@@ -201,9 +224,10 @@ def check_chart_invariants(docs, values, label):
                 fail(label, f"no Role lets the controller update its certificate Secret {secret}")
             patchers = [r for cr in by_kind(docs, "ClusterRole") for r in cr["rules"]
                         if "mutatingwebhookconfigurations" in r.get("resources", [])]
-            if not patchers or patchers[0].get("resourceNames") != [mwc["metadata"]["name"]]:
-                fail(label, "the controller must be able to patch exactly its own webhook configuration")
-    elif mwcs or arg(args, "--webhook") != "false":
+            if not patchers or patchers[0].get("resourceNames") != [mwc["metadata"]["name"]] \
+                    or "validatingwebhookconfigurations" not in patchers[0]["resources"]:
+                fail(label, "the controller must be able to patch exactly its own webhook configurations")
+    elif mwcs or by_kind(docs, "ValidatingWebhookConfiguration") or arg(args, "--webhook") != "false":
         fail(label, "webhook disabled but still configured")
     # Secrets: get only, never list or watch.
     for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
@@ -223,6 +247,44 @@ def check_chart_invariants(docs, values, label):
             fail(label, f"RoleBindings missing in {set(watch) - bound}")
         if sorted(a.split("=", 1)[1] for a in args if a.startswith("--watch-namespace=")) != sorted(watch):
             fail(label, "--watch-namespace flags do not match watchNamespaces")
+
+
+def pss_restricted(pod):
+    """The Pod Security Standards' restricted profile (with baseline), for a pod spec."""
+    out = []
+    psc = pod.get("securityContext", {})
+    for f in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(f):
+            out.append(f"{f} is set")
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                       "persistentVolumeClaim", "projected", "secret"}
+    for v in pod.get("volumes", []):
+        if not (set(v) - {"name"}) <= allowed_volumes:
+            out.append(f"volume {v['name']} has a forbidden type")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    for c in pod.get("initContainers", []) + pod.get("containers", []):
+        sc = c.get("securityContext", {})
+        at = f"container {c['name']}"
+        if sc.get("privileged"):
+            out.append(f"{at}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{at}: allowPrivilegeEscalation must be false")
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            out.append(f"{at}: runAsNonRoot must be true")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{at}: runAsUser 0")
+        seccomp = sc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{at}: seccompProfile must be RuntimeDefault or Localhost")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []):
+            out.append(f"{at}: capabilities must drop ALL")
+        if set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            out.append(f"{at}: adds capabilities")
+        if any(p.get("hostPort") for p in c.get("ports", [])):
+            out.append(f"{at}: hostPort")
+    return out
 
 
 def check_chart():
@@ -350,7 +412,12 @@ def check_copies(default_docs, write):
     crd_text = (ROOT / "crds" / CRD_FILE).read_text()
     copies = {CHART / "crds" / CRD_FILE: crd_text, ROOT / "deploy" / CRD_FILE: crd_text}
     body = [d for d in default_docs if d.get("kind") != "CustomResourceDefinition"]
-    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}}
+    # The controller passes the restricted Pod Security Standard: enforce it there.
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE, "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted",
+        "pod-security.kubernetes.io/enforce-version": "latest",
+        "pod-security.kubernetes.io/warn": "restricted",
+    }}}
     header = ("# Generated from charts/schemagate with default values (release schemagate, namespace\n"
               f"# {NAMESPACE}) by tests/k8s/validate.py --write; do not edit. A test fails when it is stale.\n")
     copies[ROOT / "deploy" / "schemagate.yaml"] = header + yaml.safe_dump_all(

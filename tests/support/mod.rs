@@ -5,6 +5,7 @@
 pub mod mysql;
 pub mod pgbouncer;
 pub mod postgres;
+pub mod pss;
 pub mod scenarios;
 
 use std::io::{BufRead, BufReader};

@@ -67,6 +67,7 @@ fn inputs(sm: &SchemaMigration) -> Inputs<'_> {
         jobs: vec![],
         namer: Some(&namer),
         image_allowed: true,
+        service_account_allowed: true,
     }
 }
 
@@ -357,6 +358,16 @@ fn invalid_source_unknown_target_and_disallowed_images_block() {
     i.image_allowed = false;
     let d = decide(&i);
     assert_eq!(cond(&d, cond::STALLED).reason, reason::IMAGE_NOT_ALLOWED);
+    assert_eq!(d.action, Action::Nothing);
+
+    let mut i = inputs(&sm);
+    i.service_account_allowed = false;
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Blocked);
+    assert_eq!(
+        cond(&d, cond::STALLED).reason,
+        reason::SERVICE_ACCOUNT_NOT_ALLOWED
+    );
     assert_eq!(d.action, Action::Nothing);
 }
 
