@@ -896,3 +896,60 @@ async fn the_controller_shows_the_database_password_nowhere() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_tool_sources_status_comes_from_the_tools_own_table() {
+    use schemagate::api::{ToolName, ToolSource};
+    let (_db, url) = database(None);
+    // The harness's SQL helper runs its own runtime: off this one.
+    let sql = |url: &str, text: &'static str| {
+        let url = url.to_string();
+        std::thread::spawn(move || exec(&url, text)).join().unwrap()
+    };
+    sql(
+        &url,
+        "CREATE TABLE schema_migrations (version bigint NOT NULL PRIMARY KEY, dirty boolean NOT NULL);
+         INSERT INTO schema_migrations VALUES (20251102, 0)",
+    );
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.spec.source = SourceSpec {
+        tool: Some(ToolSource {
+            name: ToolName::GolangMigrate,
+            image: "shop/api:7".into(),
+            command: vec!["migrate".into(), "-path".into(), "/m".into(), "up".into()],
+            working_dir: None,
+            env: vec![],
+        }),
+        ..Default::default()
+    };
+    let mut w = world(&url);
+    w.config_map = None;
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    assert!(
+        !seen.iter().any(|s| s.path.contains("configmaps")),
+        "a tool source reads no ConfigMap: {seen:#?}"
+    );
+    let status = status_patch(&seen);
+    assert_eq!(status["currentVersion"], "20251102");
+    assert_eq!(condition(&status, "DatabaseReachable")["status"], "True");
+
+    // A dirty golang-migrate state: Failed, Stalled, with the tool's repair command.
+    sql(&url, "UPDATE schema_migrations SET dirty = 1");
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Failed");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some("ToolNeedsRepair"))
+    );
+    assert!(
+        stalled["message"]
+            .as_str()
+            .unwrap()
+            .contains("migrate force 20251102"),
+        "{stalled}"
+    );
+}

@@ -4,6 +4,8 @@
 //! from PyPI installed into `target/pyenv` on first use); and the example SchemaMigrations
 //! evaluated against the CRD's CEL rules and the API types here.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -27,30 +29,8 @@ fn run(c: &mut Command) -> std::process::Output {
     out
 }
 
-/// A virtualenv with the pinned tools, made once and remade when the pins change.
 fn python() -> PathBuf {
-    let env = root().join("target").join("pyenv");
-    let requirements = root().join("tests/k8s/requirements.txt");
-    let wanted = std::fs::read_to_string(&requirements).expect("requirements.txt");
-    let stamp = env.join("requirements.installed");
-    let python = env.join("bin").join("python");
-    if std::fs::read_to_string(&stamp).ok().as_deref() == Some(wanted.as_str()) && python.exists() {
-        return python;
-    }
-    let _ = std::fs::remove_dir_all(&env);
-    run(Command::new("python3").arg("-m").arg("venv").arg(&env));
-    run(Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            "-r",
-        ])
-        .arg(&requirements));
-    std::fs::write(&stamp, wanted).expect("stamp");
-    python
+    support::python::venv("pyenv", &root().join("tests/k8s/requirements.txt")).join("python")
 }
 
 #[test]

@@ -42,6 +42,9 @@ pub mod reason {
     pub const MIGRATION_FAILED: &str = "MigrationFailed";
     /// A step did not finish (a non-transactional migration stopped part-way).
     pub const DIRTY: &str = "Dirty";
+    /// A tool source's history needs repair first (golang-migrate dirty, a failed Flyway
+    /// or sqlx row, unmerged Alembic heads).
+    pub const TOOL_NEEDS_REPAIR: &str = "ToolNeedsRepair";
     /// Applied migrations differ from the source (changed or missing files).
     pub const DRIFT: &str = "Drift";
     /// The controller could not read the database.

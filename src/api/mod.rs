@@ -65,6 +65,10 @@ pub const STATUS_LIST_MAX: usize = 20;
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "!has(self.source.tool) || !has(self.targetVersion)",
+    "message": "targetVersion does not apply to source.tool: the tool's command decides the version (e.g. flask db upgrade <revision>)"
+}]))]
 pub struct SchemaMigrationSpec {
     /// The database to migrate.
     pub database: DatabaseSpec,
@@ -173,8 +177,8 @@ fn default_url_key() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 #[schemars(extend("x-kubernetes-validations" = [{
-    "rule": "[has(self.configMapRef), has(self.inline), has(self.image)].filter(x, x).size() == 1",
-    "message": "set exactly one of source.configMapRef, source.inline or source.image"
+    "rule": "[has(self.configMapRef), has(self.inline), has(self.image), has(self.tool)].filter(x, x).size() == 1",
+    "message": "set exactly one of source.configMapRef, source.inline, source.image or source.tool"
 }]))]
 pub struct SourceSpec {
     /// A ConfigMap in this namespace whose keys are migration file names (any format
@@ -190,6 +194,72 @@ pub struct SourceSpec {
     /// An image that contains the migration files (copied with `cp` into the runner).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageSource>,
+
+    /// The app's own migration tool instead of schemagate's engine: its command runs from
+    /// its image under schemagate's database lock (never two at once), and the status
+    /// reads the tool's history table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<ToolSource>,
+}
+
+/// Another tool's migrations, run by its own command.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolSource {
+    /// Alembic (also Flask-Migrate), Flyway, GolangMigrate, Sqlx or Dbmate: whose history
+    /// table holds the version.
+    pub name: ToolName,
+    /// The image with the tool and the migrations (usually the app's own image). It runs
+    /// as a non-root user with a read-only root filesystem and a writable /tmp.
+    #[schemars(length(min = 1, max = 1024))]
+    pub image: String,
+    /// The migration command and its arguments, e.g. ["flask", "db", "upgrade"] or
+    /// ["flyway", "migrate"]. DATABASE_URL is set from the Secret.
+    #[schemars(length(min = 1, max = 64))]
+    pub command: Vec<String>,
+    /// The command's working directory. Default: the image's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Extra environment variables for the command (plain values; the database URL comes
+    /// from the Secret).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub env: Vec<ToolEnv>,
+}
+
+/// The tools whose history schemagate reads.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ToolName {
+    Alembic,
+    Flyway,
+    GolangMigrate,
+    Sqlx,
+    Dbmate,
+}
+
+impl ToolName {
+    /// The engine's reader for this tool.
+    pub fn tool(self) -> crate::engine::tools::Tool {
+        use crate::engine::tools::Tool;
+        match self {
+            ToolName::Alembic => Tool::Alembic,
+            ToolName::Flyway => Tool::Flyway,
+            ToolName::GolangMigrate => Tool::GolangMigrate,
+            ToolName::Sqlx => Tool::Sqlx,
+            ToolName::Dbmate => Tool::Dbmate,
+        }
+    }
+}
+
+/// A plain environment variable.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ToolEnv {
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    #[serde(default)]
+    #[schemars(length(max = 4096))]
+    pub value: String,
 }
 
 /// A ConfigMap in the resource's namespace.

@@ -192,6 +192,28 @@ fn cel_rules_refuse_invalid_combinations_with_messages_that_say_what_to_fix() {
     let none = json!({ "database": db(), "source": {} });
     assert!(cel(none).unwrap_err().contains("exactly one of source"));
 
+    let tool =
+        json!({ "name": "Alembic", "image": "shop/web:2", "command": ["flask", "db", "upgrade"] });
+    assert_eq!(
+        cel(json!({ "database": db(), "source": { "tool": tool } })),
+        Ok(())
+    );
+    let tool_and_files = json!({
+        "database": db(),
+        "source": { "tool": tool, "configMapRef": { "name": "m" } },
+    });
+    assert!(cel(tool_and_files).unwrap_err().contains("source.tool"));
+    let tool_with_target = json!({
+        "database": db(),
+        "source": { "tool": tool },
+        "targetVersion": "3",
+    });
+    let e = cel(tool_with_target).unwrap_err();
+    assert!(
+        e.contains("targetVersion does not apply to source.tool"),
+        "{e}"
+    );
+
     let bad_version = json!({
         "database": db(),
         "source": { "configMapRef": { "name": "m" } },

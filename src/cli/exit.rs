@@ -188,6 +188,15 @@ impl From<RunError> for CliError {
                     )
                     .details(details)
             }
+            RunError::ImportIntoHistory { .. } => CliError::new(Exit::Refused, "refused", message)
+                .hint("`schemagate migrate history` shows what is recorded already"),
+            RunError::ToolProblem { .. } => CliError::new(Exit::Blocked, "tool_problem", message)
+                .hint("fix it with the tool, then run again"),
+            RunError::ImportWithoutFiles { .. } => CliError::new(Exit::Refused, "refused", message)
+                .hint(
+                    "point --dir at the tool's migration files (sqlx, golang-migrate, dbmate and \
+                     Flyway files are read as they are)",
+                ),
             RunError::LockLost(_) => CliError::new(Exit::LockUnusable, "lock_unusable", message)
                 .hint(
                     "run again: the next runner reads the history and goes on from where this \

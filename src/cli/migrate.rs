@@ -15,6 +15,7 @@ use crate::engine::plan::{self, Plan};
 use crate::engine::runner::{self, Mode, Verdict};
 use crate::engine::source::{self, Format, SourceError};
 use crate::engine::status;
+use crate::engine::tools::{self, Tool};
 use crate::engine::{
     ChecksumMode, ConnectConfig, Db, HistoryTable, MigrationSet, PlanOptions, RunSettings, Target,
     Version, clock, redact,
@@ -31,7 +32,10 @@ pub async fn run(args: MigrateArgs) -> Exit {
         Err(e) => Err(e),
     };
     if let Some(path) = summary_file
-        && matches!(command_name, "upgrade" | "downgrade" | "wait" | "stamp")
+        && matches!(
+            command_name,
+            "upgrade" | "downgrade" | "wait" | "stamp" | "exec" | "import"
+        )
     {
         let line = output::summary_line(command_name, &result, started.elapsed());
         if let Err(e) = write_summary(&path, &line) {
@@ -64,6 +68,8 @@ fn command_name(c: &MigrateCommand) -> &'static str {
         MigrateCommand::Stamp { .. } => "stamp",
         MigrateCommand::Resolve { .. } => "resolve",
         MigrateCommand::Wait { .. } => "wait",
+        MigrateCommand::Exec { .. } => "exec",
+        MigrateCommand::Import { .. } => "import",
     }
 }
 
@@ -278,10 +284,17 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
         MigrateCommand::Downgrade { target } => {
             migrate(ctx, Mode::Downgrade(parse_target(&target)?)).await
         }
+        MigrateCommand::Current | MigrateCommand::Status | MigrateCommand::History { .. }
+            if ctx.common.tool != Tool::Native =>
+        {
+            tool_state(ctx, &command).await
+        }
         MigrateCommand::Current => current(ctx).await,
         MigrateCommand::History { limit } => history(ctx, limit).await,
         MigrateCommand::Heads => heads(ctx),
         MigrateCommand::Status => status_cmd(ctx).await,
+        MigrateCommand::Exec { command } => exec(ctx, &command).await,
+        MigrateCommand::Import { from, apply } => import(ctx, from, apply).await,
         MigrateCommand::New {
             message,
             version,
@@ -311,6 +324,265 @@ async fn migrate(ctx: &Ctx, mode: Mode) -> Result<Outcome, CliError> {
     db.close().await;
     let report = result?;
     Ok(Outcome::ok(to_json(&report), output::human_run(&report)))
+}
+
+/// `current`, `status` and `history` of another tool's table.
+async fn tool_state(ctx: &Ctx, command: &MigrateCommand) -> Result<Outcome, CliError> {
+    let tool = ctx.common.tool;
+    let mut db = ctx.connect().await?;
+    let state = tools::read(&mut db, tool).await;
+    db.close().await;
+    let state = state.map_err(|e| tool_read_error(tool, e))?;
+    let mut human = match (&state.current, state.initialized) {
+        (_, false) => format!(
+            "{tool}: no {} table: the database was never migrated by {tool}\n",
+            tool.table()
+        ),
+        (None, true) => format!("{tool}: no version applied yet\n"),
+        (Some(v), true) => format!("{tool}: current version {v}\n"),
+    };
+    if let MigrateCommand::History { limit } = command {
+        let skip = state
+            .applied
+            .len()
+            .saturating_sub(limit.unwrap_or(usize::MAX));
+        for r in &state.applied[skip..] {
+            human.push_str(&format!(
+                "  {:<24} {:<8} {} {}\n",
+                r.version,
+                if r.success { "applied" } else { "FAILED" },
+                r.applied_at.as_deref().unwrap_or(""),
+                r.description.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    if let Some(p) = &state.problem {
+        human.push_str(&format!("problem: {p}\n"));
+    }
+    let exit = match command {
+        MigrateCommand::Status if state.problem.is_some() => Exit::Drift,
+        _ => Exit::Ok,
+    };
+    let mut json = to_json(&state);
+    json["tool"] = json!(tool.name());
+    Ok(Outcome { exit, json, human })
+}
+
+/// A failed read of a tool's table: the server refusing the query means the table is
+/// not the one that tool creates (another tool's, or a different version).
+fn tool_read_error(tool: Tool, e: crate::engine::DbError) -> CliError {
+    if e.kind == crate::engine::DbErrorKind::Statement {
+        return CliError::new(Exit::Refused, "wrong_tool", e.message).hint(format!(
+            "is --tool {tool} right for this database? golang-migrate and dbmate both use \
+             schema_migrations, with different columns"
+        ));
+    }
+    CliError::from(crate::engine::RunError::Db {
+        during: "reading the tool's history",
+        source: e,
+    })
+}
+
+/// Runs another tool's command under the lock, reading its version around it.
+async fn exec(ctx: &Ctx, command: &[String]) -> Result<Outcome, CliError> {
+    let tool = ctx.common.tool;
+    let settings = ctx.settings()?;
+    let mut db = ctx.connect().await?;
+    // Resolves the history table (and the lease table) on this connection; creates nothing.
+    runner::read_state(&mut db).await.map_err(CliError::from)?;
+    let held = match lock::acquire(
+        &mut db,
+        &settings.lock,
+        &settings.runner_id,
+        settings.lock_timeout,
+    )
+    .await
+    {
+        Ok(h) => h,
+        Err(e) => {
+            db.close().await;
+            return Err(crate::engine::RunError::from(e).into());
+        }
+    };
+    let result = exec_locked(&mut db, tool, command).await;
+    lock::release(&mut db, held).await;
+    db.close().await;
+    result
+}
+
+async fn exec_locked(
+    db: &mut crate::engine::Db,
+    tool: Tool,
+    command: &[String],
+) -> Result<Outcome, CliError> {
+    let read_err = |e| tool_read_error(tool, e);
+    let before = tools::read(db, tool).await.map_err(read_err)?;
+    if let Some(p) = &before.problem {
+        return Err(crate::engine::RunError::ToolProblem {
+            tool: tool.to_string(),
+            problem: p.clone(),
+        }
+        .into());
+    }
+    let shown = command.join(" ");
+    tracing::info!(command = %shown, tool = %tool, from = ?before.current, "running the migration command under the lock");
+    let started = std::time::Instant::now();
+    let status = tokio::process::Command::new(&command[0])
+        .args(&command[1..])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .status()
+        .await
+        .map_err(|e| {
+            CliError::new(
+                Exit::MigrationFailed,
+                "command_failed",
+                format!("cannot start `{shown}`: {e}"),
+            )
+            .hint("check that the command exists in this image and is on PATH")
+        })?;
+    let after = tools::read(db, tool).await.map_err(read_err)?;
+    let changed = before.current != after.current;
+    let json = json!({
+        "tool": tool.name(),
+        "command": command,
+        "from": before.current,
+        "to": after.current,
+        "noop": !changed && status.success(),
+        "applied": if changed { after.current.iter().cloned().collect::<Vec<_>>() } else { vec![] },
+        "durationMs": started.elapsed().as_millis() as u64,
+    });
+    if !status.success() {
+        let how = match status.code() {
+            Some(c) => format!("exited with status {c}"),
+            None => "was killed by a signal".into(),
+        };
+        let mut message = format!("`{shown}` {how}");
+        if let Some(p) = &after.problem {
+            message.push_str(&format!("; {p}"));
+        }
+        return Err(CliError::new(Exit::MigrationFailed, "command_failed", message)
+            .hint("its output above says why; the lock was released, so the next runner tries again")
+            .details(json));
+    }
+    let human = match (&before.current, &after.current, changed) {
+        (_, to, false) => format!(
+            "`{shown}` changed nothing: {tool} is at {}\n",
+            to.as_deref().unwrap_or("no version")
+        ),
+        (from, to, true) => format!(
+            "`{shown}` migrated {tool} from {} to {}\n",
+            from.as_deref().unwrap_or("nothing"),
+            to.as_deref().unwrap_or("no version")
+        ),
+    };
+    Ok(Outcome::ok(json, human))
+}
+
+/// Records another tool's applied versions in schemagate's history.
+async fn import(ctx: &Ctx, from: Tool, apply: bool) -> Result<Outcome, CliError> {
+    if from == Tool::Native {
+        return Err(CliError::new(
+            Exit::Usage,
+            "usage",
+            "--from must name another tool (sqlx, golang-migrate, flyway, dbmate, alembic)",
+        ));
+    }
+    let (set, mut db) = ctx.load_and_connect().await?;
+    let result = async {
+        let state = tools::read(&mut db, from)
+            .await
+            .map_err(|e| tool_read_error(from, e))?;
+        if let Some(p) = &state.problem {
+            return Err(CliError::from(crate::engine::RunError::ToolProblem {
+                tool: from.to_string(),
+                problem: p.clone(),
+            }));
+        }
+        let mut versions = Vec::new();
+        let mut missing = Vec::new();
+        if from == Tool::Alembic {
+            return Err(CliError::new(
+                Exit::Refused,
+                "refused",
+                "Alembic revisions are not versions schemagate's files can carry",
+            )
+            .hint("keep running Alembic through `schemagate migrate exec --tool alembic`"));
+        }
+        // golang-migrate records only its current version: it applies in order, so every
+        // file up to it was applied.
+        let rows: Vec<tools::ToolRow> = if from == Tool::GolangMigrate {
+            let current = state.current.as_deref().map(Version::parse).transpose();
+            match current {
+                Ok(Some(cur)) => set
+                    .migrations
+                    .iter()
+                    .filter(|m| m.version <= cur)
+                    .map(|m| tools::ToolRow {
+                        version: m.version.to_string(),
+                        description: None,
+                        applied_at: None,
+                        success: true,
+                    })
+                    .chain(set.get(&cur).is_none().then(|| tools::ToolRow {
+                        version: cur.to_string(),
+                        description: None,
+                        applied_at: None,
+                        success: true,
+                    }))
+                    .collect(),
+                _ => Vec::new(),
+            }
+        } else {
+            state.applied.clone()
+        };
+        for row in rows.iter().filter(|r| r.success) {
+            match Version::parse(&row.version) {
+                Ok(v) if set.get(&v).is_some() => versions.push(v),
+                _ => missing.push(row.version.clone()),
+            }
+        }
+        if !missing.is_empty() {
+            return Err(crate::engine::RunError::ImportWithoutFiles {
+                tool: from.to_string(),
+                versions: missing,
+            }
+            .into());
+        }
+        runner::import(
+            &mut db,
+            &set,
+            from.name(),
+            &versions,
+            apply,
+            &ctx.settings()?,
+        )
+        .await
+        .map_err(CliError::from)
+    }
+    .await;
+    db.close().await;
+    let report = result?;
+    let human = match (report.versions.is_empty(), report.applied) {
+        (true, _) => format!("{from} records no applied version: nothing to import\n"),
+        (false, false) => format!(
+            "Would record as applied (from {from}): {}\nNothing was written: run again with --apply.\n",
+            report.versions.join(", ")
+        ),
+        (false, true) => format!(
+            "Recorded as applied (from {from}, nothing was run): {}; current version: {}\n",
+            report.versions.join(", "),
+            report.current.as_deref().unwrap_or("none")
+        ),
+    };
+    let mut json = to_json(&report);
+    json["noop"] = json!(!report.applied);
+    json["stamped"] = json!(if report.applied {
+        report.versions.clone()
+    } else {
+        vec![]
+    });
+    Ok(Outcome::ok(json, human))
 }
 
 async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {

@@ -6,6 +6,7 @@ mod output;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -42,6 +43,12 @@ pub enum Command {
     Crd,
     /// Run the Kubernetes controller (in a cluster, or outside one with KUBECONFIG).
     Controller(crate::controller::ControllerArgs),
+    /// Copy this (static) binary to PATH: how an init container gives another image
+    /// schemagate, to run its migration tool under `schemagate migrate exec`.
+    Install {
+        /// Where to put the binary, e.g. /schemagate/schemagate.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -163,6 +170,12 @@ pub struct Common {
     /// [default: $POD_NAME or the host name, plus the process id].
     #[arg(long, env = "SCHEMAGATE_RUNNER_ID", global = true)]
     pub runner_id: Option<String>,
+
+    /// Whose history `current`, `status`, `history` and `exec` read: `native`
+    /// (schemagate's), `alembic` (also Flask-Migrate), `flyway`, `golang-migrate`, `sqlx`
+    /// or `dbmate`, each in the table that tool creates.
+    #[arg(long, env = "SCHEMAGATE_TOOL", default_value = "native", value_parser = crate::engine::tools::Tool::from_str, global = true)]
+    pub tool: crate::engine::tools::Tool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -275,6 +288,25 @@ pub enum MigrateCommand {
         #[arg(short, long)]
         message: Option<String>,
     },
+    /// Run another tool's migration command (e.g. `flask db upgrade`, `flyway migrate`)
+    /// under schemagate's database lock, so concurrent runners never run it at once; reads
+    /// the --tool's version before and after, and writes the summary.
+    Exec {
+        /// The command and its arguments (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
+        command: Vec<String>,
+    },
+    /// Record the versions another tool applied (sqlx, golang-migrate, flyway, dbmate) in
+    /// schemagate's history, with the checksums of the files in --dir, so schemagate can
+    /// take over without running anything again. Changes nothing without --apply.
+    Import {
+        /// The tool whose history to read.
+        #[arg(long, value_parser = crate::engine::tools::Tool::from_str)]
+        from: crate::engine::tools::Tool,
+        /// Write the history rows (default: only show what would be recorded).
+        #[arg(long)]
+        apply: bool,
+    },
     /// Block until the database reaches a version (for init containers in Job mode).
     Wait {
         /// Version to wait for [default: the newest migration in --dir].
@@ -330,9 +362,36 @@ pub fn main() -> ExitCode {
                 exit::Exit::Ok
             }
             Command::Controller(_) => exit::Exit::Internal,
+            Command::Install { path } => install(&path),
         }
     });
     ExitCode::from(code.code())
+}
+
+/// Copies the running executable to `path`, executable by everyone.
+fn install(path: &std::path::Path) -> exit::Exit {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = || -> std::io::Result<()> {
+        let me = std::env::current_exe()?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::copy(&me, path)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+    };
+    match copy() {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "installed schemagate");
+            exit::Exit::Ok
+        }
+        Err(e) => {
+            eprintln!(
+                "error: cannot install schemagate at {}: {e}\nhint: the directory must be writable (an emptyDir volume)",
+                path.display()
+            );
+            exit::Exit::Internal
+        }
+    }
 }
 
 /// The controller runs on a multi-threaded runtime (the CLI needs only one thread).

@@ -107,6 +107,7 @@ pub fn summary_line(
             }
             let versions = versions_of(o.json.get("steps"))
                 .or_else(|| o.json.get("stamped").and_then(|s| s.as_array()).cloned())
+                .or_else(|| o.json.get("applied").and_then(|s| s.as_array()).cloned())
                 .unwrap_or_default();
             obj.insert("applied".into(), json!(versions));
         }

@@ -63,6 +63,8 @@ pub struct DbRead {
     pub unfinished: Option<String>,
     /// Applied migrations that differ from the source, described.
     pub drift: Option<String>,
+    /// Another tool's history needs a person (golang-migrate dirty, a failed Flyway row).
+    pub tool_problem: Option<String>,
 }
 
 /// What a runner reported in its one-line summary (the termination message).
@@ -427,6 +429,9 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             }
             if let Some(d) = &r.drift {
                 break 'verdict Verdict::new(Phase::Failed, reason::DRIFT, d.clone());
+            }
+            if let Some(p) = &r.tool_problem {
+                break 'verdict Verdict::new(Phase::Failed, reason::TOOL_NEEDS_REPAIR, p.clone());
             }
         }
 

@@ -361,6 +361,99 @@ pub fn runner_container(
     }
 }
 
+/// Where a tool source's runner finds the schemagate binary (copied there by an init
+/// container: the tool's image does not have it).
+pub const BIN_DIR: &str = "/schemagate";
+/// The volume holding it.
+pub const BIN_VOLUME: &str = "schemagate-bin";
+/// The init container that copies it.
+pub const INSTALL_CONTAINER: &str = "schemagate-install";
+
+/// The pieces of a runner: its volumes, the init containers that prepare them, and the
+/// runner container itself.
+pub struct RunnerParts {
+    pub volumes: Vec<Volume>,
+    pub init: Vec<Container>,
+    pub runner: Container,
+}
+
+/// The runner of `sm` named `name`: `engine_args` (e.g. `migrate upgrade 3`) on the
+/// engine from `image`; for a tool source, the tool's command from the tool's image under
+/// `schemagate migrate exec` (the binary copied in from `image`).
+pub fn runner_parts(
+    sm: &SchemaMigration,
+    name: &str,
+    image: &str,
+    engine_args: Vec<String>,
+    inline_config_map: Option<&str>,
+) -> RunnerParts {
+    let Some(tool) = &sm.spec.source.tool else {
+        let (mut volumes, init) = migrations_volume(sm, inline_config_map);
+        volumes.push(tmp_volume());
+        return RunnerParts {
+            volumes,
+            init,
+            runner: runner_container(sm, name, image, engine_args),
+        };
+    };
+    let bin = format!("{BIN_DIR}/schemagate");
+    let bin_mount = |read_only| VolumeMount {
+        name: BIN_VOLUME.into(),
+        mount_path: BIN_DIR.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    let install = Container {
+        name: INSTALL_CONTAINER.into(),
+        image: Some(image.into()),
+        args: Some(vec!["install".into(), bin.clone()]),
+        volume_mounts: Some(vec![bin_mount(false)]),
+        security_context: Some(container_security()),
+        resources: Some(default_resources()),
+        ..Default::default()
+    };
+    let mut args = vec![
+        "migrate".to_string(),
+        "--tool".into(),
+        tool.name.tool().name().into(),
+        "--output".into(),
+        "json".into(),
+        "exec".into(),
+        "--".into(),
+    ];
+    args.extend(tool.command.iter().cloned());
+    let mut runner = runner_container(sm, name, &tool.image, args);
+    runner.command = Some(vec![bin]);
+    runner.working_dir = tool.working_dir.clone();
+    let env = runner.env.get_or_insert_with(Vec::new);
+    env.retain(|e| e.name != "SCHEMAGATE_DIR");
+    for e in &tool.env {
+        env.push(EnvVar {
+            name: e.name.clone(),
+            value: Some(e.value.clone()),
+            value_from: None,
+        });
+    }
+    let mounts = runner.volume_mounts.get_or_insert_with(Vec::new);
+    mounts.retain(|m| m.name != MIGRATIONS_VOLUME);
+    mounts.push(bin_mount(true));
+    RunnerParts {
+        volumes: vec![
+            Volume {
+                name: BIN_VOLUME.into(),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity("64Mi".into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            tmp_volume(),
+        ],
+        init: vec![install],
+        runner,
+    }
+}
+
 /// The small writable `/tmp` every runner gets (its root filesystem is read-only).
 pub fn tmp_volume() -> Volume {
     Volume {
@@ -389,8 +482,7 @@ pub fn job(
         "--output".into(),
         "json".into(),
     ];
-    let (mut volumes, init) = migrations_volume(sm, inline_config_map);
-    volumes.push(tmp_volume());
+    let parts = runner_parts(sm, "migrate", image, args, inline_config_map);
     let labels = labels(sm);
     let annotations = BTreeMap::from([
         (RUN_HASH_ANNOTATION.into(), plan.run_hash.clone()),
@@ -424,9 +516,9 @@ pub fn job(
                     tolerations: spec.runner.tolerations.clone(),
                     image_pull_secrets: spec.runner.image_pull_secrets.clone(),
                     security_context: Some(pod_security()),
-                    init_containers: (!init.is_empty()).then_some(init),
-                    containers: vec![runner_container(sm, "migrate", image, args)],
-                    volumes: Some(volumes),
+                    init_containers: (!parts.init.is_empty()).then_some(parts.init),
+                    containers: vec![parts.runner],
+                    volumes: Some(parts.volumes),
                     ..Default::default()
                 }),
             },

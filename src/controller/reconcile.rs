@@ -191,6 +191,10 @@ async fn read_source(
             format!("{}\n{}", image.reference, image.path).as_bytes(),
         );
         return Ok((SourceState::Opaque { hash }, None));
+    } else if let Some(tool) = &src.tool {
+        let text = serde_json::to_string(tool).unwrap_or_default();
+        let hash = crate::engine::script::sha256_hex(text.as_bytes());
+        return Ok((SourceState::Opaque { hash }, None));
     } else {
         return Ok((SourceState::Invalid("no source is set".into()), None));
     };
@@ -234,6 +238,9 @@ async fn read_database(
         busy_timeout: Duration::from_millis(100),
         application_name: "schemagate controller".into(),
     };
+    if let Some(tool) = &sm.spec.source.tool {
+        return read_tool(&cfg, tool.name.tool(), timeout).await;
+    }
     let read = async {
         let mut db = Db::connect(&cfg).await?;
         let state = runner::read_state(&mut db).await;
@@ -285,6 +292,42 @@ async fn read_database(
             .as_ref()
             .map(|u| engine::plan::PlanError::Unfinished(Box::new(u.clone())).to_string()),
         drift,
+        tool_problem: None,
+    })
+}
+
+/// Another tool's history table, as the status reports it.
+async fn read_tool(cfg: &ConnectConfig, tool: engine::tools::Tool, timeout: Duration) -> DbView {
+    let read = async {
+        let mut db = Db::connect(cfg).await?;
+        let state = engine::tools::read(&mut db, tool).await;
+        db.close().await;
+        state
+    };
+    let state = match tokio::time::timeout(timeout * 2, read).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => return DbView::Unreachable(redact::redact(&e.to_string()).into_owned()),
+        Err(_) => {
+            return DbView::Unreachable(format!("no answer within {}s", (timeout * 2).as_secs()));
+        }
+    };
+    let skip = state.applied.len().saturating_sub(STATUS_LIST_MAX);
+    DbView::Read(DbRead {
+        current: state.current.clone(),
+        applied: state.applied[skip..]
+            .iter()
+            .filter(|r| r.success)
+            .map(|r| AppliedMigration {
+                version: r.version.clone(),
+                description: r.description.clone().unwrap_or_default(),
+                checksum: None,
+                applied_at: r.applied_at.clone(),
+                duration_ms: None,
+                applied_by: Some(tool.name().to_string()),
+            })
+            .collect(),
+        tool_problem: state.problem.map(|p| format!("{tool}: {p}")),
+        ..Default::default()
     })
 }
 

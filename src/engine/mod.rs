@@ -14,6 +14,7 @@ pub mod runner;
 pub mod script;
 pub mod source;
 pub mod status;
+pub mod tools;
 pub mod version;
 
 pub use dialect::{Backend, ConnectConfig, Db, DbError, DbErrorKind, HistoryTable};

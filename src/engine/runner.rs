@@ -165,6 +165,18 @@ pub enum RunError {
     LockLost(String),
     #[error("refused: {}", destructive_text(.0))]
     Destructive(Vec<StepFindings>),
+    #[error(
+        "refused: the history table already records {count} applied version(s); import \
+         adopts a database schemagate has not migrated yet"
+    )]
+    ImportIntoHistory { count: usize },
+    #[error("refused: {tool} reports a problem to fix first: {problem}")]
+    ToolProblem { tool: String, problem: String },
+    #[error(
+        "refused: {tool} records versions with no migration file in the directory: {}",
+        .versions.join(", ")
+    )]
+    ImportWithoutFiles { tool: String, versions: Vec<String> },
 }
 
 fn destructive_text(steps: &[StepFindings]) -> String {
@@ -916,6 +928,97 @@ async fn stamp_locked(
         stamped: todo.iter().map(|m| m.version.to_string()).collect(),
         current: current.map(|v| v.to_string()),
     })
+}
+
+/// What `import` recorded (or would record).
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ImportReport {
+    pub from: String,
+    pub versions: Vec<String>,
+    pub applied: bool,
+    pub current: Option<String>,
+}
+
+/// Records the versions another tool applied (`applied`, which must all have files in
+/// `set`) into the history as baseline rows with the files' checksums, so the engine can
+/// take over without running anything again. Refuses when the history already has
+/// applied versions. With `apply` false, only says what it would record.
+pub async fn import(
+    db: &mut impl Backend,
+    set: &MigrationSet,
+    from: &str,
+    applied: &[Version],
+    apply: bool,
+    settings: &RunSettings,
+) -> Result<ImportReport, RunError> {
+    let state = read_state(db).await?;
+    if !state.applied.is_empty() {
+        return Err(RunError::ImportIntoHistory {
+            count: state.applied.len(),
+        });
+    }
+    let mut todo: Vec<&Migration> = applied.iter().filter_map(|v| set.get(v)).collect();
+    todo.sort_by(|a, b| a.version.cmp(&b.version));
+    let report = |applied| ImportReport {
+        from: from.to_string(),
+        versions: todo.iter().map(|m| m.version.to_string()).collect(),
+        applied,
+        current: todo.last().map(|m| m.version.to_string()),
+    };
+    if !apply || todo.is_empty() {
+        return Ok(report(false));
+    }
+    let held = lock::acquire(
+        db,
+        &settings.lock,
+        &settings.runner_id,
+        settings.lock_timeout,
+    )
+    .await?;
+    let result = async {
+        // Under the lock: nobody recorded anything meanwhile.
+        let state = read_state(db).await?;
+        if !state.applied.is_empty() {
+            return Err(RunError::ImportIntoHistory {
+                count: state.applied.len(),
+            });
+        }
+        if !state.initialized {
+            db.create_history_table()
+                .await
+                .map_err(RunError::db("creating the history table"))?;
+        }
+        db.begin_and_run(&StepTimeouts::default(), "")
+            .await
+            .map_err(|f| RunError::Db {
+                during: "opening the import transaction",
+                source: f.error,
+            })?;
+        for m in &todo {
+            let row = record_row(
+                m.version.to_string(),
+                m.description.clone(),
+                Kind::Baseline,
+                Some(&m.up.checksums),
+                &settings.runner_id,
+                format!("imported from {from}: applied by it, recorded without running"),
+            );
+            if let Err(e) = db.insert_row(&row).await {
+                let _ = db.rollback().await;
+                return Err(RunError::Db {
+                    during: "recording the import",
+                    source: e,
+                });
+            }
+        }
+        db.commit()
+            .await
+            .map_err(RunError::db("committing the import"))
+    }
+    .await;
+    lock::release(db, held).await;
+    result.map(|_| report(true))
 }
 
 /// A person's verdict on an unfinished step.

@@ -161,11 +161,22 @@ pub fn inject(
             &job::files_hash(&files),
         )
     });
-    let (volumes, mut fetch) = job::migrations_volume(sm, inline_cm.as_deref());
-    for f in &mut fetch {
+    // A tool source runs the tool's command under `migrate exec` in both modes: in Job
+    // mode the pod's copy waits on the lock while the Job runs, then finds nothing to do.
+    let job::RunnerParts {
+        volumes,
+        init: mut fetch,
+        runner,
+    } = job::runner_parts(
+        sm,
+        INIT_CONTAINER,
+        image,
+        runner_args(sm, settings),
+        inline_cm.as_deref(),
+    );
+    for f in fetch.iter_mut().filter(|f| f.name == "fetch-migrations") {
         f.name = FETCH_CONTAINER.into();
     }
-    let runner = job::runner_container(sm, INIT_CONTAINER, image, runner_args(sm, settings));
 
     let mut patched = pod.clone();
     let mut pod_spec = spec;
@@ -181,7 +192,7 @@ pub fn inject(
     init.splice(sidecars..sidecars, ours);
     pod_spec.init_containers = Some(init);
     let mut all_volumes: Vec<Volume> = pod_spec.volumes.take().unwrap_or_default();
-    for v in volumes.into_iter().chain([job::tmp_volume()]) {
+    for v in volumes {
         if !all_volumes.iter().any(|existing| existing.name == v.name) {
             all_volumes.push(v);
         }

@@ -290,3 +290,57 @@ fn the_label_names_the_resource() {
     p.metadata.labels = None;
     assert_eq!(gated_by(&p), None);
 }
+
+#[test]
+fn a_tool_source_injects_the_installer_and_the_tools_command_in_both_modes() {
+    for mode in [MigrationMode::InitContainer, MigrationMode::Job] {
+        let mut sm = sm(mode);
+        sm.spec.target_version = None;
+        sm.spec.source = SourceSpec {
+            tool: Some(crate::api::ToolSource {
+                name: crate::api::ToolName::Flyway,
+                image: "shop/api:7".into(),
+                command: vec!["flyway".into(), "migrate".into()],
+                working_dir: None,
+                env: vec![],
+            }),
+            ..Default::default()
+        };
+        let p = patched(
+            inject(
+                &pod(&["app-init"]),
+                "shop",
+                "orders",
+                Some(&sm),
+                &settings(),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            init_names(&p),
+            [job::INSTALL_CONTAINER, INIT_CONTAINER, "app-init"],
+            "{mode:?}"
+        );
+        let init = p.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+        assert_eq!(init[1].image.as_deref(), Some("shop/api:7"));
+        let args = init[1].args.clone().unwrap();
+        assert_eq!(
+            args,
+            [
+                "migrate", "--tool", "flyway", "--output", "json", "exec", "--", "flyway",
+                "migrate"
+            ],
+            "{mode:?}: the pod's copy runs the command too (a no-op after the Job)"
+        );
+        let volumes: Vec<&str> = p
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert!(volumes.contains(&job::BIN_VOLUME), "{volumes:?}");
+    }
+}

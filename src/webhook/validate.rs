@@ -102,6 +102,13 @@ pub fn requirements(
             if let Some(img) = &spec.source.image {
                 why.push(format!("spec.source.image {}", img.reference));
             }
+            if let Some(t) = &spec.source.tool {
+                why.push(format!(
+                    "spec.source.tool image {} running {}",
+                    t.image,
+                    t.command.join(" ")
+                ));
+            }
             needs.push(Permission {
                 verb: "create",
                 group: "batch",
@@ -118,6 +125,13 @@ pub fn requirements(
             }
             if let Some(img) = &spec.source.image {
                 why.push(format!("spec.source.image {}", img.reference));
+            }
+            if let Some(t) = &spec.source.tool {
+                why.push(format!(
+                    "spec.source.tool image {} running {}",
+                    t.image,
+                    t.command.join(" ")
+                ));
             }
             if !why.is_empty() {
                 needs.push(Permission {
@@ -201,6 +215,34 @@ mod tests {
         let needs = requirements(&s, "shop", &policy()).unwrap();
         assert_eq!(needs[0].describe(), "create pods");
         assert!(needs[0].why.contains("migrations:7"));
+    }
+
+    #[test]
+    fn a_tool_source_needs_what_running_its_image_needs() {
+        for (mode, resource) in [
+            (MigrationMode::InitContainer, "pods"),
+            (MigrationMode::Job, "jobs"),
+        ] {
+            let mut s = sm(mode);
+            s.spec.source = SourceSpec {
+                tool: Some(crate::api::ToolSource {
+                    name: crate::api::ToolName::Alembic,
+                    image: "shop/web:2".into(),
+                    command: vec!["flask".into(), "db".into(), "upgrade".into()],
+                    working_dir: None,
+                    env: vec![],
+                }),
+                ..Default::default()
+            };
+            let needs = requirements(&s, "shop", &policy()).unwrap();
+            assert_eq!(needs.len(), 1);
+            assert_eq!(needs[0].resource, resource);
+            assert!(
+                needs[0].why.contains("shop/web:2 running flask db upgrade"),
+                "{:?}",
+                needs[0]
+            );
+        }
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod mysql;
 pub mod pgbouncer;
 pub mod postgres;
 pub mod pss;
+pub mod python;
 pub mod scenarios;
 
 use std::io::{BufRead, BufReader};

@@ -391,6 +391,18 @@ fn dirty_and_drifted_databases_fail() {
         ..Default::default()
     });
     assert_eq!(cond(&decide(&i), cond::STALLED).reason, reason::DRIFT);
+
+    i.database = DbView::Read(DbRead {
+        current: Some("3".into()),
+        tool_problem: Some("golang-migrate: version 3 is dirty; `migrate force 3`".into()),
+        ..Default::default()
+    });
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Failed);
+    let stalled = cond(&d, cond::STALLED);
+    assert_eq!(stalled.reason, reason::TOOL_NEEDS_REPAIR);
+    assert!(stalled.message.contains("migrate force 3"));
+    assert_eq!(d.action, Action::Nothing);
 }
 
 #[test]

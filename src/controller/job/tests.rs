@@ -257,3 +257,75 @@ fn engine_options_reach_the_runner() {
         .unwrap();
     assert_eq!(&args[..3], ["migrate", "downgrade", "1"]);
 }
+
+fn tool_source() -> SourceSpec {
+    SourceSpec {
+        tool: Some(crate::api::ToolSource {
+            name: crate::api::ToolName::Alembic,
+            image: "shop/web:2.4".into(),
+            command: vec!["flask".into(), "db".into(), "upgrade".into()],
+            working_dir: Some("/app".into()),
+            env: vec![crate::api::ToolEnv {
+                name: "FLASK_APP".into(),
+                value: "app.py".into(),
+            }],
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_tool_source_runs_the_tools_command_from_its_image_under_exec() {
+    let sm = sm(tool_source());
+    let job = job(&sm, &plan(), "ghcr.io/schemagate/schemagate:1", None);
+    let pod = job.spec.unwrap().template.spec.unwrap();
+    let init = pod.init_containers.unwrap();
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].name, INSTALL_CONTAINER);
+    assert_eq!(
+        init[0].image.as_deref(),
+        Some("ghcr.io/schemagate/schemagate:1")
+    );
+    assert_eq!(
+        init[0].args.as_deref(),
+        Some(&["install".to_string(), "/schemagate/schemagate".to_string()][..])
+    );
+    let c = &pod.containers[0];
+    assert_eq!(c.image.as_deref(), Some("shop/web:2.4"));
+    assert_eq!(
+        c.command.as_deref(),
+        Some(&["/schemagate/schemagate".to_string()][..])
+    );
+    let args = c.args.clone().unwrap();
+    assert_eq!(
+        args,
+        [
+            "migrate", "--tool", "alembic", "--output", "json", "exec", "--", "flask", "db",
+            "upgrade"
+        ]
+    );
+    assert_eq!(c.working_dir.as_deref(), Some("/app"));
+    let env = c.env.clone().unwrap();
+    assert!(
+        env.iter()
+            .any(|e| e.name == "FLASK_APP" && e.value.as_deref() == Some("app.py"))
+    );
+    let url = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
+    assert!(url.value.is_none() && url.value_from.is_some());
+    assert!(!env.iter().any(|e| e.name == "SCHEMAGATE_DIR"));
+    let mounts: Vec<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| m.name.as_str())
+        .collect();
+    assert_eq!(mounts, ["schemagate-tmp", BIN_VOLUME]);
+    let volumes: Vec<&str> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(volumes, [BIN_VOLUME, "schemagate-tmp"]);
+    assert_eq!(c.security_context, Some(container_security()));
+}

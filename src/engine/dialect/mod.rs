@@ -441,6 +441,14 @@ pub trait Backend: Send {
     ) -> impl Future<Output = Result<Option<ColumnType>, DbError>> + Send;
 
     /// Closes the connection (releasing any session lock).
+    /// Runs one read-only query whose columns are all text (cast them in the SQL): the
+    /// rows, or `None` when a table it reads does not exist. For reading other tools'
+    /// history tables.
+    fn query_text(
+        &mut self,
+        sql: &str,
+    ) -> impl Future<Output = Result<Option<TextRows>, DbError>> + Send;
+
     fn close(self) -> impl Future<Output = ()> + Send;
 }
 
@@ -638,9 +646,30 @@ impl Backend for Db {
     ) -> Result<Option<ColumnType>, DbError> {
         dispatch!(self, b => b.column_type(table, column).await)
     }
+    async fn query_text(&mut self, sql: &str) -> Result<Option<TextRows>, DbError> {
+        dispatch!(self, b => b.query_text(sql).await)
+    }
     async fn close(self) {
         dispatch!(self, b => b.close().await)
     }
+}
+
+/// Rows of text columns (`NULL` is `None`).
+pub type TextRows = Vec<Vec<Option<String>>>;
+
+fn text_rows<R>(rows: &[R]) -> Result<TextRows, sqlx::Error>
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    for<'a> Option<String>: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    rows.iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.try_get::<Option<String>, _>(i))
+                .collect()
+        })
+        .collect()
 }
 
 /// SQL reading a column's type from `information_schema` (PostgreSQL and MySQL), with

@@ -460,6 +460,14 @@ impl Backend for MySqlBackend {
         Ok(row.map(|r| column_type_of(&r)).transpose()?)
     }
 
+    async fn query_text(&mut self, sql: &str) -> Result<Option<super::TextRows>, DbError> {
+        match raw(sql.to_string()).fetch_all(&mut self.conn).await {
+            Ok(rows) => Ok(Some(super::text_rows(&rows)?)),
+            Err(e) if is_missing_table(&e) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn close(self) {
         let _ = self.conn.close().await;
     }

@@ -373,6 +373,23 @@ impl Backend for SqliteBackend {
         Ok(None) // SQLite cannot change a column's type in place
     }
 
+    async fn query_text(&mut self, sql: &str) -> Result<Option<super::TextRows>, DbError> {
+        if self.conn.is_none() && self.path.as_ref().is_some_and(|p| p.exists()) {
+            self.open(false).await?;
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        match sqlx::raw_sql(AssertSqlSafe(sql.to_string()))
+            .fetch_all(conn)
+            .await
+        {
+            Ok(rows) => Ok(Some(super::text_rows(&rows)?)),
+            Err(sqlx::Error::Database(e)) if e.message().starts_with("no such table") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn close(mut self) {
         let _ = self.unlock().await;
         if let Some(conn) = self.conn.take() {
