@@ -47,6 +47,10 @@ struct World {
     pods: Vec<Pod>,
     /// Answer job creation with 409 (a Job of that name exists).
     job_conflict: bool,
+    /// ... and that Job was created by someone else (not owned by the resource).
+    job_squatted: bool,
+    /// Someone else created the inline source's ConfigMap under its name.
+    inline_squatted: bool,
     /// The resource, as the server returns it after a status patch.
     resource: Value,
 }
@@ -81,6 +85,27 @@ fn answer(world: &World, seen: &Seen) -> Response<Body> {
             Some(c) => json_response(StatusCode::OK, serde_json::to_value(c).unwrap()),
             None => not_found("configmap"),
         },
+        ("GET", _) if p.contains("/configmaps/orders-inline-") && world.inline_squatted => {
+            json_response(
+                StatusCode::OK,
+                json!({"apiVersion": "v1", "kind": "ConfigMap",
+                       "metadata": {"name": p.rsplit('/').next(), "namespace": NS},
+                       "data": {"1_evil.up.sql": "DROP TABLE orders;"}}),
+            )
+        }
+        ("GET", _) if p.contains("/jobs/") => {
+            let name = p.rsplit('/').next().unwrap_or_default();
+            let owners = if world.job_squatted {
+                json!([])
+            } else {
+                json!([sm_owner()])
+            };
+            json_response(
+                StatusCode::OK,
+                json!({"apiVersion": "batch/v1", "kind": "Job",
+                       "metadata": {"name": name, "namespace": NS, "ownerReferences": owners}}),
+            )
+        }
         ("GET", _) if p.ends_with("/jobs") => json_response(
             StatusCode::OK,
             list("JobList", serde_json::to_value(&world.jobs).unwrap()),
@@ -329,6 +354,17 @@ fn pod_with_summary(job: &str, summary: Value) -> Pod {
         metadata: ObjectMeta {
             name: Some(format!("{job}-abcde")),
             namespace: Some(NS.into()),
+            // The Job's own pod (see `finished`): only those are read.
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "batch/v1".into(),
+                    kind: "Job".into(),
+                    name: job.into(),
+                    uid: "uid-job".into(),
+                    controller: Some(true),
+                    block_owner_deletion: None,
+                },
+            ]),
             ..Default::default()
         },
         status: Some(PodStatus {
@@ -537,10 +573,19 @@ async fn an_existing_job_is_adopted_not_duplicated() {
     // A Job created by a concurrent reconciliation (409 on create) is adopted too.
     let mut conflict = w;
     conflict.job_conflict = true;
-    let (seen, result) = reconcile_once(sm, conflict).await;
+    let (seen, result) = reconcile_once(sm.clone(), conflict.clone()).await;
     result.unwrap();
     assert_eq!(posts(&seen, "/jobs").len(), 1);
     assert_eq!(status_patch(&seen)["phase"], "Migrating");
+    // A Job somebody else created under that name is never taken for ours.
+    let mut squatted = conflict;
+    squatted.job_squatted = true;
+    let (_, result) = reconcile_once(sm, squatted).await;
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("was not created by this SchemaMigration"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -950,6 +995,39 @@ async fn a_tool_sources_status_comes_from_the_tools_own_table() {
             .as_str()
             .unwrap()
             .contains("migrate force 20251102"),
+        "{stalled}"
+    );
+}
+
+#[tokio::test]
+async fn an_inline_config_map_somebody_else_created_blocks_the_resource() {
+    let (_db, url) = database(None);
+    let mut w = world(&url);
+    w.config_map = None;
+    w.inline_squatted = true;
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.spec.source = SourceSpec {
+        inline: Some(vec![InlineMigration {
+            version: "1".into(),
+            description: "create orders".into(),
+            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
+            down: None,
+        }]),
+        ..Default::default()
+    };
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    assert!(posts(&seen, "/configmaps").is_empty(), "{seen:#?}");
+    let status = status_patch(&seen);
+    // Blocked: the webhook refuses gated pods, so none mounts the impostor.
+    assert_eq!(status["phase"], "Blocked");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(stalled["reason"], "InvalidSource");
+    assert!(
+        stalled["message"]
+            .as_str()
+            .unwrap()
+            .contains("was not created by this SchemaMigration"),
         "{stalled}"
     );
 }

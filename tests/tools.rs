@@ -492,3 +492,30 @@ fn the_injected_tool_runner_installs_schemagate_and_gates_flask_migrate() {
     assert_eq!(count(&url, "SELECT count(*) FROM order_status"), 1);
     assert_eq!(alembic_current(&url)["current"], "0003_add_total");
 }
+
+#[test]
+fn a_command_whose_lock_is_lost_is_stopped() {
+    let url = server().fresh_db();
+    let marker = tempfile::tempdir().unwrap();
+    let done = marker.path().join("finished");
+    let mut c = migrate(&url, Path::new("/nonexistent"));
+    c.args(["--runner-id", "lock-loss-test", "exec", "--", "sh", "-c"])
+        .arg(format!("echo started; sleep 30; touch {}", done.display()));
+    let mut w = Watched::spawn(c);
+    w.wait_line("started", std::time::Duration::from_secs(30));
+    // The session that holds the advisory lock dies (a failover, an idle timeout, a DBA).
+    let killed = query(
+        &url,
+        "SELECT count(pg_terminate_backend(pid))::text FROM pg_stat_activity \
+         WHERE application_name = 'schemagate lock-loss-test'",
+    );
+    assert_eq!(killed, ["1"]);
+    // Noticed at the next check (every 5 s): the command is stopped, the run fails.
+    w.wait_line(
+        "lost the migration lock",
+        std::time::Duration::from_secs(20),
+    );
+    let status = w.child.wait().unwrap();
+    assert_eq!(status.code(), Some(17), "{:?}", w.seen);
+    assert!(!done.exists(), "the command was stopped, not left running");
+}

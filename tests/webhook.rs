@@ -143,8 +143,12 @@ async fn start() -> Server {
         lookup: Fake(
             sms,
             vec![
+                ("deployer", "get", "secrets", "shop"),
+                ("deployer", "get", "configmaps", "shop"),
                 ("deployer", "create", "jobs", "shop"),
                 ("deployer", "create", "pods", "shop"),
+                ("app-dev", "get", "secrets", "shop"),
+                ("app-dev", "get", "configmaps", "shop"),
                 ("app-dev", "create", "pods", "shop"),
             ],
         ),
@@ -1158,9 +1162,10 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
             .to_string()
     };
 
-    // Init-container mode with the defaults runs nothing on the writer's behalf.
+    // Init-container mode: the writer must be able to read the Secret and ConfigMap the
+    // resource names and to run pods, since its SQL runs in them with that URL.
     let r = check(
-        "viewer",
+        "app-dev",
         "CREATE",
         written(MigrationMode::InitContainer),
         None,
@@ -1168,6 +1173,19 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
     .await;
     assert!(allowed(&r), "{r}");
     assert_eq!(r["uid"], "uid-v");
+    let r = check(
+        "viewer",
+        "CREATE",
+        written(MigrationMode::InitContainer),
+        None,
+    )
+    .await;
+    assert!(!allowed(&r));
+    assert!(
+        message(&r).contains("viewer may not get secrets orders-db in namespace shop"),
+        "{}",
+        message(&r)
+    );
 
     // Job mode: the controller creates Jobs, so the writer must be able to.
     let r = check("app-dev", "CREATE", written(MigrationMode::Job), None).await;
@@ -1190,7 +1208,7 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
     let r = check("viewer", "CREATE", own_image.clone(), None).await;
     assert!(!allowed(&r));
     assert!(
-        message(&r).contains("viewer may not create pods"),
+        message(&r).contains("viewer may not get secrets"),
         "{}",
         message(&r)
     );
@@ -1324,7 +1342,7 @@ async fn the_check_sends_a_subject_access_review_for_the_requesting_user() {
     );
     assert_eq!(
         spec["resourceAttributes"],
-        json!({"namespace": "shop", "verb": "create", "group": "batch", "resource": "jobs"})
+        json!({"namespace": "shop", "verb": "get", "group": "", "resource": "secrets", "name": "orders-db"})
     );
     api.abort();
 }

@@ -404,14 +404,31 @@ async fn exec(ctx: &Ctx, command: &[String]) -> Result<Outcome, CliError> {
             return Err(crate::engine::RunError::from(e).into());
         }
     };
-    let result = exec_locked(&mut db, tool, command).await;
+    let result = exec_locked(&mut db, &held, tool, command).await;
     lock::release(&mut db, held).await;
     db.close().await;
     result
 }
 
+/// Copies a child's output lines to standard error, scrubbed of secrets (standard output
+/// stays schemagate's own, so `--output json` stays parseable).
+fn pump<R>(from: Option<R>) -> tokio::task::JoinHandle<()>
+where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let Some(from) = from else { return };
+        let mut lines = tokio::io::BufReader::new(from).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            eprintln!("{}", crate::engine::redact::redact(&line));
+        }
+    })
+}
+
 async fn exec_locked(
     db: &mut crate::engine::Db,
+    held: &lock::Held,
     tool: Tool,
     command: &[String],
 ) -> Result<Outcome, CliError> {
@@ -427,12 +444,13 @@ async fn exec_locked(
     let shown = command.join(" ");
     tracing::info!(command = %shown, tool = %tool, from = ?before.current, "running the migration command under the lock");
     let started = std::time::Instant::now();
-    let status = tokio::process::Command::new(&command[0])
+    let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
-        .status()
-        .await
+        .spawn()
         .map_err(|e| {
             CliError::new(
                 Exit::MigrationFailed,
@@ -441,6 +459,38 @@ async fn exec_locked(
             )
             .hint("check that the command exists in this image and is on PATH")
         })?;
+    let output = [pump(child.stdout.take()), pump(child.stderr.take())];
+    // The lock must hold for as long as the command runs: the session lock lives on this
+    // connection (kept busy, so no idle timeout ends it), the lease in its heartbeat.
+    let mut check = tokio::time::interval(Duration::from_secs(5));
+    check.tick().await;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            _ = check.tick() => {
+                let alive = !held.lost() && db.query_text("SELECT 1").await.is_ok();
+                if !alive {
+                    let _ = child.kill().await;
+                    return Err(CliError::new(
+                        Exit::LockUnusable,
+                        "lock_unusable",
+                        format!("lost the migration lock while `{shown}` ran; it was stopped so that two runners never run it at once"),
+                    )
+                    .hint("run again: the tool's own history says how far it got"));
+                }
+            }
+        }
+    }
+    .map_err(|e| {
+        CliError::new(
+            Exit::Internal,
+            "command_failed",
+            format!("cannot wait for `{shown}`: {e}"),
+        )
+    })?;
+    for o in output {
+        let _ = o.await;
+    }
     let after = tools::read(db, tool).await.map_err(read_err)?;
     let changed = before.current != after.current;
     let json = json!({
@@ -534,7 +584,16 @@ async fn import(ctx: &Ctx, from: Tool, apply: bool) -> Result<Outcome, CliError>
                 _ => Vec::new(),
             }
         } else {
-            state.applied.clone()
+            state
+                .versions
+                .iter()
+                .map(|v| tools::ToolRow {
+                    version: v.clone(),
+                    description: None,
+                    applied_at: None,
+                    success: true,
+                })
+                .collect()
         };
         for row in rows.iter().filter(|r| r.success) {
             match Version::parse(&row.version) {

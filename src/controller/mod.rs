@@ -282,17 +282,26 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             Duration::from_secs(15),
         )
     });
+    // Readiness routes admission reviews (the webhook Service): a replica serving the
+    // webhook is ready as soon as it serves, and stays so through a leader change, so a
+    // failover never leaves labelled pods without a webhook. Without the webhook, ready
+    // means the controller's first watch sync.
+    let serving_webhook = !webhook_tasks.is_empty();
+    if serving_webhook {
+        health.ready.store(true, Ordering::SeqCst);
+    }
     if let Some(e) = &elector {
         health.set_waiting("standing by for the leader lease");
-        // A standby is ready (it can serve the webhook) once the API server answers.
-        if e.api.get_opt(&e.name).await.is_ok() {
+        if !serving_webhook && e.api.get_opt(&e.name).await.is_ok() {
             health.ready.store(true, Ordering::SeqCst);
         }
         tokio::select! {
             _ = e.acquire() => {}
             _ = tokio::signal::ctrl_c() => return Ok(()),
         }
-        health.ready.store(false, Ordering::SeqCst);
+        if !serving_webhook {
+            health.ready.store(false, Ordering::SeqCst);
+        }
     }
     health.set_waiting("waiting for the first watch sync");
 

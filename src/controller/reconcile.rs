@@ -90,6 +90,11 @@ pub enum Error {
     },
     #[error("the resource has no namespace")]
     NoNamespace,
+    #[error(
+        "{kind} {name} exists but was not created by this SchemaMigration; schemagate will not \
+         use it: delete it (or rename the resource)"
+    )]
+    NotOwned { kind: String, name: String },
 }
 
 impl Error {
@@ -98,6 +103,7 @@ impl Error {
         match self {
             Error::Kube { op, .. } => op,
             Error::NoNamespace => "no_namespace",
+            Error::NotOwned { .. } => "not_owned",
         }
     }
 }
@@ -121,6 +127,22 @@ pub struct Observed {
     pub source: SourceState,
     pub database: DbView,
     pub jobs: Vec<JobView>,
+    /// An inline source's ConfigMap: its name, and whether it exists (owned by this
+    /// resource: one somebody else created makes the source invalid).
+    pub inline_config_map: Option<(String, bool)>,
+}
+
+/// True when `meta` names the resource with `uid` as its controller.
+fn owned_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    uid: Option<&String>,
+) -> bool {
+    uid.is_some_and(|uid| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| &o.uid == uid && o.controller == Some(true))
+    })
 }
 
 async fn read_secret(
@@ -489,13 +511,21 @@ pub fn pod_runs(pods: &Store<Pod>, namespace: &str, name: &str) -> Vec<JobView> 
 }
 
 /// The runner's summary from a finished Job's pod (its termination message).
-async fn job_summary(client: &Client, ns: &str, job: &str) -> Result<Option<RunSummary>, Error> {
+async fn job_summary(
+    client: &Client,
+    ns: &str,
+    job: &str,
+    job_uid: Option<&str>,
+) -> Result<Option<RunSummary>, Error> {
     let pods = Api::<Pod>::namespaced(client.clone(), ns)
         .list(&ListParams::default().labels(&format!("job-name={job}")))
         .await
         .map_err(kube_err("list_pods"))?;
     let mut newest: Option<(Timestamp, RunSummary)> = None;
-    for pod in pods.items {
+    // Only the Job's own pods: anyone may label a pod job-name=<this Job>.
+    let ours =
+        |p: &Pod| job_uid.is_none_or(|uid| p.owner_references().iter().any(|o| o.uid == uid));
+    for pod in pods.items.into_iter().filter(|p| ours(p)) {
         let Some(status) = pod.status else { continue };
         for cs in status.container_statuses.unwrap_or_default() {
             if cs.name != "migrate" {
@@ -524,7 +554,27 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
     let ns = sm.namespace().ok_or(Error::NoNamespace)?;
     let name = sm.name_any();
     let (secret, url) = read_secret(&ctx.client, &ns, sm).await?;
-    let (source, files) = read_source(&ctx.client, &ns, sm).await?;
+    let (mut source, files) = read_source(&ctx.client, &ns, sm).await?;
+    // The inline source's ConfigMap: gated pods and Jobs mount it by name, so one that
+    // someone else created under that name must never be used.
+    let mut inline_config_map = None;
+    if sm.spec.source.inline.is_some() {
+        let files = job::inline_files(&sm.spec.source);
+        let cm_name = job::inline_config_map_name(&name, &job::files_hash(&files));
+        let found = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+            .get_metadata_opt(&cm_name)
+            .await
+            .map_err(kube_err("get_configmap"))?;
+        if let Some(found) = &found
+            && !owned_by(&found.metadata, sm.uid().as_ref())
+        {
+            source = SourceState::Invalid(format!(
+                "ConfigMap {cm_name}, where this resource's inline migrations go, exists but \
+                 was not created by this SchemaMigration; delete it and schemagate recreates it"
+            ));
+        }
+        inline_config_map = Some((cm_name, found.is_some()));
+    }
     let database = match (&url, ctx.settings.observe_database) {
         (Some(url), true) => {
             read_database(sm, url, files.as_deref(), ctx.settings.db_timeout).await
@@ -541,6 +591,7 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
             source,
             database,
             jobs: pod_runs(&ctx.pods, &ns, &name),
+            inline_config_map,
         });
     }
     let uid = sm.uid();
@@ -562,13 +613,18 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
     let mut views: Vec<JobView> = jobs.iter().map(job_view).collect();
     // The newest finished Job's summary (older ones were reported when they finished).
     if let Some(v) = views.iter_mut().find(|v| v.state != JobState::Active) {
-        v.summary = job_summary(&ctx.client, &ns, &v.name).await?;
+        let job_uid = jobs
+            .iter()
+            .find(|j| j.name_any() == v.name)
+            .and_then(|j| j.uid());
+        v.summary = job_summary(&ctx.client, &ns, &v.name, job_uid.as_deref()).await?;
     }
     Ok(Observed {
         secret,
         source,
         database,
         jobs: views,
+        inline_config_map,
     })
 }
 
@@ -614,11 +670,20 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
 /// stored one, so the comparison sees what is stored.
 fn redacted(mut d: Decision) -> Decision {
     let text = serde_json::to_string(&d.status).unwrap_or_default();
-    let clean = redact::redact(&text);
-    if let std::borrow::Cow::Owned(clean) = clean
-        && let Ok(status) = serde_json::from_str(&clean)
-    {
-        d.status = status;
+    if let std::borrow::Cow::Owned(clean) = redact::redact(&text) {
+        match serde_json::from_str(&clean) {
+            Ok(status) => d.status = status,
+            // Never fall back to the unmasked text: drop the messages instead.
+            Err(_) => {
+                const WITHHELD: &str = "(message withheld: it contained a secret)";
+                for c in &mut d.status.conditions {
+                    c.message = WITHHELD.into();
+                }
+                if let Some(r) = &mut d.status.last_run {
+                    r.message = Some(WITHHELD.into());
+                }
+            }
+        }
     }
     for e in &mut d.events {
         e.note = redact::redact(&e.note).into_owned();
@@ -636,40 +701,35 @@ pub fn service_account_allowed(sm: &SchemaMigration, settings: &Settings) -> boo
 
 /// Carries out a decision: the Job (adopted if it exists), the status (only when it
 /// changed: nothing is written at steady state), the Events.
-pub async fn act(ctx: &Context, sm: &SchemaMigration, d: &Decision) -> Result<(), Error> {
+pub async fn act(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    d: &Decision,
+    inline_config_map: Option<&(String, bool)>,
+) -> Result<(), Error> {
     let ns = sm.namespace().ok_or(Error::NoNamespace)?;
-    let inline = sm.spec.source.inline.is_some().then(|| {
-        let files = job::inline_files(&sm.spec.source);
-        let name = job::inline_config_map_name(&sm.name_any(), &job::files_hash(&files));
-        (name, files)
-    });
+    let uid = sm.uid();
     let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns);
-    // Init-container mode: gated pods mount the inline migrations from this ConfigMap, so
-    // it must exist before they start (read first: no write at steady state).
-    if let (MigrationMode::InitContainer, Some((name, files))) = (&sm.spec.mode, &inline)
-        && d.status.phase != Some(Phase::Blocked)
-        && cms
-            .get_metadata_opt(name)
-            .await
-            .map_err(kube_err("get_configmap"))?
-            .is_none()
+    // The inline migrations' ConfigMap must exist before gated pods start (Init-container
+    // mode) or the Job runs; observed already, so nothing is written at steady state.
+    let wanted = d.status.phase != Some(Phase::Blocked)
+        && (sm.spec.mode == MigrationMode::InitContainer
+            || matches!(d.action, Action::CreateJob(_)));
+    if let Some((name, false)) = inline_config_map
+        && wanted
     {
-        let cm = job::inline_config_map(sm, name, files);
-        create_or_adopt(&cms, &cm, "create_configmap").await?;
+        let cm = job::inline_config_map(sm, name, &job::inline_files(&sm.spec.source));
+        create_or_adopt(&cms, &cm, "create_configmap", uid.as_ref()).await?;
     }
     if let Action::CreateJob(plan) = &d.action {
-        let mut inline_cm = None;
-        if let Some((name, files)) = &inline {
-            let cm = job::inline_config_map(sm, name, files);
-            create_or_adopt(&cms, &cm, "create_configmap").await?;
-            inline_cm = Some(name.clone());
-        }
+        let inline_cm = inline_config_map.map(|(name, _)| name.clone());
         let image = job::runner_image(sm, &ctx.settings.image);
         let job = job::job(sm, plan, image, inline_cm.as_deref());
         create_or_adopt(
             &Api::<Job>::namespaced(ctx.client.clone(), &ns),
             &job,
             "create_job",
+            uid.as_ref(),
         )
         .await?;
     }
@@ -709,10 +769,17 @@ pub async fn act(ctx: &Context, sm: &SchemaMigration, d: &Decision) -> Result<()
 }
 
 /// Creates `obj`; if it exists already (a restarted controller, a concurrent
-/// reconciliation), adopts it: deterministic names make it the same object.
-async fn create_or_adopt<K>(api: &Api<K>, obj: &K, op: &'static str) -> Result<(), Error>
+/// reconciliation), adopts it: deterministic names make it the same object. One this
+/// resource does not own (someone else took the name) is never used.
+async fn create_or_adopt<K>(
+    api: &Api<K>,
+    obj: &K,
+    op: &'static str,
+    owner: Option<&String>,
+) -> Result<(), Error>
 where
     K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+    <K as Resource>::DynamicType: Default,
 {
     match api
         .create(
@@ -725,7 +792,18 @@ where
         .await
     {
         Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            let name = obj.meta().name.clone().unwrap_or_default();
+            let existing = api.get(&name).await.map_err(kube_err(op))?;
+            if owned_by(existing.meta(), owner) {
+                Ok(())
+            } else {
+                Err(Error::NotOwned {
+                    kind: K::kind(&Default::default()).to_string(),
+                    name,
+                })
+            }
+        }
         Err(e) => Err(Error::Kube { op, source: e }),
     }
 }
@@ -744,7 +822,7 @@ pub async fn reconcile(sm: Arc<SchemaMigration>, ctx: Arc<Context>) -> Result<Re
     let now = Time(Timestamp::now());
     let d = decision(&ctx, &sm, &observed, now);
     note_finished_runs(&ctx, &sm, &d);
-    act(&ctx, &sm, &d).await?;
+    act(&ctx, &sm, &d, observed.inline_config_map.as_ref()).await?;
     ctx.metrics.set_phase(&key, d.status.phase);
     if let Ok(mut f) = ctx.failures.lock() {
         f.remove(&key);

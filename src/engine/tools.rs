@@ -117,6 +117,9 @@ pub struct ToolState {
     pub heads: Vec<String>,
     /// Applied (and failed) migrations, oldest first, where the tool records them.
     pub applied: Vec<ToolRow>,
+    /// The versions in effect: applied and not undone (Flyway's undo and delete rows
+    /// taken into account), in version order.
+    pub versions: Vec<String>,
     /// A state a person must fix first (golang-migrate dirty, a failed Flyway or sqlx row).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub problem: Option<String>,
@@ -232,6 +235,7 @@ pub fn interpret(tool: Tool, rows: Option<TextRows>) -> ToolState {
                 }
             }
             s.current = newest(applied.iter().map(String::as_str));
+            s.versions = applied;
         }
         Tool::GolangMigrate => {
             if let Some(r) = rows.first() {
@@ -278,6 +282,12 @@ pub fn interpret(tool: Tool, rows: Option<TextRows>) -> ToolState {
                     .filter(|r| r.success)
                     .map(|r| r.version.as_str()),
             );
+            s.versions = s
+                .applied
+                .iter()
+                .filter(|r| r.success)
+                .map(|r| r.version.clone())
+                .collect();
         }
         Tool::Dbmate => {
             let mut versions: Vec<String> = rows.iter().filter_map(|r| col(r, 0)).collect();
@@ -286,6 +296,7 @@ pub fn interpret(tool: Tool, rows: Option<TextRows>) -> ToolState {
                 _ => a.cmp(b),
             });
             s.current = versions.last().cloned();
+            s.versions = versions.clone();
             s.applied = versions
                 .into_iter()
                 .map(|version| ToolRow {
@@ -457,6 +468,7 @@ mod tests {
             ]),
         );
         assert_eq!(s.current.as_deref(), Some("1"));
+        assert_eq!(s.versions, ["1"], "2 was undone, 3 failed");
         let p = s.problem.unwrap();
         assert!(
             p.contains("failed migration 3") && p.contains("flyway repair"),

@@ -82,7 +82,10 @@ fn runner_args(sm: &SchemaMigration, settings: &InjectSettings) -> Vec<String> {
             // A lower target with downgrades allowed reverts; anything else upgrades (an
             // upgrade to a lower target changes nothing).
             let ahead = match (status.current_version.as_deref(), target.as_deref()) {
-                (Some(c), Some(t)) => Version::parse(c).ok() > Version::parse(t).ok(),
+                (Some(c), Some(t)) => match (Version::parse(c), Version::parse(t)) {
+                    (Ok(c), Ok(t)) => c > t,
+                    _ => false,
+                },
                 _ => false,
             };
             let downgrade = ahead && sm.spec.downgrade == crate::api::DowngradePolicy::Allow;

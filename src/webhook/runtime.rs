@@ -113,11 +113,11 @@ struct SelfManaged {
 }
 
 impl Source {
-    /// The current certificate (PEM chain, PEM key); registers the CA bundle as a side
-    /// effect for the self-managed kind.
-    async fn load(&self) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    /// The current certificate (PEM chain, PEM key), and whether the API server trusts
+    /// its CA: registers the CA bundle as a side effect for the self-managed kind.
+    async fn load(&self) -> Result<(Vec<u8>, Vec<u8>, bool), TlsError> {
         match self {
-            Source::Dir(dir) => tls::load_dir(dir),
+            Source::Dir(dir) => tls::load_dir(dir).map(|(c, k)| (c, k, true)),
             Source::Secret(sm) => {
                 let SelfManaged {
                     api,
@@ -136,7 +136,7 @@ impl Source {
                     &Lifetimes::default(),
                 )
                 .await?;
-                match tls::register(
+                let trusted = match tls::register(
                     client,
                     configuration,
                     endpoint,
@@ -146,14 +146,25 @@ impl Source {
                 )
                 .await
                 {
-                    Ok(true) => tracing::info!(configuration, "wrote the webhook CA bundle"),
-                    Ok(false) => {}
+                    Ok(wrote) => {
+                        if wrote {
+                            tracing::info!(configuration, "wrote the webhook CA bundle");
+                        }
+                        true
+                    }
                     // Serving still helps (a configuration installed later finds a ready
                     // server); the error is repeated on every check until fixed.
-                    Err(e) => tracing::error!(error = %e, "webhook registration"),
-                }
+                    Err(e) => {
+                        tracing::error!(error = %e, "webhook registration");
+                        false
+                    }
+                };
                 // The chain includes nothing but the leaf: the CA is in the bundle.
-                Ok((bundle.cert_pem.into_bytes(), bundle.key_pem.into_bytes()))
+                Ok((
+                    bundle.cert_pem.into_bytes(),
+                    bundle.key_pem.into_bytes(),
+                    trusted,
+                ))
             }
         }
     }
@@ -192,7 +203,7 @@ pub async fn start(
             }))
         }
     };
-    let (cert, key) = source.load().await?;
+    let (cert, key, _) = source.load().await?;
     let resolver = Resolver::new(tls::certified_key(&cert, &key)?);
     let config = tls::server_config(resolver.clone())?;
     let listener = TcpListener::bind(args.webhook_addr)
@@ -222,7 +233,8 @@ pub async fn start(
         loop {
             tokio::time::sleep(every).await;
             match source.load().await {
-                Ok((cert, key)) if cert != served => match tls::certified_key(&cert, &key) {
+                // A renewed certificate is served only once the API server trusts its CA.
+                Ok((cert, key, true)) if cert != served => match tls::certified_key(&cert, &key) {
                     Ok(k) => {
                         resolver.set(k);
                         served = cert;

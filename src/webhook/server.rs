@@ -35,6 +35,10 @@ use crate::engine::redact;
 
 /// The largest request body accepted (the API server's own limit is 3 MiB).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
+/// How long a request body may take to arrive (the API server gives up after at most 30s).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(15);
+/// Connections served at once; more wait to be accepted (a flood cannot exhaust memory).
+pub const MAX_CONNECTIONS: usize = 512;
 
 /// What the webhook asks the API server.
 pub trait Lookup: Send + Sync + 'static {
@@ -373,9 +377,23 @@ pub async fn handle<L: Lookup>(wh: &Webhook<L>, req: Request<Incoming>) -> Respo
             ),
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
+    let read = tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(req.into_body(), MAX_BODY).collect(),
+    );
+    let body = match read.await {
+        Err(_) => {
+            wh.metrics.admitted("invalid", started.elapsed());
+            return text(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {}s\n",
+                    BODY_TIMEOUT.as_secs()
+                ),
+            );
+        }
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
             wh.metrics.admitted("invalid", started.elapsed());
             let too_big = e
                 .downcast_ref::<http_body_util::LengthLimitError>()
@@ -411,7 +429,11 @@ pub async fn serve<L: Lookup>(
     wh: Arc<Webhook<L>>,
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
+        };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -423,6 +445,7 @@ pub async fn serve<L: Lookup>(
         };
         let (acceptor, wh) = (acceptor.clone(), wh.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(stream))
                 .await
             {

@@ -676,8 +676,9 @@ pub fn validating_configuration(
             match_policy: Some("Equivalent".into()),
             side_effects: "None".into(),
             timeout_seconds: Some(10),
-            object_selector: None,
-            namespace_selector: None,
+            // As the API server defaults them, so a comparison with what it returns holds.
+            object_selector: Some(LabelSelector::default()),
+            namespace_selector: Some(LabelSelector::default()),
             rules: Some(vec![RuleWithOperations {
                 api_groups: Some(vec![crate::api::GROUP.into()]),
                 api_versions: Some(vec!["*".into()]),

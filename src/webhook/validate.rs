@@ -30,16 +30,22 @@ pub struct Permission {
     pub verb: &'static str,
     pub group: &'static str,
     pub resource: &'static str,
+    /// One object (a Secret, a ConfigMap), or every one.
+    pub name: Option<String>,
     pub why: String,
 }
 
 impl Permission {
     /// `create jobs.batch`, as RBAC spells it.
     pub fn describe(&self) -> String {
-        if self.group.is_empty() {
-            format!("{} {}", self.verb, self.resource)
+        let what = if self.group.is_empty() {
+            self.resource.to_string()
         } else {
-            format!("{} {}.{}", self.verb, self.resource, self.group)
+            format!("{}.{}", self.resource, self.group)
+        };
+        match &self.name {
+            Some(n) => format!("{} {what} {n}", self.verb),
+            None => format!("{} {what}", self.verb),
         }
     }
 
@@ -50,6 +56,7 @@ impl Permission {
             verb: Some(self.verb.into()),
             group: Some(self.group.into()),
             resource: Some(self.resource.into()),
+            name: self.name.clone(),
             ..Default::default()
         }
     }
@@ -89,58 +96,72 @@ pub fn requirements(
              account, which no SchemaMigration may use; create a service account for the runner"
         )));
     }
-    let mut needs = Vec::new();
+    // What the resource makes others read and run: the database URL goes into runners,
+    // the migrations (SQL, or a tool's command) run with it.
+    let db = &spec.database.url_secret_ref;
+    let mut needs = vec![Permission {
+        verb: "get",
+        group: "",
+        resource: "secrets",
+        name: Some(db.name.clone()),
+        why: format!(
+            "spec.database.urlSecretRef names Secret {}: its URL is handed to the runner",
+            db.name
+        ),
+    }];
+    if let Some(cm) = &spec.source.config_map_ref {
+        needs.push(Permission {
+            verb: "get",
+            group: "",
+            resource: "configmaps",
+            name: Some(cm.name.clone()),
+            why: format!(
+                "spec.source.configMapRef names ConfigMap {}: its SQL runs",
+                cm.name
+            ),
+        });
+    }
+    let mut chosen = Vec::new();
+    if let Some(image) = &runner.image {
+        chosen.push(format!("spec.runner.image {image}"));
+    }
+    if let Some(img) = &spec.source.image {
+        chosen.push(format!("spec.source.image {}", img.reference));
+    }
+    if let Some(t) = &spec.source.tool {
+        chosen.push(format!(
+            "spec.source.tool image {} running {}",
+            t.image,
+            t.command.join(" ")
+        ));
+    }
     match spec.mode {
         MigrationMode::Job => {
             let mut why = vec!["mode: Job (the controller creates migration Jobs)".to_string()];
-            if let Some(image) = &runner.image {
-                why.push(format!("spec.runner.image {image}"));
-            }
             if let Some(sa) = &runner.service_account_name {
                 why.push(format!("spec.runner.serviceAccountName {sa}"));
             }
-            if let Some(img) = &spec.source.image {
-                why.push(format!("spec.source.image {}", img.reference));
-            }
-            if let Some(t) = &spec.source.tool {
-                why.push(format!(
-                    "spec.source.tool image {} running {}",
-                    t.image,
-                    t.command.join(" ")
-                ));
-            }
+            why.extend(chosen);
             needs.push(Permission {
                 verb: "create",
                 group: "batch",
                 resource: "jobs",
+                name: None,
                 why: why.join(", "),
             });
         }
         MigrationMode::InitContainer => {
-            // Gated pods are created by their owners (who need pod creation anyway); what
-            // the resource chooses runs inside them.
-            let mut why = Vec::new();
-            if let Some(image) = &runner.image {
-                why.push(format!("spec.runner.image {image}"));
-            }
-            if let Some(img) = &spec.source.image {
-                why.push(format!("spec.source.image {}", img.reference));
-            }
-            if let Some(t) = &spec.source.tool {
-                why.push(format!(
-                    "spec.source.tool image {} running {}",
-                    t.image,
-                    t.command.join(" ")
-                ));
-            }
-            if !why.is_empty() {
-                needs.push(Permission {
-                    verb: "create",
-                    group: "",
-                    resource: "pods",
-                    why: why.join(", "),
-                });
-            }
+            // The migration runs inside gated pods: in effect the writer runs a container.
+            let mut why =
+                vec!["mode: InitContainer (the migration runs in gated pods)".to_string()];
+            why.extend(chosen);
+            needs.push(Permission {
+                verb: "create",
+                group: "",
+                resource: "pods",
+                name: None,
+                why: why.join(", "),
+            });
         }
     }
     Ok(needs)
@@ -171,11 +192,14 @@ mod tests {
     }
 
     #[test]
-    fn init_container_mode_with_defaults_needs_nothing() {
+    fn the_secret_and_configmap_a_resource_names_must_be_readable_by_its_writer() {
+        let needs = requirements(&sm(MigrationMode::InitContainer), "shop", &policy()).unwrap();
+        let described: Vec<String> = needs.iter().map(Permission::describe).collect();
         assert_eq!(
-            requirements(&sm(MigrationMode::InitContainer), "shop", &policy()),
-            Ok(vec![])
+            described,
+            ["get secrets db", "get configmaps m", "create pods"]
         );
+        assert_eq!(needs[0].attributes("shop").name.as_deref(), Some("db"));
     }
 
     #[test]
@@ -183,14 +207,10 @@ mod tests {
         let mut s = sm(MigrationMode::Job);
         s.spec.runner.service_account_name = Some("migrator".into());
         let needs = requirements(&s, "shop", &policy()).unwrap();
-        assert_eq!(needs.len(), 1);
-        assert_eq!(needs[0].describe(), "create jobs.batch");
-        assert!(
-            needs[0].why.contains("serviceAccountName migrator"),
-            "{:?}",
-            needs[0]
-        );
-        let attrs = needs[0].attributes("shop");
+        let job = needs.last().unwrap();
+        assert_eq!(job.describe(), "create jobs.batch");
+        assert!(job.why.contains("serviceAccountName migrator"), "{job:?}");
+        let attrs = job.attributes("shop");
         assert_eq!(
             (
                 attrs.namespace.as_deref(),
@@ -202,46 +222,43 @@ mod tests {
     }
 
     #[test]
-    fn a_chosen_image_in_init_container_mode_needs_pod_creation() {
-        let mut s = sm(MigrationMode::InitContainer);
-        s.spec.runner.image = Some("registry.example/db/runner:2".into());
-        s.spec.source = SourceSpec {
+    fn chosen_images_and_tools_are_named_in_the_pod_or_job_permission() {
+        let tool = SourceSpec {
+            tool: Some(crate::api::ToolSource {
+                name: crate::api::ToolName::Alembic,
+                image: "shop/web:2".into(),
+                command: vec!["flask".into(), "db".into(), "upgrade".into()],
+                working_dir: None,
+                env: vec![],
+            }),
+            ..Default::default()
+        };
+        let image = SourceSpec {
             image: Some(ImageSource {
                 reference: "registry.example/db/migrations:7".into(),
                 path: "/migrations".into(),
             }),
             ..Default::default()
         };
-        let needs = requirements(&s, "shop", &policy()).unwrap();
-        assert_eq!(needs[0].describe(), "create pods");
-        assert!(needs[0].why.contains("migrations:7"));
-    }
-
-    #[test]
-    fn a_tool_source_needs_what_running_its_image_needs() {
         for (mode, resource) in [
             (MigrationMode::InitContainer, "pods"),
             (MigrationMode::Job, "jobs"),
         ] {
-            let mut s = sm(mode);
-            s.spec.source = SourceSpec {
-                tool: Some(crate::api::ToolSource {
-                    name: crate::api::ToolName::Alembic,
-                    image: "shop/web:2".into(),
-                    command: vec!["flask".into(), "db".into(), "upgrade".into()],
-                    working_dir: None,
-                    env: vec![],
-                }),
-                ..Default::default()
-            };
-            let needs = requirements(&s, "shop", &policy()).unwrap();
-            assert_eq!(needs.len(), 1);
-            assert_eq!(needs[0].resource, resource);
-            assert!(
-                needs[0].why.contains("shop/web:2 running flask db upgrade"),
-                "{:?}",
-                needs[0]
-            );
+            for (source, named) in [
+                (tool.clone(), "shop/web:2 running flask db upgrade"),
+                (image.clone(), "migrations:7"),
+            ] {
+                let mut s = sm(mode);
+                s.spec.runner.image = Some("registry.example/db/runner:2".into());
+                s.spec.source = source;
+                let needs = requirements(&s, "shop", &policy()).unwrap();
+                let run = needs.last().unwrap();
+                assert_eq!(run.resource, resource);
+                assert!(
+                    run.why.contains(named) && run.why.contains("runner:2"),
+                    "{run:?}"
+                );
+            }
         }
     }
 
