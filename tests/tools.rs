@@ -499,8 +499,15 @@ fn a_command_whose_lock_is_lost_is_stopped() {
     let marker = tempfile::tempdir().unwrap();
     let done = marker.path().join("finished");
     let mut c = migrate(&url, Path::new("/nonexistent"));
-    c.args(["--runner-id", "lock-loss-test", "exec", "--", "sh", "-c"])
-        .arg(format!("echo started; sleep 30; touch {}", done.display()));
+    c.args([
+        "--runner-id",
+        "lock-loss-test",
+        "exec",
+        "--check-every",
+        "200ms",
+    ])
+    .args(["--", "sh", "-c"])
+    .arg(format!("echo started; sleep 30; touch {}", done.display()));
     let mut w = Watched::spawn(c);
     w.wait_line("started", std::time::Duration::from_secs(30));
     // The session that holds the advisory lock dies (a failover, an idle timeout, a DBA).
@@ -510,7 +517,7 @@ fn a_command_whose_lock_is_lost_is_stopped() {
          WHERE application_name = 'schemagate lock-loss-test'",
     );
     assert_eq!(killed, ["1"]);
-    // Noticed at the next check (every 5 s): the command is stopped, the run fails.
+    // Noticed at the next check: the command is stopped, the run fails.
     w.wait_line(
         "lost the migration lock",
         std::time::Duration::from_secs(20),
@@ -518,4 +525,40 @@ fn a_command_whose_lock_is_lost_is_stopped() {
     let status = w.child.wait().unwrap();
     assert_eq!(status.code(), Some(17), "{:?}", w.seen);
     assert!(!done.exists(), "the command was stopped, not left running");
+}
+
+/// A command that outlives many lock checks, on every database's session lock and on a
+/// lease, runs to its end: a healthy check never stops it.
+#[test]
+fn a_long_command_keeps_its_lock_through_the_checks() {
+    let sqlite = sqlite_db();
+    let urls = [
+        ("postgres", server().fresh_db()),
+        (
+            "postgres lease",
+            format!("{}&schemagate_lock=lease", server().fresh_db()),
+        ),
+        ("mariadb", support::mysql::server().fresh_db()),
+        ("sqlite", sqlite.url.clone()),
+    ];
+    for (what, url) in urls {
+        let marker = tempfile::tempdir().unwrap();
+        let go = marker.path().join("go");
+        let mut c = migrate(&url, Path::new("/nonexistent"));
+        c.env("SCHEMAGATE_LOG", "debug")
+            .args(["exec", "--check-every", "20ms", "--", "sh", "-c"])
+            .arg(format!(
+                "echo started; while [ ! -e {} ]; do sleep 0.01; done; echo finished",
+                go.display()
+            ));
+        let mut w = Watched::spawn(c);
+        w.wait_line("started", std::time::Duration::from_secs(30));
+        for _ in 0..3 {
+            w.wait_line("lock is still held", std::time::Duration::from_secs(30));
+        }
+        std::fs::write(&go, "").unwrap();
+        w.wait_line("finished", std::time::Duration::from_secs(30));
+        let status = w.child.wait().unwrap();
+        assert_eq!(status.code(), Some(0), "{what}: {:?}", w.seen);
+    }
 }

@@ -293,7 +293,10 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
         MigrateCommand::History { limit } => history(ctx, limit).await,
         MigrateCommand::Heads => heads(ctx),
         MigrateCommand::Status => status_cmd(ctx).await,
-        MigrateCommand::Exec { command } => exec(ctx, &command).await,
+        MigrateCommand::Exec {
+            command,
+            check_every,
+        } => exec(ctx, &command, check_every).await,
         MigrateCommand::Import { from, apply } => import(ctx, from, apply).await,
         MigrateCommand::New {
             message,
@@ -384,7 +387,7 @@ fn tool_read_error(tool: Tool, e: crate::engine::DbError) -> CliError {
 }
 
 /// Runs another tool's command under the lock, reading its version around it.
-async fn exec(ctx: &Ctx, command: &[String]) -> Result<Outcome, CliError> {
+async fn exec(ctx: &Ctx, command: &[String], check_every: Duration) -> Result<Outcome, CliError> {
     let tool = ctx.common.tool;
     let settings = ctx.settings()?;
     let mut db = ctx.connect().await?;
@@ -404,7 +407,7 @@ async fn exec(ctx: &Ctx, command: &[String]) -> Result<Outcome, CliError> {
             return Err(crate::engine::RunError::from(e).into());
         }
     };
-    let result = exec_locked(&mut db, &held, tool, command).await;
+    let result = exec_locked(&mut db, &held, tool, command, check_every).await;
     lock::release(&mut db, held).await;
     db.close().await;
     result
@@ -431,6 +434,7 @@ async fn exec_locked(
     held: &lock::Held,
     tool: Tool,
     command: &[String],
+    check_every: Duration,
 ) -> Result<Outcome, CliError> {
     let read_err = |e| tool_read_error(tool, e);
     let before = tools::read(db, tool).await.map_err(read_err)?;
@@ -462,14 +466,16 @@ async fn exec_locked(
     let output = [pump(child.stdout.take()), pump(child.stderr.take())];
     // The lock must hold for as long as the command runs: the session lock lives on this
     // connection (kept busy, so no idle timeout ends it), the lease in its heartbeat.
-    let mut check = tokio::time::interval(Duration::from_secs(5));
+    let mut check = tokio::time::interval(check_every.max(Duration::from_millis(10)));
     check.tick().await;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
             _ = check.tick() => {
-                let alive = !held.lost() && db.query_text("SELECT 1").await.is_ok();
-                if !alive {
+                let alive = !held.lost() && db.ping().await.is_ok();
+                if alive {
+                    tracing::debug!(command = %shown, "the migration lock is still held");
+                } else {
                     let _ = child.kill().await;
                     return Err(CliError::new(
                         Exit::LockUnusable,

@@ -292,6 +292,11 @@ pub enum MigrateCommand {
     /// under schemagate's database lock, so concurrent runners never run it at once; reads
     /// the --tool's version before and after, and writes the summary.
     Exec {
+        /// How often to check, while the command runs, that the lock is still held (a
+        /// round trip on the locking session, or the lease's last renewal); a lost lock
+        /// stops the command.
+        #[arg(long, env = "SCHEMAGATE_EXEC_CHECK_EVERY", default_value = "5s", value_parser = parse_duration)]
+        check_every: Duration,
         /// The command and its arguments (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
         command: Vec<String>,

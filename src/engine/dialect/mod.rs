@@ -440,7 +440,6 @@ pub trait Backend: Send {
         column: &str,
     ) -> impl Future<Output = Result<Option<ColumnType>, DbError>> + Send;
 
-    /// Closes the connection (releasing any session lock).
     /// Runs one read-only query whose columns are all text (cast them in the SQL): the
     /// rows, or `None` when a table it reads does not exist. For reading other tools'
     /// history tables.
@@ -449,6 +448,11 @@ pub trait Backend: Send {
         sql: &str,
     ) -> impl Future<Output = Result<Option<TextRows>, DbError>> + Send;
 
+    /// A round trip to the server on this connection: fails once the session (and with
+    /// it any session lock) is gone.
+    fn ping(&mut self) -> impl Future<Output = Result<(), DbError>> + Send;
+
+    /// Closes the connection (releasing any session lock).
     fn close(self) -> impl Future<Output = ()> + Send;
 }
 
@@ -648,6 +652,9 @@ impl Backend for Db {
     }
     async fn query_text(&mut self, sql: &str) -> Result<Option<TextRows>, DbError> {
         dispatch!(self, b => b.query_text(sql).await)
+    }
+    async fn ping(&mut self) -> Result<(), DbError> {
+        dispatch!(self, b => b.ping().await)
     }
     async fn close(self) {
         dispatch!(self, b => b.close().await)

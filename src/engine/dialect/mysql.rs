@@ -468,6 +468,11 @@ impl Backend for MySqlBackend {
         }
     }
 
+    async fn ping(&mut self) -> Result<(), DbError> {
+        raw("SELECT 1".to_string()).execute(&mut self.conn).await?;
+        Ok(())
+    }
+
     async fn close(self) {
         let _ = self.conn.close().await;
     }

@@ -464,6 +464,11 @@ impl Backend for PgBackend {
         }
     }
 
+    async fn ping(&mut self) -> Result<(), DbError> {
+        raw("SELECT 1".to_string()).execute(&mut self.conn).await?;
+        Ok(())
+    }
+
     async fn close(self) {
         // A failed close still drops the socket, which ends the session and its lock.
         let _ = self.conn.close().await;

@@ -390,6 +390,14 @@ impl Backend for SqliteBackend {
         }
     }
 
+    async fn ping(&mut self) -> Result<(), DbError> {
+        // The lock is on the file, not on this connection; nothing to lose but the file.
+        if let Some(conn) = self.conn.as_mut() {
+            sqlx::raw_sql("SELECT 1").execute(conn).await?;
+        }
+        Ok(())
+    }
+
     async fn close(mut self) {
         let _ = self.unlock().await;
         if let Some(conn) = self.conn.take() {
