@@ -493,23 +493,49 @@ fn the_injected_tool_runner_installs_schemagate_and_gates_flask_migrate() {
     assert_eq!(alembic_current(&url)["current"], "0003_add_total");
 }
 
+/// A command that starts a process in the background and waits for it, printing the
+/// background process's pid: what a shell wrapper around a migration tool looks like.
+fn wrapper_command(url: &str, runner_id: &str) -> Command {
+    let mut c = migrate(url, Path::new("/nonexistent"));
+    c.args(["--runner-id", runner_id, "exec", "--check-every", "200ms"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "sleep 60 & printf 'bg%s %s\\n' -pid $!; wait",
+        ]);
+    c
+}
+
+/// The pid the wrapper printed.
+fn started_pid(w: &Watched) -> u32 {
+    let line = w.seen.last().unwrap();
+    let pid = line
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .trim_matches(|c: char| !c.is_ascii_digit());
+    pid.parse().unwrap_or_else(|_| panic!("no pid in {line:?}"))
+}
+
+/// True once a process has ended (gone, or a zombie nobody reaped yet).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(") ")
+            .next()
+            .is_some_and(|rest| rest.starts_with('Z')),
+    }
+}
+
 #[test]
-fn a_command_whose_lock_is_lost_is_stopped() {
+fn a_command_whose_lock_is_lost_is_stopped_with_all_it_started() {
     let url = server().fresh_db();
-    let marker = tempfile::tempdir().unwrap();
-    let done = marker.path().join("finished");
-    let mut c = migrate(&url, Path::new("/nonexistent"));
-    c.args([
-        "--runner-id",
-        "lock-loss-test",
-        "exec",
-        "--check-every",
-        "200ms",
-    ])
-    .args(["--", "sh", "-c"])
-    .arg(format!("echo started; sleep 30; touch {}", done.display()));
-    let mut w = Watched::spawn(c);
-    w.wait_line("started", std::time::Duration::from_secs(30));
+    let mut w = Watched::spawn(wrapper_command(&url, "lock-loss-test"));
+    w.wait_line("bg-pid", std::time::Duration::from_secs(30));
+    let background = started_pid(&w);
+    assert!(!ended(background));
     // The session that holds the advisory lock dies (a failover, an idle timeout, a DBA).
     let killed = query(
         &url,
@@ -517,14 +543,52 @@ fn a_command_whose_lock_is_lost_is_stopped() {
          WHERE application_name = 'schemagate lock-loss-test'",
     );
     assert_eq!(killed, ["1"]);
-    // Noticed at the next check: the command is stopped, the run fails.
+    // Noticed at the next check: the command and what it started are stopped, the run fails.
     w.wait_line(
         "lost the migration lock",
         std::time::Duration::from_secs(20),
     );
     let status = w.child.wait().unwrap();
     assert_eq!(status.code(), Some(17), "{:?}", w.seen);
-    assert!(!done.exists(), "the command was stopped, not left running");
+    wait_for(
+        "the wrapper's background process to be stopped",
+        std::time::Duration::from_secs(10),
+        || ended(background),
+    );
+}
+
+#[test]
+fn a_stopped_exec_stops_its_command_before_releasing_the_lock() {
+    let url = server().fresh_db();
+    let mut w = Watched::spawn(wrapper_command(&url, "sigterm-test"));
+    w.wait_line("bg-pid", std::time::Duration::from_secs(30));
+    let background = started_pid(&w);
+    // A service manager (or a terminal) asks schemagate to stop.
+    let pid = w.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = w.child.wait().unwrap();
+    w.drain(std::time::Duration::from_secs(10));
+    assert_eq!(status.code(), Some(12), "{:?}", w.seen);
+    assert!(
+        w.seen.iter().any(|l| l.contains("asked to stop (SIGTERM")),
+        "{:?}",
+        w.seen
+    );
+    // By the time schemagate has ended, nothing the command started still runs...
+    assert!(
+        ended(background),
+        "the background process outlived the lock"
+    );
+    // ...and the lock is free for the next runner at once.
+    let mut next = migrate(&url, Path::new("/nonexistent"));
+    next.args(["--lock-timeout", "5s", "exec", "--", "true"]);
+    assert_code(&run(next), 0);
 }
 
 /// A command that outlives many lock checks, on every database's session lock and on a

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::json;
+use tokio::signal::unix::SignalKind;
 
 use super::exit::{CliError, Exit};
 use super::output::{self, Outcome};
@@ -429,6 +430,47 @@ where
     })
 }
 
+/// The process group `exec` runs its command in (the command's pid is its id).
+struct ProcessGroup(Option<u32>);
+
+impl ProcessGroup {
+    /// Sends `signal` to every process in the group; a group already gone is no error.
+    fn signal(&self, signal: libc::c_int) {
+        let Some(id) = self.0.and_then(|id| libc::pid_t::try_from(id).ok()) else {
+            return;
+        };
+        // SAFETY: kill(2) takes plain integers and touches no memory of ours; a negative
+        // pid addresses the process group created for the command (never 0 or -1, which
+        // would address our own group or every process).
+        if id > 1 {
+            unsafe { libc::kill(-id, signal) };
+        }
+    }
+
+    fn forward(&self, signal: libc::c_int, name: &'static str) -> &'static str {
+        tracing::warn!(
+            signal = name,
+            "asked to stop: passing it on to the command and waiting for it to end"
+        );
+        self.signal(signal);
+        name
+    }
+}
+
+fn stop_signal(kind: SignalKind) -> Option<tokio::signal::unix::Signal> {
+    tokio::signal::unix::signal(kind).ok()
+}
+
+/// The next delivery of a signal (never, if it could not be watched).
+async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 async fn exec_locked(
     db: &mut crate::engine::Db,
     held: &lock::Held,
@@ -448,11 +490,14 @@ async fn exec_locked(
     let shown = command.join(" ");
     tracing::info!(command = %shown, tool = %tool, from = ?before.current, "running the migration command under the lock");
     let started = std::time::Instant::now();
+    // In a process group of its own, so that stopping it stops whatever it started too
+    // (`sh -c` wrappers, tools that fork workers).
     let mut child = tokio::process::Command::new(&command[0])
         .args(&command[1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn()
         .map_err(|e| {
@@ -463,20 +508,31 @@ async fn exec_locked(
             )
             .hint("check that the command exists in this image and is on PATH")
         })?;
+    let group = ProcessGroup(child.id());
     let output = [pump(child.stdout.take()), pump(child.stderr.take())];
     // The lock must hold for as long as the command runs: the session lock lives on this
     // connection (kept busy, so no idle timeout ends it), the lease in its heartbeat.
     let mut check = tokio::time::interval(check_every.max(Duration::from_millis(10)));
     check.tick().await;
+    // Asked to stop (a terminal's Ctrl-C, a service manager's SIGTERM): the command is asked
+    // too, and its end awaited, so it never runs on after the lock is released.
+    let (mut term, mut int) = (
+        stop_signal(SignalKind::terminate()),
+        stop_signal(SignalKind::interrupt()),
+    );
+    let mut stopping = None;
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            _ = recv(&mut term) => stopping = Some(group.forward(libc::SIGTERM, "SIGTERM")),
+            _ = recv(&mut int) => stopping = Some(group.forward(libc::SIGINT, "SIGINT")),
             _ = check.tick() => {
                 let alive = !held.lost() && db.ping().await.is_ok();
                 if alive {
                     tracing::debug!(command = %shown, "the migration lock is still held");
                 } else {
-                    let _ = child.kill().await;
+                    group.signal(libc::SIGKILL);
+                    let _ = child.wait().await;
                     return Err(CliError::new(
                         Exit::LockUnusable,
                         "lock_unusable",
@@ -494,6 +550,9 @@ async fn exec_locked(
             format!("cannot wait for `{shown}`: {e}"),
         )
     })?;
+    // Whatever the command left running in its group (background jobs) ends with it: nothing
+    // it started may outlive the lock, nor hold its output open.
+    group.signal(libc::SIGKILL);
     for o in output {
         let _ = o.await;
     }
@@ -514,6 +573,11 @@ async fn exec_locked(
             None => "was killed by a signal".into(),
         };
         let mut message = format!("`{shown}` {how}");
+        if let Some(signal) = stopping {
+            message.push_str(&format!(
+                " after schemagate was asked to stop ({signal}, passed on)"
+            ));
+        }
         if let Some(p) = &after.problem {
             message.push_str(&format!("; {p}"));
         }

@@ -179,6 +179,22 @@ impl Watched {
         }
     }
 
+    /// Collects the rest of stderr once the process has ended (the pipe closes).
+    #[track_caller]
+    pub fn drain(&mut self, deadline: Duration) {
+        let start = Instant::now();
+        loop {
+            let left = deadline.saturating_sub(start.elapsed());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("stderr still open after {deadline:?}")
+                }
+            }
+        }
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         let pid = self.child.id().to_string();
