@@ -51,6 +51,8 @@ struct World {
     job_squatted: bool,
     /// Someone else created the inline source's ConfigMap under its name.
     inline_squatted: bool,
+    /// ConfigMaps carrying the resource's label (earlier inline sources, and others').
+    labelled_config_maps: Vec<Value>,
     /// The resource, as the server returns it after a status patch.
     resource: Value,
 }
@@ -106,6 +108,14 @@ fn answer(world: &World, seen: &Seen) -> Response<Body> {
                        "metadata": {"name": name, "namespace": NS, "ownerReferences": owners}}),
             )
         }
+        ("GET", _) if p.ends_with("/configmaps") => json_response(
+            StatusCode::OK,
+            list("ConfigMapList", json!(world.labelled_config_maps)),
+        ),
+        ("DELETE", _) => json_response(
+            StatusCode::OK,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+        ),
         ("GET", _) if p.ends_with("/jobs") => json_response(
             StatusCode::OK,
             list("JobList", serde_json::to_value(&world.jobs).unwrap()),
@@ -808,6 +818,67 @@ async fn init_container_mode_creates_the_inline_config_map_the_pods_mount() {
         created[0].body["metadata"]["ownerReferences"][0]["kind"],
         "SchemaMigration"
     );
+    assert_eq!(status_patch(&seen)["phase"], "Migrating");
+}
+
+#[tokio::test]
+async fn a_new_inline_source_deletes_all_but_the_newest_superseded_config_maps() {
+    let (_db, url) = database(None);
+    let mut w = world(&url);
+    w.config_map = None;
+    let old = |name: &str, day: u32, owners: Value| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": name, "namespace": NS, "uid": format!("uid-{name}"),
+                            "creationTimestamp": format!("2026-11-{day:02}T00:00:00Z"),
+                            "labels": {schemagate::api::JOB_FOR_LABEL: "orders"},
+                            "ownerReferences": owners}})
+    };
+    let ours = json!([sm_owner()]);
+    w.labelled_config_maps = vec![
+        old("orders-inline-a", 1, ours.clone()),
+        old("orders-inline-d", 4, ours.clone()),
+        old("someone-elses", 2, json!([])),
+        old("orders-inline-b", 2, ours.clone()),
+        old("orders-inline-c", 3, ours.clone()),
+    ];
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.spec.source = SourceSpec {
+        inline: Some(vec![InlineMigration {
+            version: "1".into(),
+            description: "create orders".into(),
+            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
+            down: None,
+        }]),
+        ..Default::default()
+    };
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    assert_eq!(posts(&seen, "/configmaps").len(), 1, "{seen:#?}");
+    let listed: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.method == "GET" && s.path.ends_with("/configmaps"))
+        .collect();
+    assert_eq!(listed.len(), 1);
+    assert!(
+        listed[0]
+            .query
+            .contains("labelSelector=schemagate.dev%2Fjob-for%3Dorders")
+            || listed[0]
+                .query
+                .contains("labelSelector=schemagate.dev/job-for=orders"),
+        "{}",
+        listed[0].query
+    );
+    // The two newest superseded ones stay (pods admitted before may mount them); the older
+    // ones this resource owns go, each only if it is still the same object; others' stay.
+    let deleted: Vec<(&str, &Value)> = seen
+        .iter()
+        .filter(|s| s.method == "DELETE")
+        .map(|s| (s.path.rsplit('/').next().unwrap(), &s.body))
+        .collect();
+    let names: Vec<&str> = deleted.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["orders-inline-b", "orders-inline-a"], "{seen:#?}");
+    assert_eq!(deleted[1].1["preconditions"]["uid"], "uid-orders-inline-a");
     assert_eq!(status_patch(&seen)["phase"], "Migrating");
 }
 

@@ -720,6 +720,11 @@ pub async fn act(
     {
         let cm = job::inline_config_map(sm, name, &job::inline_files(&sm.spec.source));
         create_or_adopt(&cms, &cm, "create_configmap", uid.as_ref()).await?;
+        // A new source superseded the older ones: keep a few (pods admitted before the
+        // change may still mount them), delete the rest.
+        if let Err(e) = prune_inline_config_maps(&cms, sm, name).await {
+            tracing::warn!(error = %e, "could not delete superseded inline-source ConfigMaps; retried at the next change");
+        }
     }
     if let Action::CreateJob(plan) = &d.action {
         let inline_cm = inline_config_map.map(|(name, _)| name.clone());
@@ -763,6 +768,47 @@ pub async fn act(
         };
         if let Err(err) = ctx.recorder.publish(&event, &reference).await {
             tracing::warn!(error = %err, "could not record an Event");
+        }
+    }
+    Ok(())
+}
+
+/// How many superseded inline-source ConfigMaps a resource keeps besides the current one.
+pub const INLINE_CONFIG_MAPS_KEPT: usize = 2;
+
+/// Deletes this resource's inline-source ConfigMaps older than the newest
+/// [`INLINE_CONFIG_MAPS_KEPT`] besides `current`. Only ConfigMaps this resource owns (by
+/// uid) are touched, each deleted with a uid precondition.
+async fn prune_inline_config_maps(
+    cms: &Api<ConfigMap>,
+    sm: &SchemaMigration,
+    current: &str,
+) -> Result<(), Error> {
+    let uid = sm.uid();
+    let selector = format!("{JOB_FOR_LABEL}={}", sm.name_any());
+    let mut old: Vec<_> = cms
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("list_configmaps"))?
+        .items
+        .into_iter()
+        .filter(|c| owned_by(&c.metadata, uid.as_ref()) && c.name_any() != current)
+        .collect();
+    old.sort_by_key(|c| std::cmp::Reverse(c.creation_timestamp().map(|t| t.0)));
+    for cm in old.iter().skip(INLINE_CONFIG_MAPS_KEPT) {
+        let params = kube::api::DeleteParams {
+            preconditions: cm.uid().map(|uid| kube::api::Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match cms.delete(&cm.name_any(), &params).await {
+            Ok(_) => {
+                tracing::info!(configmap = %cm.name_any(), "deleted a superseded inline-source ConfigMap")
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(e) => return Err(kube_err("delete_configmap")(e)),
         }
     }
     Ok(())

@@ -237,6 +237,10 @@ def check_chart_invariants(docs, values, label):
             if "secrets" in r.get("resources", []) and set(r["verbs"]) & {"create", "update"} \
                     and role["kind"] == "ClusterRole":
                 fail(label, "Secret writes must stay in the release namespace")
+            # The only deletion: superseded inline-source ConfigMaps (never a collection).
+            if "deletecollection" in r["verbs"] or "*" in r["verbs"] or (
+                    "delete" in r["verbs"] and r.get("resources") != ["configmaps"]):
+                fail(label, f"{role['kind']} {role['metadata']['name']} may delete {r.get('resources')}")
     watch = values.get("watchNamespaces", [])
     if watch:
         if by_kind(docs, "ClusterRoleBinding") and any(
