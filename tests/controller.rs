@@ -287,6 +287,21 @@ fn resource(mode: MigrationMode) -> SchemaMigration {
     sm
 }
 
+/// An init-container resource with one inline migration.
+fn inline_resource() -> SchemaMigration {
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.spec.source = SourceSpec {
+        inline: Some(vec![InlineMigration {
+            version: "1".into(),
+            description: "create orders".into(),
+            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
+            down: None,
+        }]),
+        ..Default::default()
+    };
+    sm
+}
+
 fn posts<'a>(seen: &'a [Seen], suffix: &str) -> Vec<&'a Seen> {
     seen.iter()
         .filter(|s| s.method == "POST" && s.path.ends_with(suffix))
@@ -798,16 +813,7 @@ async fn init_container_mode_creates_the_inline_config_map_the_pods_mount() {
     let (_db, url) = database(None);
     let mut w = world(&url);
     w.config_map = None;
-    let mut sm = resource(MigrationMode::InitContainer);
-    sm.spec.source = SourceSpec {
-        inline: Some(vec![InlineMigration {
-            version: "1".into(),
-            description: "create orders".into(),
-            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
-            down: None,
-        }]),
-        ..Default::default()
-    };
+    let sm = inline_resource();
     let (seen, result) = reconcile_once(sm, w).await;
     result.unwrap();
     let created = posts(&seen, "/configmaps");
@@ -841,16 +847,7 @@ async fn a_new_inline_source_deletes_all_but_the_newest_superseded_config_maps()
         old("orders-inline-b", 2, ours.clone()),
         old("orders-inline-c", 3, ours.clone()),
     ];
-    let mut sm = resource(MigrationMode::InitContainer);
-    sm.spec.source = SourceSpec {
-        inline: Some(vec![InlineMigration {
-            version: "1".into(),
-            description: "create orders".into(),
-            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
-            down: None,
-        }]),
-        ..Default::default()
-    };
+    let sm = inline_resource();
     let (seen, result) = reconcile_once(sm, w).await;
     result.unwrap();
     assert_eq!(posts(&seen, "/configmaps").len(), 1, "{seen:#?}");
@@ -1076,16 +1073,7 @@ async fn an_inline_config_map_somebody_else_created_blocks_the_resource() {
     let mut w = world(&url);
     w.config_map = None;
     w.inline_squatted = true;
-    let mut sm = resource(MigrationMode::InitContainer);
-    sm.spec.source = SourceSpec {
-        inline: Some(vec![InlineMigration {
-            version: "1".into(),
-            description: "create orders".into(),
-            up: "CREATE TABLE orders (id INTEGER PRIMARY KEY);".into(),
-            down: None,
-        }]),
-        ..Default::default()
-    };
+    let sm = inline_resource();
     let (seen, result) = reconcile_once(sm, w).await;
     result.unwrap();
     assert!(posts(&seen, "/configmaps").is_empty(), "{seen:#?}");
