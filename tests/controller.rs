@@ -809,6 +809,26 @@ async fn a_failed_init_container_fails_the_resource_with_the_runner_message() {
 }
 
 #[tokio::test]
+async fn an_init_container_stopped_with_its_pod_is_not_a_failure() {
+    let (_db, url) = database(Some("1"));
+    let mut w = world(&url);
+    // The pod was deleted while its runner waited for the lock: SIGTERM, exit 18.
+    let stopped = json!({"result": "stopped", "applied": [], "exitCode": 18,
+        "error": {"kind": "stopped", "message": "stopped at once on request (SIGTERM)"}});
+    w.pods = vec![
+        gated_pod("web-8a1-a", "2026-11-25T07:00:05Z", stopped.clone(), false),
+        gated_pod("web-8a1-b", "2026-11-25T07:00:06Z", stopped, true),
+    ];
+    let (seen, result) = reconcile_once(resource(MigrationMode::InitContainer), w).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_ne!(status["phase"], "Failed", "{status:#}");
+    assert_ne!(status["lastRun"]["result"], "Failed", "{status:#}");
+    assert_ne!(status["lastRun"]["name"], "web-8a1-a", "{status:#}");
+    assert!(events(&seen, "MigrationFailed").is_empty(), "{seen:#?}");
+}
+
+#[tokio::test]
 async fn init_container_mode_creates_the_inline_config_map_the_pods_mount() {
     let (_db, url) = database(None);
     let mut w = world(&url);

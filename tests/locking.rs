@@ -377,3 +377,186 @@ fn per_migration_timeouts_stop_queueing_and_runaway_statements() {
     let o = cmd(&url, &dir, &["upgrade"]);
     assert_code(&o, 0);
 }
+
+/// A session holding a PostgreSQL advisory lock until dropped: makes a migration step wait
+/// on a condition the test controls.
+struct Blocker {
+    rt: tokio::runtime::Runtime,
+    conn: Option<sqlx::PgConnection>,
+}
+
+impl Blocker {
+    fn hold(url: &str, key: i64) -> Self {
+        use sqlx::Connection;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut conn = rt.block_on(sqlx::PgConnection::connect(url)).unwrap();
+        rt.block_on(
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_advisory_lock({key})"
+            )))
+            .execute(&mut conn),
+        )
+        .unwrap();
+        Blocker {
+            rt,
+            conn: Some(conn),
+        }
+    }
+
+    fn release(mut self) {
+        use sqlx::Connection;
+        if let Some(conn) = self.conn.take() {
+            self.rt.block_on(conn.close()).unwrap();
+        }
+    }
+}
+
+const BLOCK_KEY: i64 = 4242;
+
+/// Step 2 waits for the test's advisory lock; step 3 would create a table.
+fn blocked_set(dir: &MigDir) {
+    dir.pair("1", "t", "CREATE TABLE t (x INTEGER);\n", None);
+    dir.pair(
+        "2",
+        "waits",
+        &format!("SELECT pg_advisory_xact_lock({BLOCK_KEY});\nINSERT INTO t VALUES (2);\n"),
+        None,
+    );
+    dir.pair("3", "later", "CREATE TABLE later (x INTEGER);\n", None);
+}
+
+/// Starts an upgrade and returns once its step 2 waits on the blocker.
+fn upgrade_waiting_in_step_2(url: &str, dir: &MigDir, args: &[&str]) -> Watched {
+    let mut w = Watched::spawn({
+        let mut c = migrate(url, dir.path());
+        c.arg("upgrade").args(args);
+        c
+    });
+    w.wait_line("applying version=2", Duration::from_secs(60));
+    wait_for(
+        "step 2 to wait for the lock",
+        Duration::from_secs(30),
+        || {
+            count(
+                url,
+                &format!(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
+                 AND objid = {BLOCK_KEY} AND NOT granted"
+                ),
+            ) == 1
+        },
+    );
+    w
+}
+
+fn sigterm(w: &Watched) {
+    let pid = w.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+}
+
+/// Waits (with a deadline) for the process to end; its exit code.
+fn exit_code(w: &mut Watched, deadline: Duration) -> Option<i32> {
+    let mut status = None;
+    wait_for("the runner to exit", deadline, || {
+        status = w.child.try_wait().unwrap();
+        status.is_some()
+    });
+    w.drain(Duration::from_secs(10));
+    status.unwrap().code()
+}
+
+/// The runner ends with exit 18 within `deadline`, saying `says`.
+#[track_caller]
+fn assert_stopped(w: &mut Watched, deadline: Duration, says: &str) {
+    assert_eq!(exit_code(w, deadline), Some(18), "{:#?}", w.seen);
+    assert!(w.seen.iter().any(|l| l.contains(says)), "{:#?}", w.seen);
+}
+
+#[test]
+fn sigterm_finishes_the_running_step_and_starts_no_other() {
+    let url = server().fresh_db();
+    let dir = MigDir::new();
+    blocked_set(&dir);
+    let blocker = Blocker::hold(&url, BLOCK_KEY);
+    let summary = dir.path().join("termination-log");
+    let summary_arg = summary.display().to_string();
+    let mut w = upgrade_waiting_in_step_2(&url, &dir, &["--summary-file", &summary_arg]);
+    // Kubernetes deletes the pod: SIGTERM, then the grace period.
+    sigterm(&w);
+    w.wait_line("finishing the running step", Duration::from_secs(30));
+    blocker.release();
+    assert_stopped(
+        &mut w,
+        Duration::from_secs(60),
+        "3 (3_later.up.sql) and later steps were not started",
+    );
+    // The summary the controller reads says stopped (not failed) and what was applied.
+    let line: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&summary).unwrap().trim()).unwrap();
+    assert_eq!(line["result"], "stopped", "{line}");
+    assert_eq!(line["exitCode"], 18);
+    assert_eq!(line["applied"], serde_json::json!(["1", "2"]), "{line}");
+    // Step 2 finished and is recorded; step 3 never started.
+    assert_eq!(history_count(&url, "version = '2' AND success"), 1);
+    assert_eq!(history_count(&url, "version = '3'"), 0);
+    assert_eq!(count(&url, "SELECT count(*) FROM t"), 1);
+    assert_eq!(
+        count(
+            &url,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'later'"
+        ),
+        0
+    );
+    // The lock was released: the next run goes on at once.
+    let o = cmd(
+        &url,
+        &dir,
+        &["upgrade", "--lock-timeout", "5s", "-o", "json"],
+    );
+    assert_code(&o, 0);
+    assert_eq!(stdout_json(&o)["steps"][0]["version"], "3");
+}
+
+#[test]
+fn a_second_sigterm_stops_at_once_and_the_step_is_rolled_back() {
+    let url = server().fresh_db();
+    let dir = MigDir::new();
+    blocked_set(&dir);
+    let blocker = Blocker::hold(&url, BLOCK_KEY);
+    let mut w = upgrade_waiting_in_step_2(&url, &dir, &[]);
+    sigterm(&w);
+    w.wait_line("finishing the running step", Duration::from_secs(30));
+    sigterm(&w);
+    // Ends while step 2 still waits: nothing of it is recorded or applied.
+    assert_stopped(&mut w, Duration::from_secs(30), "stopped at once");
+    assert_eq!(history_count(&url, "version = '2'"), 0);
+    assert_eq!(count(&url, "SELECT count(*) FROM t"), 0);
+    blocker.release();
+    let o = cmd(&url, &dir, &["upgrade", "--lock-timeout", "5s"]);
+    assert_code(&o, 0);
+    assert_eq!(history_count(&url, "version IN ('2', '3') AND success"), 2);
+}
+
+#[test]
+fn sigterm_ends_a_wait_at_once() {
+    let url = server().fresh_db();
+    let dir = MigDir::new();
+    blocked_set(&dir);
+    let mut w = Watched::spawn({
+        let mut c = migrate(&url, dir.path());
+        c.args(["wait", "--timeout", "10m"]);
+        c
+    });
+    w.wait_line("waiting", Duration::from_secs(30));
+    sigterm(&w);
+    assert_stopped(&mut w, Duration::from_secs(10), "nothing was changed");
+}

@@ -2,6 +2,7 @@
 //! mapping from every failure to one.
 
 use serde::Serialize;
+use serde_json::json;
 
 use crate::engine::history::Kind;
 use crate::engine::plan::{self, Direction, PlanError};
@@ -41,6 +42,9 @@ pub enum Exit {
     /// The lock cannot be trusted: a pooler shares or moves sessions (use the lease lock),
     /// or this runner lost its lease. Nothing was recorded for the step it stopped at.
     LockUnusable = 17,
+    /// Stopped on request (SIGTERM, Ctrl-C): between steps (the running one was finished
+    /// and recorded), or before anything started. Nothing is half-applied.
+    Stopped = 18,
 }
 
 impl Exit {
@@ -197,6 +201,11 @@ impl From<RunError> for CliError {
                     "point --dir at the tool's migration files (sqlx, golang-migrate, dbmate and \
                      Flyway files are read as they are)",
                 ),
+            RunError::Stopped {
+                completed_steps, ..
+            } => CliError::new(Exit::Stopped, "stopped", message)
+                .hint("run again to go on from where this run stopped")
+                .details(json!({ "completedSteps": completed_steps })),
             RunError::LockLost(_) => CliError::new(Exit::LockUnusable, "lock_unusable", message)
                 .hint(
                     "run again: the next runner reads the history and goes on from where this \

@@ -28,8 +28,12 @@ pub async fn run(args: MigrateArgs) -> Exit {
     let summary_file = args.common.summary_file.clone();
     let command_name = command_name(&args.command);
     let started = Instant::now();
+    let stopper = super::stop::listen();
     let result = match Ctx::new(args.common) {
-        Ok(ctx) => dispatch(&ctx, args.command).await,
+        Ok(ctx) => tokio::select! {
+            result = dispatch(&ctx, args.command) => result,
+            () = stopper.now() => Err(stopped_at_once(&stopper)),
+        },
         Err(e) => Err(e),
     };
     if let Some(path) = summary_file
@@ -53,6 +57,24 @@ pub async fn run(args: MigrateArgs) -> Exit {
             e.exit
         }
     }
+}
+
+/// The command was dropped mid-way: its connections closed, so the server rolled back
+/// what was not committed and released the session lock.
+fn stopped_at_once(stopper: &super::stop::Stopper) -> CliError {
+    let during_steps = stopper.cut_a_run();
+    let mut message = format!("stopped at once on request ({})", stopper.signal());
+    if during_steps {
+        message.push_str(
+            "; the running step was rolled back, or is recorded as unfinished if it ran \
+             outside a transaction",
+        );
+    }
+    CliError::new(Exit::Stopped, "stopped", message).hint(if during_steps {
+        "`schemagate migrate status` shows where the database stands; run again to go on"
+    } else {
+        "nothing was changed; run again to go on"
+    })
 }
 
 fn command_name(c: &MigrateCommand) -> &'static str {
@@ -245,6 +267,7 @@ impl Ctx {
                 ignore_missing: self.common.ignore_missing,
                 checksum: self.checksum_mode(),
             },
+            stop: super::stop::current().map(|s| s.request.clone()),
         })
     }
 
@@ -490,6 +513,11 @@ async fn exec_locked(
     let shown = command.join(" ");
     tracing::info!(command = %shown, tool = %tool, from = ?before.current, "running the migration command under the lock");
     let started = std::time::Instant::now();
+    // Stop requests are passed on to the command (below) while it runs.
+    let stopper = super::stop::current();
+    let _section = stopper
+        .as_deref()
+        .map(super::stop::Stopper::command_section);
     // In a process group of its own, so that stopping it stops whatever it started too
     // (`sh -c` wrappers, tools that fork workers).
     let mut child = tokio::process::Command::new(&command[0])

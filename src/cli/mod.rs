@@ -3,6 +3,7 @@
 pub mod exit;
 mod migrate;
 mod output;
+mod stop;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

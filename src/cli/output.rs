@@ -112,7 +112,11 @@ pub fn summary_line(
             obj.insert("applied".into(), json!(versions));
         }
         Err(e) => {
-            obj.insert("result".into(), json!("failed"));
+            let stopped = e.exit == super::exit::Exit::Stopped;
+            obj.insert(
+                "result".into(),
+                json!(if stopped { "stopped" } else { "failed" }),
+            );
             obj.insert("exitCode".into(), json!(e.exit.code()));
             let completed = versions_of(e.details.as_ref().and_then(|d| d.get("completedSteps")))
                 .unwrap_or_default();

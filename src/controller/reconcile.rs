@@ -450,6 +450,16 @@ pub fn pod_run(pod: &Pod) -> Option<JobView> {
             tail.unwrap_or_else(|| format!("the init container exited with code {code}"))
         }),
     };
+    // A runner stopped on request (its pod is going away) ran no step halfway: not a
+    // run to report; the next pod's runner goes on.
+    let stopped = i32::from(crate::cli::exit::Exit::Stopped.code());
+    if state
+        .terminated
+        .as_ref()
+        .is_some_and(|t| t.exit_code == stopped)
+    {
+        return None;
+    }
     if let Some(t) = &state.terminated {
         let result = if t.exit_code == 0 {
             JobState::Succeeded
@@ -467,6 +477,7 @@ pub fn pod_run(pod: &Pod) -> Option<JobView> {
     // Restarting after a failure (CrashLoopBackOff): the failure is the news.
     if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref())
         && t.exit_code != 0
+        && t.exit_code != stopped
     {
         return Some(view(
             JobState::Failed,

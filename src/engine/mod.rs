@@ -20,6 +20,6 @@ pub mod version;
 pub use dialect::{Backend, ConnectConfig, Db, DbError, DbErrorKind, HistoryTable};
 pub use history::DbState;
 pub use plan::{ChecksumMode, Direction, PlanOptions, Target};
-pub use runner::{Mode, RunError, RunReport, RunSettings};
+pub use runner::{Mode, RunError, RunReport, RunSettings, StopRequest};
 pub use source::MigrationSet;
 pub use version::Version;

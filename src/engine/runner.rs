@@ -5,6 +5,8 @@
 //! and plan again (another runner may have done the work meanwhile) -> run each step with
 //! its history row -> release the lock.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -34,6 +36,41 @@ pub struct RunSettings {
     /// `-- schemagate:allow-destructive <reason>`.
     pub deny_destructive: bool,
     pub plan: PlanOptions,
+    /// Asked from outside (SIGTERM, Ctrl-C) to stop: checked before each step.
+    pub stop: Option<Arc<StopRequest>>,
+}
+
+/// A request to stop a run at the next step boundary, and whether a run is between its
+/// first and last step (so the one asking knows whether stopping now would cut a step).
+#[derive(Debug, Default)]
+pub struct StopRequest {
+    requested: AtomicBool,
+    busy: AtomicBool,
+}
+
+impl StopRequest {
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::SeqCst);
+    }
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+    /// True while a run holds the lock and is running steps.
+    pub fn busy(&self) -> bool {
+        self.busy.load(Ordering::SeqCst)
+    }
+    fn enter(&self) -> Busy<'_> {
+        self.busy.store(true, Ordering::SeqCst);
+        Busy(self)
+    }
+}
+
+struct Busy<'a>(&'a StopRequest);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.busy.store(false, Ordering::SeqCst);
+    }
 }
 
 /// What a run did.
@@ -163,6 +200,11 @@ pub enum RunError {
     Directive { file: String, message: String },
     #[error("stopped: {0}")]
     LockLost(String),
+    #[error("stopped on request: {what}")]
+    Stopped {
+        what: String,
+        completed_steps: Vec<StepReport>,
+    },
     #[error("refused: {}", destructive_text(.0))]
     Destructive(Vec<StepFindings>),
     #[error(
@@ -532,7 +574,19 @@ async fn run_locked(
             .map_err(RunError::db("creating the history table"))?;
     }
     let mut done = Vec::with_capacity(prepared.len());
+    let _busy = settings.stop.as_deref().map(StopRequest::enter);
     for p in &prepared {
+        if settings.stop.as_ref().is_some_and(|s| s.requested()) {
+            return Err(RunError::Stopped {
+                what: format!(
+                    "{} ({}) and later steps were not started; {} step(s) of this run completed",
+                    p.step.migration.version,
+                    p.script.file,
+                    done.len()
+                ),
+                completed_steps: done,
+            });
+        }
         if held.lost() {
             return Err(RunError::LockLost(format!(
                 "the migration lease was lost before {} ({}); {} step(s) of this run completed",
