@@ -468,6 +468,18 @@ async fn a_new_resource_creates_exactly_the_expected_job() {
         .find(|v| v.name == "schemagate-migrations")
         .unwrap();
     assert_eq!(vol.config_map.as_ref().unwrap().name, "orders-migrations");
+    // A runner stopped with its pod (exit 18, an eviction) is not a failed attempt.
+    let policy = &jobs[0].body["spec"]["podFailurePolicy"]["rules"];
+    assert_eq!(
+        policy[0],
+        json!({"action": "Ignore", "onExitCodes":
+               {"containerName": c.name, "operator": "In", "values": [18]}})
+    );
+    assert_eq!(
+        policy[1]["onPodConditions"][0],
+        json!({"type": "DisruptionTarget", "status": "True"})
+    );
+    assert_eq!(pod.restart_policy.as_deref(), Some("Never"));
 
     let status = status_patch(&seen);
     assert_eq!(status["phase"], "Migrating");

@@ -387,19 +387,19 @@ struct Blocker {
 
 impl Blocker {
     fn hold(url: &str, key: i64) -> Self {
+        Self::run(url, &format!("SELECT pg_advisory_lock({key})"))
+    }
+
+    /// Runs `sql` on a session kept open (a transaction it begins stays open).
+    fn run(url: &str, sql: &str) -> Self {
         use sqlx::Connection;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         let mut conn = rt.block_on(sqlx::PgConnection::connect(url)).unwrap();
-        rt.block_on(
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "SELECT pg_advisory_lock({key})"
-            )))
-            .execute(&mut conn),
-        )
-        .unwrap();
+        rt.block_on(sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string())).execute(&mut conn))
+            .unwrap();
         Blocker {
             rt,
             conn: Some(conn),
@@ -452,32 +452,10 @@ fn upgrade_waiting_in_step_2(url: &str, dir: &MigDir, args: &[&str]) -> Watched 
     w
 }
 
-fn sigterm(w: &Watched) {
-    let pid = w.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-}
-
-/// Waits (with a deadline) for the process to end; its exit code.
-fn exit_code(w: &mut Watched, deadline: Duration) -> Option<i32> {
-    let mut status = None;
-    wait_for("the runner to exit", deadline, || {
-        status = w.child.try_wait().unwrap();
-        status.is_some()
-    });
-    w.drain(Duration::from_secs(10));
-    status.unwrap().code()
-}
-
 /// The runner ends with exit 18 within `deadline`, saying `says`.
 #[track_caller]
 fn assert_stopped(w: &mut Watched, deadline: Duration, says: &str) {
-    assert_eq!(exit_code(w, deadline), Some(18), "{:#?}", w.seen);
+    assert_eq!(w.exit_code(deadline), Some(18), "{:#?}", w.seen);
     assert!(w.seen.iter().any(|l| l.contains(says)), "{:#?}", w.seen);
 }
 
@@ -491,7 +469,7 @@ fn sigterm_finishes_the_running_step_and_starts_no_other() {
     let summary_arg = summary.display().to_string();
     let mut w = upgrade_waiting_in_step_2(&url, &dir, &["--summary-file", &summary_arg]);
     // Kubernetes deletes the pod: SIGTERM, then the grace period.
-    sigterm(&w);
+    w.signal("TERM");
     w.wait_line("finishing the running step", Duration::from_secs(30));
     blocker.release();
     assert_stopped(
@@ -533,9 +511,9 @@ fn a_second_sigterm_stops_at_once_and_the_step_is_rolled_back() {
     blocked_set(&dir);
     let blocker = Blocker::hold(&url, BLOCK_KEY);
     let mut w = upgrade_waiting_in_step_2(&url, &dir, &[]);
-    sigterm(&w);
+    w.signal("TERM");
     w.wait_line("finishing the running step", Duration::from_secs(30));
-    sigterm(&w);
+    w.signal("TERM");
     // Ends while step 2 still waits: nothing of it is recorded or applied.
     assert_stopped(&mut w, Duration::from_secs(30), "stopped at once");
     assert_eq!(history_count(&url, "version = '2'"), 0);
@@ -557,6 +535,36 @@ fn sigterm_ends_a_wait_at_once() {
         c
     });
     w.wait_line("waiting", Duration::from_secs(30));
-    sigterm(&w);
+    w.signal("TERM");
     assert_stopped(&mut w, Duration::from_secs(10), "nothing was changed");
+}
+
+#[test]
+fn exec_stops_its_command_when_the_lease_cannot_be_renewed() {
+    let direct = server().fresh_db();
+    let url = format!("{direct}&schemagate_lock=lease");
+    let mut c = migrate(&url, std::path::Path::new("/nonexistent"));
+    c.args(["--lease-heartbeat", "200ms", "--lease-ttl", "1s"])
+        .args(["exec", "--check-every", "50ms", "--"])
+        .args(["sh", "-c", "printf 'cmd-%s\\n' up; sleep 60"]);
+    let mut w = Watched::spawn(c);
+    w.wait_line("cmd-up", Duration::from_secs(30));
+    // Renewals stop getting through (a row lock here; a partition or a stalled server in
+    // life): well before the lease could expire and be taken over, the command is stopped.
+    let blocker = Blocker::run(
+        &direct,
+        "BEGIN; SELECT 1 FROM schemagate_history_lock FOR UPDATE",
+    );
+    assert_eq!(
+        w.exit_code(Duration::from_secs(30)),
+        Some(17),
+        "{:#?}",
+        w.seen
+    );
+    assert!(
+        w.seen.iter().any(|l| l.contains("lost the migration lock")),
+        "{:#?}",
+        w.seen
+    );
+    blocker.release();
 }

@@ -550,10 +550,16 @@ fn a_command_whose_lock_is_lost_is_stopped_with_all_it_started() {
     );
     let status = w.child.wait().unwrap();
     assert_eq!(status.code(), Some(17), "{:?}", w.seen);
+    assert_ends(background);
+}
+
+/// Waits for a process to end (SIGKILL is delivered asynchronously).
+#[track_caller]
+fn assert_ends(pid: u32) {
     wait_for(
-        "the wrapper's background process to be stopped",
+        "the command's background process to end",
         std::time::Duration::from_secs(10),
-        || ended(background),
+        || ended(pid),
     );
 }
 
@@ -563,32 +569,44 @@ fn a_stopped_exec_stops_its_command_before_releasing_the_lock() {
     let mut w = Watched::spawn(wrapper_command(&url, "sigterm-test"));
     w.wait_line("bg-pid", std::time::Duration::from_secs(30));
     let background = started_pid(&w);
-    // A service manager (or a terminal) asks schemagate to stop.
-    let pid = w.child.id().to_string();
+    // A service manager (or a terminal) asks schemagate to stop: the command is asked too.
+    w.signal("TERM");
+    let code = w.exit_code(std::time::Duration::from_secs(30));
+    assert_eq!(code, Some(18), "{:?}", w.seen);
     assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = w.child.wait().unwrap();
-    w.drain(std::time::Duration::from_secs(10));
-    assert_eq!(status.code(), Some(12), "{:?}", w.seen);
-    assert!(
-        w.seen.iter().any(|l| l.contains("asked to stop (SIGTERM")),
+        w.seen
+            .iter()
+            .any(|l| l.contains("after schemagate was asked to stop (SIGTERM, passed on)")),
         "{:?}",
         w.seen
     );
-    // By the time schemagate has ended, nothing the command started still runs...
-    assert!(
-        ended(background),
-        "the background process outlived the lock"
-    );
+    // Nothing the command started runs on...
+    assert_ends(background);
     // ...and the lock is free for the next runner at once.
     let mut next = migrate(&url, Path::new("/nonexistent"));
     next.args(["--lock-timeout", "5s", "exec", "--", "true"]);
     assert_code(&run(next), 0);
+}
+
+#[test]
+fn a_command_that_ignores_the_request_is_killed_when_asked_again() {
+    let url = server().fresh_db();
+    let mut c = migrate(&url, Path::new("/nonexistent"));
+    c.args(["exec", "--"]).args([
+        "sh",
+        "-c",
+        "trap '' TERM INT; sleep 60 & printf 'bg%s %s\\n' -pid $!; wait",
+    ]);
+    let mut w = Watched::spawn(c);
+    w.wait_line("bg-pid", std::time::Duration::from_secs(30));
+    let background = started_pid(&w);
+    w.signal("TERM");
+    w.wait_line("ask again to kill it", std::time::Duration::from_secs(30));
+    assert!(!ended(background), "the command ignores SIGTERM");
+    w.signal("TERM");
+    let code = w.exit_code(std::time::Duration::from_secs(30));
+    assert_eq!(code, Some(18), "{:?}", w.seen);
+    assert_ends(background);
 }
 
 /// A command that outlives many lock checks, on every database's session lock and on a

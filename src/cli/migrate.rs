@@ -7,6 +7,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::signal::unix::SignalKind;
 
+use super::stop::{recv, stop_signal};
+
 use super::exit::{CliError, Exit};
 use super::output::{self, Outcome};
 use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
@@ -63,18 +65,29 @@ pub async fn run(args: MigrateArgs) -> Exit {
 /// what was not committed and released the session lock.
 fn stopped_at_once(stopper: &super::stop::Stopper) -> CliError {
     let during_steps = stopper.cut_a_run();
+    let done = stopper.request.done();
     let mut message = format!("stopped at once on request ({})", stopper.signal());
+    if !done.is_empty() {
+        message.push_str(&format!(
+            "; {} step(s) of this run completed ({})",
+            done.len(),
+            done.join(", ")
+        ));
+    }
     if during_steps {
         message.push_str(
-            "; the running step was rolled back, or is recorded as unfinished if it ran \
-             outside a transaction",
+            "; the server rolls the running step back once it notices the closed connection \
+             (a step outside a transaction stays recorded as unfinished)",
         );
     }
-    CliError::new(Exit::Stopped, "stopped", message).hint(if during_steps {
-        "`schemagate migrate status` shows where the database stands; run again to go on"
-    } else {
-        "nothing was changed; run again to go on"
-    })
+    let completed: Vec<_> = done.iter().map(|v| json!({ "version": v })).collect();
+    CliError::new(Exit::Stopped, "stopped", message)
+        .hint(if during_steps || !done.is_empty() {
+            "`schemagate migrate status` shows where the database stands; run again to go on"
+        } else {
+            "nothing was changed; run again to go on"
+        })
+        .details(json!({ "completedSteps": completed }))
 }
 
 fn command_name(c: &MigrateCommand) -> &'static str {
@@ -348,6 +361,9 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
 async fn migrate(ctx: &Ctx, mode: Mode) -> Result<Outcome, CliError> {
     let (set, mut db) = ctx.load_and_connect().await?;
     let result = runner::run(&mut db, &set, &mode, &ctx.settings()?).await;
+    // The run is over (the lock released): its result is reported, not cut short.
+    let stopper = super::stop::current();
+    let _shield = stopper.as_deref().map(super::stop::Stopper::shield);
     db.close().await;
     let report = result?;
     Ok(Outcome::ok(to_json(&report), output::human_run(&report)))
@@ -453,7 +469,8 @@ where
     })
 }
 
-/// The process group `exec` runs its command in (the command's pid is its id).
+/// The process group `exec` runs its command in (the command's pid is its id). Dropped
+/// before `finish` (an early return, a cancelled future), it kills the whole group.
 struct ProcessGroup(Option<u32>);
 
 impl ProcessGroup {
@@ -470,28 +487,48 @@ impl ProcessGroup {
         }
     }
 
-    fn forward(&self, signal: libc::c_int, name: &'static str) -> &'static str {
-        tracing::warn!(
-            signal = name,
-            "asked to stop: passing it on to the command and waiting for it to end"
-        );
-        self.signal(signal);
-        name
+    /// Kills what is left in the group once the command has ended; the group is done.
+    fn finish(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.0 = None;
     }
 }
 
-fn stop_signal(kind: SignalKind) -> Option<tokio::signal::unix::Signal> {
-    tokio::signal::unix::signal(kind).ok()
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        self.signal(libc::SIGKILL);
+    }
 }
 
-/// The next delivery of a signal (never, if it could not be watched).
-async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
-    match signal {
-        Some(s) => {
-            s.recv().await;
-        }
-        None => std::future::pending().await,
+/// The command is killed if schemagate itself dies (even by `kill -9`), so it never runs on
+/// without the lock.
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls (prctl, getppid, _exit).
+    let parent = std::process::id();
+    unsafe {
+        command.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // The parent may have died before prctl took effect.
+            if u32::try_from(libc::getppid()).ok() != Some(parent) {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
     }
+}
+
+/// Whether `exec` may let its command run on: the lease is fresh, or the locking
+/// session answers within a bounded time (a dead network must not stall the checks).
+async fn lock_still_held(db: &mut crate::engine::Db, held: &lock::Held, every: Duration) -> bool {
+    if !held.lease_fresh() {
+        return false;
+    }
+    if held.heartbeat().is_some() {
+        return true;
+    }
+    let patience = every.clamp(Duration::from_secs(1), Duration::from_secs(5));
+    matches!(tokio::time::timeout(patience, db.ping()).await, Ok(Ok(())))
 }
 
 async fn exec_locked(
@@ -513,63 +550,80 @@ async fn exec_locked(
     let shown = command.join(" ");
     tracing::info!(command = %shown, tool = %tool, from = ?before.current, "running the migration command under the lock");
     let started = std::time::Instant::now();
-    // Stop requests are passed on to the command (below) while it runs.
+    // Signals are watched before the command starts, so none is missed; while it runs the
+    // global listener leaves them to this loop, which passes them on to the command.
+    let (mut term, mut int, mut hup) = (
+        stop_signal(SignalKind::terminate()),
+        stop_signal(SignalKind::interrupt()),
+        stop_signal(SignalKind::hangup()),
+    );
     let stopper = super::stop::current();
-    let _section = stopper
-        .as_deref()
-        .map(super::stop::Stopper::command_section);
-    // In a process group of its own, so that stopping it stops whatever it started too
-    // (`sh -c` wrappers, tools that fork workers).
-    let mut child = tokio::process::Command::new(&command[0])
+    let shield = stopper.as_deref().map(super::stop::Stopper::shield);
+    let mut spawn = tokio::process::Command::new(&command[0]);
+    spawn
         .args(&command[1..])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
+        // In a process group of its own, so that stopping it stops whatever it started
+        // too (`sh -c` wrappers, tools that fork workers).
         .process_group(0)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| {
-            CliError::new(
-                Exit::MigrationFailed,
-                "command_failed",
-                format!("cannot start `{shown}`: {e}"),
-            )
-            .hint("check that the command exists in this image and is on PATH")
-        })?;
-    let group = ProcessGroup(child.id());
+        .kill_on_drop(true);
+    die_with_parent(&mut spawn);
+    let mut child = spawn.spawn().map_err(|e| {
+        CliError::new(
+            Exit::MigrationFailed,
+            "command_failed",
+            format!("cannot start `{shown}`: {e}"),
+        )
+        .hint("check that the command exists in this image and is on PATH")
+    })?;
+    // From here on, every way out of this function stops the whole group.
+    let mut group = ProcessGroup(child.id());
     let output = [pump(child.stdout.take()), pump(child.stderr.take())];
     // The lock must hold for as long as the command runs: the session lock lives on this
     // connection (kept busy, so no idle timeout ends it), the lease in its heartbeat.
-    let mut check = tokio::time::interval(check_every.max(Duration::from_millis(10)));
+    let every = held
+        .heartbeat()
+        .map_or(check_every, |hb| check_every.min(hb / 2))
+        .max(Duration::from_millis(10));
+    let mut check = tokio::time::interval(every);
     check.tick().await;
-    // Asked to stop (a terminal's Ctrl-C, a service manager's SIGTERM): the command is asked
-    // too, and its end awaited, so it never runs on after the lock is released.
-    let (mut term, mut int) = (
-        stop_signal(SignalKind::terminate()),
-        stop_signal(SignalKind::interrupt()),
-    );
-    let mut stopping = None;
+    let mut stopping: Option<&'static str> = None;
     let status = loop {
-        tokio::select! {
+        let asked = tokio::select! {
             status = child.wait() => break status,
-            _ = recv(&mut term) => stopping = Some(group.forward(libc::SIGTERM, "SIGTERM")),
-            _ = recv(&mut int) => stopping = Some(group.forward(libc::SIGINT, "SIGINT")),
+            _ = recv(&mut term) => (libc::SIGTERM, "SIGTERM"),
+            _ = recv(&mut int) => (libc::SIGINT, "SIGINT"),
+            _ = recv(&mut hup) => (libc::SIGHUP, "SIGHUP"),
             _ = check.tick() => {
-                let alive = !held.lost() && db.ping().await.is_ok();
-                if alive {
+                if lock_still_held(db, held, every).await {
                     tracing::debug!(command = %shown, "the migration lock is still held");
-                } else {
-                    group.signal(libc::SIGKILL);
-                    let _ = child.wait().await;
-                    return Err(CliError::new(
-                        Exit::LockUnusable,
-                        "lock_unusable",
-                        format!("lost the migration lock while `{shown}` ran; it was stopped so that two runners never run it at once"),
-                    )
-                    .hint("run again: the tool's own history says how far it got"));
+                    continue;
                 }
+                group.signal(libc::SIGKILL);
+                let _ = child.wait().await;
+                return Err(CliError::new(
+                    Exit::LockUnusable,
+                    "lock_unusable",
+                    format!("lost the migration lock while `{shown}` ran; it was stopped so that two runners never run it at once"),
+                )
+                .hint("run again: the tool's own history says how far it got"));
             }
+        };
+        if stopping.is_some() {
+            // Asked again: the command had its chance to stop cleanly.
+            tracing::warn!(signal = asked.1, "asked to stop again: killing the command");
+            group.signal(libc::SIGKILL);
+        } else {
+            tracing::warn!(
+                signal = asked.1,
+                "asked to stop: passing it on to the command and waiting for it to end (ask \
+                 again to kill it)"
+            );
+            group.signal(asked.0);
         }
+        stopping = Some(asked.1);
     }
     .map_err(|e| {
         CliError::new(
@@ -580,9 +634,17 @@ async fn exec_locked(
     })?;
     // Whatever the command left running in its group (background jobs) ends with it: nothing
     // it started may outlive the lock, nor hold its output open.
-    group.signal(libc::SIGKILL);
+    group.finish();
+    drop(shield);
+    // A process that left the group may still hold the output open: not for long.
     for o in output {
-        let _ = o.await;
+        let abort = o.abort_handle();
+        if tokio::time::timeout(Duration::from_secs(5), o)
+            .await
+            .is_err()
+        {
+            abort.abort();
+        }
     }
     let after = tools::read(db, tool).await.map_err(read_err)?;
     let changed = before.current != after.current;
@@ -609,9 +671,14 @@ async fn exec_locked(
         if let Some(p) = &after.problem {
             message.push_str(&format!("; {p}"));
         }
-        return Err(CliError::new(Exit::MigrationFailed, "command_failed", message)
-            .hint("its output above says why; the lock was released, so the next runner tries again")
-            .details(json));
+        let error = match stopping {
+            Some(_) => CliError::new(Exit::Stopped, "stopped", message)
+                .hint("run again: the tool's own history says how far it got"),
+            None => CliError::new(Exit::MigrationFailed, "command_failed", message).hint(
+                "its output above says why; the lock was released, so the next runner tries again",
+            ),
+        };
+        return Err(error.details(json));
     }
     let human = match (&before.current, &after.current, changed) {
         (_, to, false) => format!(

@@ -294,8 +294,8 @@ pub enum MigrateCommand {
     /// the --tool's version before and after, and writes the summary.
     Exec {
         /// How often to check, while the command runs, that the lock is still held (a
-        /// round trip on the locking session, or the lease's last renewal); a lost lock
-        /// stops the command.
+        /// round trip on the locking session, or the lease's last renewal; with a lease at
+        /// least every half heartbeat); a lost lock stops the command.
         #[arg(long, env = "SCHEMAGATE_EXEC_CHECK_EVERY", default_value = "5s", value_parser = parse_duration)]
         check_every: Duration,
         /// The command and its arguments (after `--`).

@@ -2,13 +2,14 @@
 //! (Ctrl-C). While an upgrade or downgrade runs its steps, the first request lets the
 //! running step finish and be recorded and starts no other; a second one, or a request
 //! while nothing is being applied (waiting for the lock, `wait`, reads), stops at once:
-//! the connection closes, so the server rolls back what was not committed and releases
-//! the session lock. `exec` passes requests on to its command instead.
+//! the connection closes, so the server rolls back what was not committed once it notices
+//! and frees the session lock (a lease expires). `exec` passes requests on to its command
+//! instead, and the end of a run (releasing the lock, reporting) is never cut short.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Notify;
 
 use crate::engine::StopRequest;
@@ -16,19 +17,34 @@ use crate::engine::StopRequest;
 /// What the signal listener shares with the command that runs.
 #[derive(Default)]
 pub struct Stopper {
-    /// Read by the engine between steps.
+    /// Read by the engine between steps; it records what the run applied.
     pub request: Arc<StopRequest>,
     /// Woken when the command must end at once.
     now: Notify,
     /// The signal that asked last.
     signal: OnceLock<&'static str>,
-    /// `exec` is running a command and handles signals itself.
-    command: AtomicBool,
+    /// Requests are left to the code that runs (`exec`, the end of a run).
+    shielded: AtomicBool,
     /// The stop at once cut a run between its first and last step.
     cut: AtomicBool,
 }
 
 static STOPPER: OnceLock<Arc<Stopper>> = OnceLock::new();
+
+/// Watches a signal (`None` if it cannot be watched).
+pub fn stop_signal(kind: SignalKind) -> Option<Signal> {
+    signal(kind).ok()
+}
+
+/// The next delivery of a signal (never, if it is not watched).
+pub async fn recv(signal: &mut Option<Signal>) {
+    match signal {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
 
 /// Starts listening for SIGTERM and SIGINT (once per process; needs the runtime).
 pub fn listen() -> Arc<Stopper> {
@@ -36,12 +52,9 @@ pub fn listen() -> Arc<Stopper> {
         .get_or_init(|| {
             let stopper = Arc::new(Stopper::default());
             // Registered before returning, so no request is missed (or kills the process).
-            if let (Ok(term), Ok(int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) {
-                tokio::spawn(serve(stopper.clone(), term, int));
-            }
+            let term = stop_signal(SignalKind::terminate());
+            let int = stop_signal(SignalKind::interrupt());
+            tokio::spawn(serve(stopper.clone(), term, int));
             stopper
         })
         .clone()
@@ -52,19 +65,14 @@ pub fn current() -> Option<Arc<Stopper>> {
     STOPPER.get().cloned()
 }
 
-async fn serve(
-    stopper: Arc<Stopper>,
-    mut term: tokio::signal::unix::Signal,
-    mut int: tokio::signal::unix::Signal,
-) {
+async fn serve(stopper: Arc<Stopper>, mut term: Option<Signal>, mut int: Option<Signal>) {
     loop {
         let name = tokio::select! {
-            Some(()) = term.recv() => "SIGTERM",
-            Some(()) = int.recv() => "SIGINT",
-            else => return,
+            () = recv(&mut term) => "SIGTERM",
+            () = recv(&mut int) => "SIGINT",
         };
         let _ = stopper.signal.set(name);
-        if stopper.command.load(Ordering::SeqCst) {
+        if stopper.shielded.load(Ordering::SeqCst) {
             continue;
         }
         let graceful = stopper.request.busy() && !stopper.request.requested();
@@ -73,8 +81,8 @@ async fn serve(
             tracing::warn!(
                 signal = name,
                 "asked to stop: finishing the running step, then stopping (ask again to stop at \
-                 once: the step is then rolled back, or recorded dirty if it runs outside a \
-                 transaction)"
+                 once: the step is then rolled back, or recorded unfinished if it runs outside \
+                 a transaction)"
             );
         } else {
             stopper.cut.store(stopper.request.busy(), Ordering::SeqCst);
@@ -99,17 +107,18 @@ impl Stopper {
         self.signal.get().copied().unwrap_or("a signal")
     }
 
-    /// While the guard lives, requests are left to the caller (`exec` passes them on).
-    pub fn command_section(&self) -> CommandSection<'_> {
-        self.command.store(true, Ordering::SeqCst);
-        CommandSection(self)
+    /// While the guard lives, requests are left to the caller (`exec` passes them on; the
+    /// end of a run finishes).
+    pub fn shield(&self) -> Shield<'_> {
+        self.shielded.store(true, Ordering::SeqCst);
+        Shield(self)
     }
 }
 
-pub struct CommandSection<'a>(&'a Stopper);
+pub struct Shield<'a>(&'a Stopper);
 
-impl Drop for CommandSection<'_> {
+impl Drop for Shield<'_> {
     fn drop(&mut self) {
-        self.0.command.store(false, Ordering::SeqCst);
+        self.0.shielded.store(false, Ordering::SeqCst);
     }
 }

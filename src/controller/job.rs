@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::batch::v1::{
+    Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
+    PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
+};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
     EnvVarSource, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
@@ -150,6 +153,32 @@ pub fn inline_config_map(
         data: Some(files.iter().cloned().collect()),
         immutable: Some(true),
         ..Default::default()
+    }
+}
+
+/// A runner stopped on request (its pod evicted or deleted: exit 18, or a disruption)
+/// applied nothing halfway: the Job starts another pod without counting it as a failure.
+fn stop_is_not_failure(container: &str) -> PodFailurePolicy {
+    PodFailurePolicy {
+        rules: vec![
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: Some(PodFailurePolicyOnExitCodesRequirement {
+                    container_name: Some(container.into()),
+                    operator: "In".into(),
+                    values: vec![i32::from(crate::cli::exit::Exit::Stopped.code())],
+                }),
+                on_pod_conditions: None,
+            },
+            PodFailurePolicyRule {
+                action: "Ignore".into(),
+                on_exit_codes: None,
+                on_pod_conditions: Some(vec![PodFailurePolicyOnPodConditionsPattern {
+                    type_: "DisruptionTarget".into(),
+                    status: "True".into(),
+                }]),
+            },
+        ],
     }
 }
 
@@ -499,6 +528,7 @@ pub fn job(
             ..Default::default()
         },
         spec: Some(JobSpec {
+            pod_failure_policy: Some(stop_is_not_failure(&parts.runner.name)),
             backoff_limit: Some(spec.runner.backoff_limit.unwrap_or(1)),
             active_deadline_seconds: Some(spec.runner.active_deadline_seconds.unwrap_or(1800)),
             ttl_seconds_after_finished: spec.runner.ttl_seconds_after_finished,

@@ -11,8 +11,8 @@
 //! that a running step has locked. A runner that lost its lease can therefore never record
 //! a step, and a step a dead holder left unfinished is reported dirty, never re-run.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::dialect::sql::Guard;
@@ -160,6 +160,10 @@ struct LeaseKeeper {
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
     lost: Arc<AtomicBool>,
+    /// When the last successful renewal was sent (no later than the server recorded it).
+    renewed: Arc<Mutex<Instant>>,
+    heartbeat: Duration,
+    ttl: Duration,
 }
 
 impl Held {
@@ -169,6 +173,22 @@ impl Held {
         self.lease
             .as_ref()
             .is_some_and(|l| l.lost.load(Ordering::SeqCst))
+    }
+
+    /// For work that cannot stop at a step boundary (another tool's command): false as
+    /// soon as the lease could have been taken over within the next heartbeat, i.e. it
+    /// was last renewed more than its TTL minus one heartbeat ago. Always true for a
+    /// session lock (the caller checks that the session answers).
+    pub fn lease_fresh(&self) -> bool {
+        self.lease.as_ref().is_none_or(|l| {
+            let renewed = *l.renewed.lock().unwrap_or_else(|e| e.into_inner());
+            !l.lost.load(Ordering::SeqCst) && renewed.elapsed() + l.heartbeat < l.ttl
+        })
+    }
+
+    /// The lease's heartbeat (`None` for a session lock).
+    pub fn heartbeat(&self) -> Option<Duration> {
+        self.lease.as_ref().map(|l| l.heartbeat)
     }
 }
 
@@ -229,17 +249,25 @@ pub async fn acquire(
                 ttl: *ttl,
             });
             let lost = Arc::new(AtomicBool::new(false));
+            let renewed = Arc::new(Mutex::new(Instant::now()));
             let (stop, task) = keep_lease(
                 lease_db,
                 (**connect).clone(),
                 token,
-                *heartbeat,
-                *ttl,
+                (*heartbeat, *ttl),
                 lost.clone(),
+                renewed.clone(),
             );
             Ok(Held {
                 waited,
-                lease: Some(LeaseKeeper { stop, task, lost }),
+                lease: Some(LeaseKeeper {
+                    stop,
+                    task,
+                    lost,
+                    renewed,
+                    heartbeat: *heartbeat,
+                    ttl: *ttl,
+                }),
             })
         }
     }
@@ -250,9 +278,9 @@ fn keep_lease(
     mut db: Db,
     connect: ConnectConfig,
     token: String,
-    heartbeat: Duration,
-    ttl: Duration,
+    (heartbeat, ttl): (Duration, Duration),
     lost: Arc<AtomicBool>,
+    renewed: Arc<Mutex<Instant>>,
 ) -> (
     tokio::sync::oneshot::Sender<()>,
     tokio::task::JoinHandle<()>,
@@ -266,13 +294,17 @@ fn keep_lease(
                 _ = tokio::time::sleep(heartbeat) => {}
             }
             // A renewal that hangs (a dead network) must not outlive the heartbeat.
+            let attempt = Instant::now();
             let renewal = tokio::time::timeout(
                 heartbeat.max(Duration::from_secs(1)),
                 db.lease_renew(&token, ttl),
             )
             .await;
             match renewal {
-                Ok(Ok(true)) => last_renewal = Instant::now(),
+                Ok(Ok(true)) => {
+                    last_renewal = Instant::now();
+                    *renewed.lock().unwrap_or_else(|e| e.into_inner()) = attempt;
+                }
                 Ok(Ok(false)) => {
                     lost.store(true, Ordering::SeqCst);
                     tracing::error!(

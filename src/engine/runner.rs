@@ -46,6 +46,8 @@ pub struct RunSettings {
 pub struct StopRequest {
     requested: AtomicBool,
     busy: AtomicBool,
+    /// The versions this process's runs applied (or reverted), in order.
+    done: std::sync::Mutex<Vec<String>>,
 }
 
 impl StopRequest {
@@ -58,6 +60,16 @@ impl StopRequest {
     /// True while a run holds the lock and is running steps.
     pub fn busy(&self) -> bool {
         self.busy.load(Ordering::SeqCst)
+    }
+    /// The versions applied (or reverted) so far.
+    pub fn done(&self) -> Vec<String> {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    fn record(&self, version: &Version) {
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(version.to_string());
     }
     fn enter(&self) -> Busy<'_> {
         self.busy.store(true, Ordering::SeqCst);
@@ -547,6 +559,8 @@ pub async fn run(
         settings.lock_timeout,
     )
     .await?;
+    // From here a stop request waits for the step boundary, and the lock is released.
+    let _busy = settings.stop.as_deref().map(StopRequest::enter);
     let result = run_locked(db, set, mode, settings, &held, started).await;
     lock::release(db, held).await;
     result
@@ -574,7 +588,6 @@ async fn run_locked(
             .map_err(RunError::db("creating the history table"))?;
     }
     let mut done = Vec::with_capacity(prepared.len());
-    let _busy = settings.stop.as_deref().map(StopRequest::enter);
     for p in &prepared {
         if settings.stop.as_ref().is_some_and(|s| s.requested()) {
             return Err(RunError::Stopped {
@@ -597,7 +610,12 @@ async fn run_locked(
         }
         let timeouts = step_timeouts(p.script, &settings.timeouts);
         match run_step(db, p, &settings.runner_id, &timeouts).await {
-            Ok(report) => done.push(report),
+            Ok(report) => {
+                if let Some(stop) = &settings.stop {
+                    stop.record(&p.step.migration.version);
+                }
+                done.push(report)
+            }
             Err(StepError::Failed(mut failure)) => {
                 failure.completed_steps = done;
                 return Err(RunError::StepFailed(failure));

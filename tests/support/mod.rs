@@ -195,6 +195,28 @@ impl Watched {
         }
     }
 
+    /// Sends a signal (`"TERM"`, `"INT"`, ...) to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (with a deadline) for the process to end, then collects the rest of its
+    /// stderr; its exit code.
+    #[track_caller]
+    pub fn exit_code(&mut self, deadline: Duration) -> Option<i32> {
+        let mut status = None;
+        wait_for("the process to exit", deadline, || {
+            status = self.child.try_wait().expect("try_wait");
+            status.is_some()
+        });
+        self.drain(Duration::from_secs(10));
+        status.and_then(|s| s.code())
+    }
+
     /// `kill -9`.
     pub fn kill9(&mut self) {
         let pid = self.child.id().to_string();
