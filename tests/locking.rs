@@ -176,7 +176,7 @@ fn a_killed_lease_holder_is_taken_over_after_expiry_and_its_step_rolled_back() {
     wait_for("the slow statement to run", Duration::from_secs(30), || {
         count(
             &direct,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(5)%' AND state = 'active' AND pid <> pg_backend_pid()",
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(5)%' AND state = 'active' AND pid <> pg_backend_pid()",
         ) == 1
     });
     w.kill9();
@@ -221,7 +221,7 @@ fn a_killed_lease_holder_on_mysql_leaves_its_ddl_step_dirty() {
     wait_for("the slow statement to run", Duration::from_secs(30), || {
         count(
             &url.replace("?schemagate_lock=lease", ""),
-            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE INFO LIKE 'SELECT SLEEP(%' AND ID <> CONNECTION_ID()",
+            "SELECT count(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND INFO LIKE 'SELECT SLEEP(%' AND ID <> CONNECTION_ID()",
         ) >= 1
     });
     w.kill9();
@@ -295,7 +295,7 @@ impl TableLock {
             count(
                 url,
                 &format!(
-                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE c.relname = '{table}' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation WHERE l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) AND c.relname = '{table}' AND l.mode = 'AccessExclusiveLock' AND l.granted"
                 ),
             ) == 1
         });
@@ -444,7 +444,8 @@ fn upgrade_waiting_in_step_2(url: &str, dir: &MigDir, args: &[&str]) -> Watched 
                 url,
                 &format!(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' \
-                 AND objid = {BLOCK_KEY} AND NOT granted"
+                 AND objid = {BLOCK_KEY} AND NOT granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
                 ),
             ) == 1
         },

@@ -50,7 +50,7 @@ impl DbKind for Maria {
             count(
                 url,
                 "SELECT count(*) FROM information_schema.PROCESSLIST \
-                 WHERE INFO LIKE 'SELECT SLEEP(%' AND ID <> CONNECTION_ID()",
+                 WHERE DB = DATABASE() AND INFO LIKE 'SELECT SLEEP(%' AND ID <> CONNECTION_ID()",
             ) >= 1
         });
     }

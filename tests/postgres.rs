@@ -28,7 +28,8 @@ impl DbKind for Pg {
             || {
                 count(
                     url,
-                    "SELECT CAST(count(*) AS TEXT) FROM pg_locks WHERE locktype = 'advisory'",
+                    "SELECT CAST(count(*) AS TEXT) FROM pg_locks WHERE locktype = 'advisory' \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
                 ) == 0
             },
         );
@@ -38,7 +39,8 @@ impl DbKind for Pg {
             count(
                 url,
                 "SELECT CAST(count(*) AS TEXT) FROM pg_stat_activity \
-                 WHERE query LIKE '%pg_sleep%' AND state = 'active' AND pid <> pg_backend_pid()",
+                 WHERE datname = current_database() AND query LIKE '%pg_sleep%' \
+                 AND state = 'active' AND pid <> pg_backend_pid()",
             ) == 1
         });
     }
@@ -137,7 +139,8 @@ impl LockHolder {
         wait_for("psql to take the lock", Duration::from_secs(30), || {
             count(
                 url,
-                "SELECT CAST(count(*) AS TEXT) FROM pg_locks WHERE locktype = 'advisory' AND granted",
+                "SELECT CAST(count(*) AS TEXT) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
             ) == 1
         });
         LockHolder(child)
