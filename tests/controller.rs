@@ -323,6 +323,21 @@ fn status_patch(seen: &[Seen]) -> Value {
     p[0].body["status"].clone()
 }
 
+/// Failed and Stalled for `reason`, with a message that says `says`.
+#[track_caller]
+fn assert_failed_stalled(status: &Value, reason: &str, says: &str) {
+    assert_eq!(status["phase"], "Failed", "{status:#}");
+    let stalled = condition(status, "Stalled");
+    assert_eq!(
+        (stalled["status"].as_str(), stalled["reason"].as_str()),
+        (Some("True"), Some(reason))
+    );
+    assert!(
+        stalled["message"].as_str().unwrap().contains(says),
+        "{stalled}"
+    );
+}
+
 fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -567,19 +582,7 @@ async fn job_failure_makes_the_resource_failed_and_stalled_with_the_runner_messa
         "a failed Job is not retried"
     );
     let status = status_patch(&seen);
-    assert_eq!(status["phase"], "Failed");
-    let stalled = condition(&status, "Stalled");
-    assert_eq!(
-        (stalled["status"].as_str(), stalled["reason"].as_str()),
-        (Some("True"), Some("MigrationFailed"))
-    );
-    assert!(
-        stalled["message"]
-            .as_str()
-            .unwrap()
-            .contains("2_add_total.up.sql"),
-        "{stalled}"
-    );
+    assert_failed_stalled(&status, "MigrationFailed", "2_add_total.up.sql");
     assert!(
         posts(&seen, "/events")
             .iter()
@@ -1084,19 +1087,7 @@ async fn a_tool_sources_status_comes_from_the_tools_own_table() {
     let (seen, result) = reconcile_once(sm, w).await;
     result.unwrap();
     let status = status_patch(&seen);
-    assert_eq!(status["phase"], "Failed");
-    let stalled = condition(&status, "Stalled");
-    assert_eq!(
-        (stalled["status"].as_str(), stalled["reason"].as_str()),
-        (Some("True"), Some("ToolNeedsRepair"))
-    );
-    assert!(
-        stalled["message"]
-            .as_str()
-            .unwrap()
-            .contains("migrate force 20251102"),
-        "{stalled}"
-    );
+    assert_failed_stalled(&status, "ToolNeedsRepair", "migrate force 20251102");
 }
 
 #[tokio::test]

@@ -1161,6 +1161,11 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
             .unwrap_or_default()
             .to_string()
     };
+    // Refused, saying why.
+    let assert_refused = |r: &Value, says: &str| {
+        assert!(!allowed(r), "{r}");
+        assert!(message(r).contains(says), "{}", message(r));
+    };
 
     // Init-container mode: the writer must be able to read the Secret and ConfigMap the
     // resource names and to run pods, since its SQL runs in them with that URL.
@@ -1180,12 +1185,7 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
         None,
     )
     .await;
-    assert!(!allowed(&r));
-    assert!(
-        message(&r).contains("viewer may not get secrets orders-db in namespace shop"),
-        "{}",
-        message(&r)
-    );
+    assert_refused(&r, "viewer may not get secrets orders-db in namespace shop");
 
     // Job mode: the controller creates Jobs, so the writer must be able to.
     let r = check("app-dev", "CREATE", written(MigrationMode::Job), None).await;
@@ -1206,12 +1206,7 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
         &check("app-dev", "CREATE", own_image.clone(), None).await
     ));
     let r = check("viewer", "CREATE", own_image.clone(), None).await;
-    assert!(!allowed(&r));
-    assert!(
-        message(&r).contains("viewer may not get secrets"),
-        "{}",
-        message(&r)
-    );
+    assert_refused(&r, "viewer may not get secrets");
 
     // An image outside the allowlist: refused whoever asks, naming the list.
     let mut evil = written(MigrationMode::Job);
@@ -1230,32 +1225,17 @@ async fn schema_migration_writes_ask_nothing_their_writer_may_not_do() {
     own_sa.metadata.namespace = Some("schemagate-system".into());
     own_sa.spec.runner.service_account_name = Some("schemagate".into());
     let r = check("cluster-admin", "CREATE", own_sa, None).await;
-    assert!(!allowed(&r));
-    assert!(
-        message(&r).contains("own service account"),
-        "{}",
-        message(&r)
-    );
+    assert_refused(&r, "own service account");
 
     // A service account the writer may not run Jobs with (no Job creation at all here).
     let mut sa = written(MigrationMode::Job);
     sa.spec.runner.service_account_name = Some("migrator".into());
     let r = check("app-dev", "CREATE", sa, None).await;
-    assert!(!allowed(&r));
-    assert!(
-        message(&r).contains("serviceAccountName migrator"),
-        "{}",
-        message(&r)
-    );
+    assert_refused(&r, "serviceAccountName migrator");
 
     // Permission checks that cannot be made refuse (fail closed).
     let r = check("flaky", "CREATE", written(MigrationMode::Job), None).await;
-    assert!(!allowed(&r));
-    assert!(
-        message(&r).contains("cannot check whether flaky"),
-        "{}",
-        message(&r)
-    );
+    assert_refused(&r, "cannot check whether flaky");
 
     // Updates: a label change asks nothing; a new target in Job mode runs a new Job.
     let before = written(MigrationMode::Job);

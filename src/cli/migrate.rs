@@ -187,8 +187,8 @@ impl Ctx {
             return Err(CliError::new(Exit::Connect, "connection_failed", "no database URL given")
                 .hint("pass --database-url or set DATABASE_URL, e.g. sqlite:dev.db or postgres://user:password@localhost:5432/app"));
         };
-        let mut application_name = format!("schemagate {}", self.runner_id);
-        truncate_at_char(&mut application_name, 63);
+        let name = format!("schemagate {}", self.runner_id);
+        let application_name = runner::prefix(&name, 63).to_string();
         Ok(ConnectConfig {
             url,
             table: self.table.clone(),
@@ -289,16 +289,6 @@ impl Ctx {
             ChecksumArg::Strict => ChecksumMode::Strict,
             ChecksumArg::Normalized => ChecksumMode::Normalized,
         }
-    }
-}
-
-fn truncate_at_char(s: &mut String, max: usize) {
-    if s.len() > max {
-        let mut end = max;
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.truncate(end);
     }
 }
 
@@ -601,7 +591,7 @@ async fn exec_locked(
                     tracing::debug!(command = %shown, "the migration lock is still held");
                     continue;
                 }
-                group.signal(libc::SIGKILL);
+                group.finish();
                 let _ = child.wait().await;
                 return Err(CliError::new(
                     Exit::LockUnusable,

@@ -21,7 +21,7 @@ pub struct Stopper {
     pub request: Arc<StopRequest>,
     /// Woken when the command must end at once.
     now: Notify,
-    /// The signal that asked last.
+    /// The first signal that asked.
     signal: OnceLock<&'static str>,
     /// Requests are left to the code that runs (`exec`, the end of a run).
     shielded: AtomicBool,
@@ -102,7 +102,7 @@ impl Stopper {
         self.cut.load(Ordering::SeqCst)
     }
 
-    /// The signal that asked to stop.
+    /// The (first) signal that asked to stop.
     pub fn signal(&self) -> &'static str {
         self.signal.get().copied().unwrap_or("a signal")
     }

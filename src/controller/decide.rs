@@ -300,19 +300,8 @@ fn last_run(job: &JobView) -> LastRun {
         started_at: job.started.clone(),
         finished_at: job.finished.clone(),
         result: result.into(),
-        message: message.map(|m| clip(&m, 1024)),
+        message: message.map(|m| crate::engine::runner::clip(&m, 1024)),
     }
-}
-
-fn clip(s: &str, max: usize) -> String {
-    if s.len() <= max {
-        return s.to_string();
-    }
-    let mut end = max;
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &s[..end])
 }
 
 /// Decides status and action for one resource.
@@ -623,42 +612,29 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     };
     let prev = &previous.conditions;
     let ready = verdict.phase == Phase::Ready;
+    let condition = |kind, status, reason, message| {
+        cond::condition(prev, kind, status, reason, message, generation, &i.now)
+    };
+    let message = &verdict.message;
     let conditions: Vec<Condition> = vec![
-        cond::condition(
-            prev,
-            cond::READY,
-            ready,
-            verdict.reason,
-            verdict.message.clone(),
-            generation,
-            &i.now,
-        ),
-        cond::condition(
-            prev,
+        condition(cond::READY, ready, verdict.reason, message.clone()),
+        condition(
             cond::RECONCILING,
             verdict.reconciling,
             verdict.reason,
-            verdict.message.clone(),
-            generation,
-            &i.now,
+            message.clone(),
         ),
-        cond::condition(
-            prev,
+        condition(
             cond::STALLED,
             verdict.stalled,
             verdict.reason,
-            verdict.message.clone(),
-            generation,
-            &i.now,
+            message.clone(),
         ),
-        cond::condition(
-            prev,
+        condition(
             cond::DATABASE_REACHABLE,
             db_condition.0,
             db_condition.1,
             db_condition.2,
-            generation,
-            &i.now,
         ),
     ];
 

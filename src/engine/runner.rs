@@ -645,15 +645,26 @@ async fn run_locked(
 /// Longest error text kept in a history row.
 const MAX_ERROR_LEN: usize = 2000;
 
-fn clip(s: &str, max: usize) -> String {
+/// `s` cut to at most `max` bytes on a character boundary, with `…` if it was cut.
+pub fn clip(s: &str, max: usize) -> String {
+    let kept = prefix(s, max);
+    if kept.len() == s.len() {
+        kept.to_string()
+    } else {
+        format!("{kept}…")
+    }
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a character boundary.
+pub fn prefix(s: &str, max: usize) -> &str {
     if s.len() <= max {
-        return s.to_string();
+        return s;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    format!("{}…", &s[..end])
+    &s[..end]
 }
 
 fn failure(
@@ -958,37 +969,15 @@ async fn stamp_locked(
         }
     }
     if !todo.is_empty() {
-        if !state.initialized {
-            db.create_history_table()
-                .await
-                .map_err(RunError::db("creating the history table"))?;
-        }
-        db.begin_and_run(&StepTimeouts::default(), "")
-            .await
-            .map_err(|f| RunError::Db {
-                during: "opening the stamp transaction",
-                source: f.error,
-            })?;
-        for m in &todo {
-            let row = record_row(
-                m.version.to_string(),
-                m.description.clone(),
-                Kind::Baseline,
-                Some(&m.up.checksums),
-                &settings.runner_id,
-                "stamped: recorded as applied without running".into(),
-            );
-            if let Err(e) = db.insert_row(&row).await {
-                let _ = db.rollback().await;
-                return Err(RunError::Db {
-                    during: "recording the stamp",
-                    source: e,
-                });
-            }
-        }
-        db.commit()
-            .await
-            .map_err(RunError::db("committing the stamp"))?;
+        record_baselines(
+            db,
+            state.initialized,
+            &todo,
+            &settings.runner_id,
+            "stamped: recorded as applied without running",
+            Recording::Stamp,
+        )
+        .await?;
     }
     let current = state
         .current()
@@ -1000,6 +989,74 @@ async fn stamp_locked(
         stamped: todo.iter().map(|m| m.version.to_string()).collect(),
         current: current.map(|v| v.to_string()),
     })
+}
+
+/// Which operation records baseline rows (named in its errors).
+#[derive(Clone, Copy)]
+enum Recording {
+    Stamp,
+    Import,
+}
+
+impl Recording {
+    /// What failed: opening the transaction, writing a row, committing.
+    fn during(self) -> [&'static str; 3] {
+        match self {
+            Recording::Stamp => [
+                "opening the stamp transaction",
+                "recording the stamp",
+                "committing the stamp",
+            ],
+            Recording::Import => [
+                "opening the import transaction",
+                "recording the import",
+                "committing the import",
+            ],
+        }
+    }
+}
+
+/// Records `todo` as applied without running them (baseline rows with the files'
+/// checksums and `note`), all in one transaction; creates the history table first if
+/// the database has none.
+async fn record_baselines(
+    db: &mut impl Backend,
+    initialized: bool,
+    todo: &[&Migration],
+    runner_id: &str,
+    note: &str,
+    what: Recording,
+) -> Result<(), RunError> {
+    let [opening, recording, committing] = what.during();
+    if !initialized {
+        db.create_history_table()
+            .await
+            .map_err(RunError::db("creating the history table"))?;
+    }
+    db.begin_and_run(&StepTimeouts::default(), "")
+        .await
+        .map_err(|f| RunError::Db {
+            during: opening,
+            source: f.error,
+        })?;
+    for m in todo {
+        let row = record_row(
+            m.version.to_string(),
+            m.description.clone(),
+            Kind::Baseline,
+            Some(&m.up.checksums),
+            runner_id,
+            note.to_string(),
+        );
+        if let Err(e) = db.insert_row(&row).await {
+            let _ = db.rollback().await;
+            return Err(RunError::Db {
+                during: recording,
+                source: e,
+            });
+        }
+    }
+    db.commit().await.map_err(RunError::db(committing))
 }
 
 /// What `import` recorded (or would record).
@@ -1056,37 +1113,15 @@ pub async fn import(
                 count: state.applied.len(),
             });
         }
-        if !state.initialized {
-            db.create_history_table()
-                .await
-                .map_err(RunError::db("creating the history table"))?;
-        }
-        db.begin_and_run(&StepTimeouts::default(), "")
-            .await
-            .map_err(|f| RunError::Db {
-                during: "opening the import transaction",
-                source: f.error,
-            })?;
-        for m in &todo {
-            let row = record_row(
-                m.version.to_string(),
-                m.description.clone(),
-                Kind::Baseline,
-                Some(&m.up.checksums),
-                &settings.runner_id,
-                format!("imported from {from}: applied by it, recorded without running"),
-            );
-            if let Err(e) = db.insert_row(&row).await {
-                let _ = db.rollback().await;
-                return Err(RunError::Db {
-                    during: "recording the import",
-                    source: e,
-                });
-            }
-        }
-        db.commit()
-            .await
-            .map_err(RunError::db("committing the import"))
+        record_baselines(
+            db,
+            state.initialized,
+            &todo,
+            &settings.runner_id,
+            &format!("imported from {from}: applied by it, recorded without running"),
+            Recording::Import,
+        )
+        .await
     }
     .await;
     lock::release(db, held).await;
