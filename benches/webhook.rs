@@ -22,7 +22,7 @@ use k8s_openapi::jiff::Timestamp;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use schemagate::api::{MigrationMode, SchemaMigration, SchemaMigrationSpec, SourceSpec};
-use schemagate::controller::metrics::Metrics;
+use schemagate::telemetry::metrics::Metrics;
 use schemagate::webhook::InjectSettings;
 use schemagate::webhook::server::{Lookup, Webhook, serve};
 use schemagate::webhook::tls::{Bundle, Lifetimes, Resolver, server_config};
@@ -162,12 +162,12 @@ fn main() {
         sm.metadata.namespace = Some("shop".into());
         let webhook = Arc::new(Webhook {
             lookup: Memory(HashMap::from([("orders".to_string(), sm)])),
-            settings: InjectSettings {
+            policy: InjectSettings {
                 image: "ghcr.io/schemagate/schemagate:bench".into(),
                 allowed_images: vec![],
                 wait_timeout: Duration::from_secs(600),
+                ..Default::default()
             },
-            policy: Default::default(),
             metrics: Arc::new(Metrics::new()),
         });
         let wh_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");

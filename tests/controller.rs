@@ -21,8 +21,9 @@ use schemagate::api::{
     InlineMigration, MIGRATION_LABEL, MigrationMode, SchemaMigration, SchemaMigrationSpec,
     SourceSpec,
 };
-use schemagate::controller::metrics::Metrics;
 use schemagate::controller::reconcile::{self, Context, Settings};
+use schemagate::runner::policy::RunnerPolicy;
+use schemagate::telemetry::metrics::Metrics;
 use serde_json::{Value, json};
 use support::*;
 
@@ -184,7 +185,10 @@ async fn reconcile_once(
     let ctx = Arc::new(Context {
         client: client.clone(),
         settings: Settings {
-            image: IMAGE.into(),
+            runner: RunnerPolicy {
+                image: IMAGE.into(),
+                ..Default::default()
+            },
             db_timeout: Duration::from_secs(5),
             ..Settings::default()
         },

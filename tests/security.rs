@@ -157,6 +157,7 @@ fn injected_containers_pass_restricted_in_an_app_pod_that_sets_nothing() {
         image: IMAGE.into(),
         allowed_images: vec![],
         wait_timeout: std::time::Duration::from_secs(600),
+        ..Default::default()
     };
     for mode in [MigrationMode::InitContainer, MigrationMode::Job] {
         for (name, source) in sources() {

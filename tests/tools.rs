@@ -428,6 +428,7 @@ fn the_injected_tool_runner_installs_schemagate_and_gates_flask_migrate() {
         image: "ghcr.io/schemagate/schemagate:test".into(),
         allowed_images: vec![],
         wait_timeout: std::time::Duration::from_secs(60),
+        ..Default::default()
     };
     let Outcome::Patched(injected) = inject(&pod, "shop", "web", Some(&sm), &settings).unwrap()
     else {

@@ -21,8 +21,8 @@ use kube::runtime::reflector;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use schemagate::api::{MigrationMode, Phase, SchemaMigration, SchemaMigrationSpec, SourceSpec};
-use schemagate::controller::metrics::Metrics;
 use schemagate::controller::reconcile::{pod_runs, slim_pod};
+use schemagate::telemetry::metrics::Metrics;
 use schemagate::webhook::server::{Lookup, Webhook, serve};
 use schemagate::webhook::tls::{Bundle, Lifetimes, Resolver, server_config};
 use schemagate::webhook::{INIT_CONTAINER, InjectSettings, Outcome, inject};
@@ -93,6 +93,7 @@ fn settings() -> InjectSettings {
         image: IMAGE.into(),
         allowed_images: vec![],
         wait_timeout: Duration::from_secs(600),
+        ..Default::default()
     }
 }
 
@@ -122,8 +123,10 @@ async fn start() -> Server {
     paused.spec.paused = true;
     sms.insert("paused".into(), paused);
     let mut blocked = resource("blocked", MigrationMode::InitContainer);
+    blocked.metadata.generation = Some(1);
     blocked.status = Some(schemagate::api::SchemaMigrationStatus {
         phase: Some(Phase::Blocked),
+        observed_generation: Some(1),
         ..Default::default()
     });
     sms.insert("blocked".into(), blocked);
@@ -152,12 +155,11 @@ async fn start() -> Server {
                 ("app-dev", "create", "pods", "shop"),
             ],
         ),
-        settings: settings(),
-        policy: schemagate::webhook::validate::Policy {
-            image: IMAGE.into(),
+        policy: InjectSettings {
             allowed_images: vec!["registry.example/db/*".into()],
             controller_namespace: "schemagate-system".into(),
             controller_service_account: Some("schemagate".into()),
+            ..settings()
         },
         metrics: metrics.clone(),
     });
@@ -1285,11 +1287,7 @@ async fn the_check_sends_a_subject_access_review_for_the_requesting_user() {
             client: kube::Client::new(service, "default"),
             timeout: Duration::from_secs(5),
         },
-        settings: settings(),
-        policy: schemagate::webhook::validate::Policy {
-            image: IMAGE.into(),
-            ..Default::default()
-        },
+        policy: settings(),
         metrics: Arc::new(Metrics::new()),
     };
     let body = sm_review(

@@ -237,20 +237,6 @@ pub enum ToolName {
     Dbmate,
 }
 
-impl ToolName {
-    /// The engine's reader for this tool.
-    pub fn tool(self) -> crate::engine::tools::Tool {
-        use crate::engine::tools::Tool;
-        match self {
-            ToolName::Alembic => Tool::Alembic,
-            ToolName::Flyway => Tool::Flyway,
-            ToolName::GolangMigrate => Tool::GolangMigrate,
-            ToolName::Sqlx => Tool::Sqlx,
-            ToolName::Dbmate => Tool::Dbmate,
-        }
-    }
-}
-
 /// A plain environment variable.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]

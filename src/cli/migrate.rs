@@ -9,7 +9,6 @@ use tokio::signal::unix::SignalKind;
 
 use super::stop::{recv, stop_signal};
 
-use super::exit::{CliError, Exit};
 use super::output::{self, Outcome};
 use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
 use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts};
@@ -23,6 +22,7 @@ use crate::engine::{
     ChecksumMode, ConnectConfig, Db, HistoryTable, MigrationSet, PlanOptions, RunSettings, Target,
     Version, clock, redact,
 };
+use crate::runner::exit::{CliError, Exit};
 
 /// Runs one `migrate` command and prints its result; returns the exit code.
 pub async fn run(args: MigrateArgs) -> Exit {
@@ -305,8 +305,19 @@ fn to_json(v: &impl Serialize) -> serde_json::Value {
 
 async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliError> {
     match command {
-        MigrateCommand::Upgrade { target } => {
-            migrate(ctx, Mode::Upgrade(parse_target(&target)?)).await
+        MigrateCommand::Upgrade {
+            target,
+            allow_downgrade,
+        } => {
+            let target = parse_target(&target)?;
+            let outcome = migrate(ctx, Mode::Upgrade(target.clone())).await?;
+            // The upgrade read the version under the lock and found the database above a
+            // version target: revert to it (the downgrade plans again under the lock).
+            let ahead = outcome.json.get("ahead").and_then(|a| a.as_bool()) == Some(true);
+            if allow_downgrade && ahead && matches!(target, Target::Version(_)) {
+                return migrate(ctx, Mode::Downgrade(target)).await;
+            }
+            Ok(outcome)
         }
         MigrateCommand::Downgrade { target } => {
             migrate(ctx, Mode::Downgrade(parse_target(&target)?)).await

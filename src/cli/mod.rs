@@ -1,6 +1,5 @@
 //! The command line: `schemagate migrate ...` (Flask-Migrate/Alembic-like).
 
-pub mod exit;
 mod migrate;
 mod output;
 mod stop;
@@ -12,6 +11,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::runner::exit;
 use crate::telemetry::{self, LogFormat};
 
 /// Versioned, locked, audited database schema migrations.
@@ -43,7 +43,7 @@ pub enum Command {
     /// Print the SchemaMigration CustomResourceDefinition (YAML).
     Crd,
     /// Run the Kubernetes controller (in a cluster, or outside one with KUBECONFIG).
-    Controller(crate::controller::ControllerArgs),
+    Controller(crate::operator::ControllerArgs),
     /// Copy this (static) binary to PATH: how an init container gives another image
     /// schemagate, to run its migration tool under `schemagate migrate exec`.
     Install {
@@ -217,6 +217,12 @@ pub enum MigrateCommand {
         /// `head`, a version, or `+N` (the next N migrations).
         #[arg(default_value = "head", allow_negative_numbers = true)]
         target: String,
+        /// When the database is above TARGET (a version), revert down to it with the down
+        /// scripts instead of doing nothing (how an injected runner follows a lowered
+        /// `targetVersion` with `downgrade: Allow`). The decision is made against the
+        /// database's own history, under the lock, never from a status written earlier.
+        #[arg(long, env = "SCHEMAGATE_ALLOW_DOWNGRADE")]
+        allow_downgrade: bool,
     },
     /// Revert applied migrations with their down scripts, down to TARGET (default: -1).
     /// Refuses to start if any step lacks a down script.
@@ -329,7 +335,7 @@ pub enum MigrateCommand {
 
 /// Parses `500ms`, `30s`, `5m`, `1h`, or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::engine::clock::parse_duration(s)
+    crate::model::clock::parse_duration(s)
 }
 
 /// Parses arguments, sets up logging and runs the command; returns the exit code.
@@ -401,7 +407,7 @@ fn install(path: &std::path::Path) -> exit::Exit {
 }
 
 /// The controller runs on a multi-threaded runtime (the CLI needs only one thread).
-fn run_controller(args: crate::controller::ControllerArgs) -> ExitCode {
+fn run_controller(args: crate::operator::ControllerArgs) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -412,7 +418,7 @@ fn run_controller(args: crate::controller::ControllerArgs) -> ExitCode {
             return ExitCode::from(exit::Exit::Internal.code());
         }
     };
-    match runtime.block_on(crate::controller::run(args)) {
+    match runtime.block_on(crate::operator::run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = %crate::engine::redact::redact(&e.to_string()), "controller stopped");

@@ -8,14 +8,15 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::OutputFormat;
-use super::exit::{CliError, Exit};
 use crate::engine::dialect::{HistoryTable, StepTimeouts, sql};
 use crate::engine::history::{DbState, HistoryRow, Kind};
 use crate::engine::plan::{Direction, Drift, Plan};
-use crate::engine::redact::redact;
 use crate::engine::runner::{Prepared, RunReport, StepFindings, Work, step_row, step_timeouts};
 use crate::engine::script::Dialect;
 use crate::engine::status::{StatusReport, Verdict};
+use crate::model::redact::redact;
+use crate::runner::exit::{CliError, Exit};
+use crate::runner::summary::{RunResult, RunSummary, SummaryError};
 
 /// A command's result in both forms.
 pub struct Outcome {
@@ -73,118 +74,94 @@ pub fn print_error(format: OutputFormat, e: &CliError) {
     }
 }
 
-/// Termination messages are cut at 4096 bytes by Kubernetes; stay below.
-pub const SUMMARY_MAX: usize = 4000;
-
-/// The one-line JSON run summary, always under [`SUMMARY_MAX`] bytes.
+/// The one-line JSON run summary (see [`RunSummary`]), always under
+/// [`crate::runner::summary::SUMMARY_MAX`] bytes.
 pub fn summary_line(
     command: &str,
     result: &Result<Outcome, CliError>,
     elapsed: Duration,
 ) -> String {
-    let mut v = json!({
-        "schemagate": 1,
-        "command": command,
-        "durationMs": elapsed.as_millis() as u64,
-    });
-    let obj = v.as_object_mut().expect("a json! object");
+    run_summary(command, result, elapsed).to_line()
+}
+
+/// The typed summary of a command's outcome.
+pub fn run_summary(
+    command: &str,
+    result: &Result<Outcome, CliError>,
+    elapsed: Duration,
+) -> RunSummary {
+    let text = |v: Option<&serde_json::Value>| {
+        v.and_then(|x| match x {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+    };
+    let mut s = RunSummary {
+        command: command.into(),
+        duration_ms: Some(elapsed.as_millis() as u64),
+        ..Default::default()
+    };
     match result {
         Ok(o) => {
-            let noop = o
-                .json
-                .get("noop")
-                .and_then(|n| n.as_bool())
-                .unwrap_or(false);
-            obj.insert(
-                "result".into(),
-                json!(if noop { "noop" } else { "success" }),
-            );
-            obj.insert("exitCode".into(), json!(o.exit.code()));
-            for key in ["from", "to", "current", "target", "ahead"] {
-                if let Some(x) = o.json.get(key) {
-                    obj.insert(key.into(), x.clone());
-                }
-            }
-            let versions = versions_of(o.json.get("steps"))
-                .or_else(|| o.json.get("stamped").and_then(|s| s.as_array()).cloned())
-                .or_else(|| o.json.get("applied").and_then(|s| s.as_array()).cloned())
+            let noop = o.json.get("noop").and_then(|n| n.as_bool()) == Some(true);
+            s.result = if noop {
+                RunResult::Noop
+            } else {
+                RunResult::Success
+            };
+            s.exit_code = Some(i32::from(o.exit.code()));
+            s.from = text(o.json.get("from"));
+            s.to = text(o.json.get("to"));
+            s.current = text(o.json.get("current"));
+            s.target = text(o.json.get("target"));
+            s.ahead = o.json.get("ahead").and_then(|a| a.as_bool());
+            s.applied = versions_of(o.json.get("steps"))
+                .or_else(|| strings(o.json.get("stamped")))
+                .or_else(|| strings(o.json.get("applied")))
                 .unwrap_or_default();
-            obj.insert("applied".into(), json!(versions));
         }
         Err(e) => {
-            let stopped = e.exit == super::exit::Exit::Stopped;
-            obj.insert(
-                "result".into(),
-                json!(if stopped { "stopped" } else { "failed" }),
-            );
-            obj.insert("exitCode".into(), json!(e.exit.code()));
-            let completed = versions_of(e.details.as_ref().and_then(|d| d.get("completedSteps")))
+            s.result = if e.exit == super::exit::Exit::Stopped {
+                RunResult::Stopped
+            } else {
+                RunResult::Failed
+            };
+            s.exit_code = Some(i32::from(e.exit.code()));
+            s.applied = versions_of(e.details.as_ref().and_then(|d| d.get("completedSteps")))
                 .unwrap_or_default();
-            obj.insert("applied".into(), json!(completed));
             if let Some(d) = &e.details {
-                for key in ["version", "file", "line", "statementNumber"] {
-                    if let Some(x) = d.get(key).filter(|x| !x.is_null()) {
-                        obj.insert(format!("failed{}", capitalize(key)), x.clone());
-                    }
-                }
+                s.failed_version = text(d.get("version"));
+                s.failed_file = text(d.get("file"));
+                s.failed_line = d.get("line").and_then(|x| x.as_u64());
+                s.failed_statement_number = d.get("statementNumber").and_then(|x| x.as_u64());
             }
-            obj.insert(
-                "error".into(),
-                json!({ "kind": e.kind, "message": e.message }),
-            );
+            s.error = Some(SummaryError {
+                kind: e.kind.to_string(),
+                message: e.message.clone(),
+            });
         }
     }
-    fit_summary(v)
+    s
 }
 
 /// The `version` of each step in a JSON array of steps.
-fn versions_of(steps: Option<&serde_json::Value>) -> Option<Vec<serde_json::Value>> {
+fn versions_of(steps: Option<&serde_json::Value>) -> Option<Vec<String>> {
     steps.and_then(|s| s.as_array()).map(|steps| {
         steps
             .iter()
-            .filter_map(|s| s.get("version").cloned())
+            .filter_map(|s| s.get("version").and_then(|v| v.as_str()).map(String::from))
             .collect()
     })
 }
 
-fn capitalize(s: &str) -> String {
-    let mut c = s.chars();
-    c.next()
-        .map(|f| f.to_uppercase().chain(c).collect())
-        .unwrap_or_default()
-}
-
-fn fit_summary(mut v: serde_json::Value) -> String {
-    let text = |v: &serde_json::Value| redact(&v.to_string()).into_owned();
-    let mut line = text(&v);
-    if line.len() <= SUMMARY_MAX {
-        return line;
-    }
-    // First shorten the error message, then the applied list (keep the count).
-    if let Some(msg) = v.pointer_mut("/error/message") {
-        let s = msg.as_str().unwrap_or_default();
-        let keep: String = s.chars().take(1000).collect();
-        *msg = json!(format!("{keep}…"));
-    }
-    line = text(&v);
-    if line.len() > SUMMARY_MAX {
-        if let Some(applied) = v.get_mut("applied").and_then(|a| a.as_array_mut()) {
-            let n = applied.len();
-            let first = applied.first().cloned();
-            let last = applied.last().cloned();
-            *applied = vec![first.unwrap_or_default(), last.unwrap_or_default()];
-            v["appliedCount"] = json!(n);
-            v["appliedTruncated"] = json!(true);
-        }
-        line = text(&v);
-    }
-    if line.len() > SUMMARY_MAX {
-        if let Some(msg) = v.pointer_mut("/error/message") {
-            *msg = json!("(message too long; see the runner's log)");
-        }
-        line = text(&v);
-    }
-    line
+/// A JSON array of strings.
+fn strings(v: Option<&serde_json::Value>) -> Option<Vec<String>> {
+    v.and_then(|s| s.as_array()).map(|a| {
+        a.iter()
+            .filter_map(|x| x.as_str().map(String::from))
+            .collect()
+    })
 }
 
 pub fn human_run(r: &RunReport) -> String {
@@ -609,7 +586,11 @@ mod tests {
             "line": 3,
         }));
         let line = summary_line("upgrade", &Err(err), Duration::from_millis(5));
-        assert!(line.len() <= SUMMARY_MAX, "{}", line.len());
+        assert!(
+            line.len() <= crate::runner::summary::SUMMARY_MAX,
+            "{}",
+            line.len()
+        );
         assert!(!line.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["result"], "failed");

@@ -9,7 +9,9 @@ use crate::api::{
     AppliedMigration, DowngradePolicy, LastRun, MigrationMode, Phase, STATUS_LIST_MAX,
     SchemaMigration, SchemaMigrationStatus,
 };
-use crate::engine::Version;
+use crate::model::Version;
+pub use crate::runner::command::RunCommand;
+pub use crate::runner::summary::{RunResult, RunSummary, SummaryError};
 
 /// The database URL Secret, as far as the controller can tell.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -67,56 +69,6 @@ pub struct DbRead {
     pub tool_problem: Option<String>,
 }
 
-/// What a runner reported in its one-line summary (the termination message).
-#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RunSummary {
-    #[serde(default)]
-    pub result: String,
-    #[serde(default)]
-    pub from: Option<String>,
-    #[serde(default)]
-    pub to: Option<String>,
-    #[serde(default)]
-    pub current: Option<String>,
-    #[serde(default)]
-    pub applied: Vec<String>,
-    #[serde(default)]
-    pub exit_code: Option<i32>,
-    #[serde(default)]
-    pub error: Option<SummaryError>,
-}
-
-#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize)]
-pub struct SummaryError {
-    #[serde(default)]
-    pub kind: String,
-    #[serde(default)]
-    pub message: String,
-}
-
-impl RunSummary {
-    /// The version the database reached, as the runner saw it.
-    pub fn reached(&self) -> Option<&str> {
-        self.to.as_deref().or(self.current.as_deref())
-    }
-
-    /// One line for `lastRun.message`.
-    pub fn describe(&self) -> String {
-        match (&self.error, self.result.as_str()) {
-            (Some(e), _) => e.message.clone(),
-            (None, "noop") => format!("already at {}", self.reached().unwrap_or("the target")),
-            (None, _) if self.applied.is_empty() => "nothing to apply".into(),
-            (None, _) => format!(
-                "applied {} ({} -> {})",
-                self.applied.join(", "),
-                self.from.as_deref().unwrap_or("none"),
-                self.reached().unwrap_or("?")
-            ),
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum JobState {
     Active,
@@ -143,22 +95,6 @@ pub struct JobView {
     pub summary: Option<RunSummary>,
     /// Why the Job failed, when it has no summary (deadline exceeded, image pull...).
     pub failure: Option<String>,
-}
-
-/// Upgrade or downgrade.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RunCommand {
-    Upgrade,
-    Downgrade,
-}
-
-impl RunCommand {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            RunCommand::Upgrade => "upgrade",
-            RunCommand::Downgrade => "downgrade",
-        }
-    }
 }
 
 /// The Job to run.

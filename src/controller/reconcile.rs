@@ -21,25 +21,22 @@ use super::decide::{
     RunSummary, SecretState, SourceState,
 };
 use super::job;
-use super::metrics::Metrics;
 use crate::api::{
     AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, MIGRATION_LABEL, MigrationMode, Phase,
     STATUS_LIST_MAX, SchemaMigration,
 };
 use crate::engine::dialect::{ConnectConfig, Db, HistoryTable};
 use crate::engine::{self, Backend, ChecksumMode, redact, runner, source};
-use crate::webhook::INIT_CONTAINER;
+use crate::runner::pod::INJECTED_CONTAINERS;
+use crate::runner::policy::RunnerPolicy;
+use crate::runner::source as files;
+use crate::telemetry::metrics::Metrics;
 
 /// How the controller behaves.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// The default runner image (the controller's own).
-    pub image: String,
-    /// Images the runner may use besides `image` (`*` at the end matches any suffix).
-    pub allowed_images: Vec<String>,
-    /// The controller's own namespace and service account, which no resource may use.
-    pub controller_namespace: String,
-    pub controller_service_account: Option<String>,
+    /// Which images and service accounts runners may use (shared with the webhook).
+    pub runner: RunnerPolicy,
     /// Read each database's history table to report its version.
     pub observe_database: bool,
     /// How long a database read may take.
@@ -54,10 +51,7 @@ pub struct Settings {
 impl Default for Settings {
     fn default() -> Self {
         Settings {
-            image: "ghcr.io/schemagate/schemagate:latest".into(),
-            allowed_images: Vec::new(),
-            controller_namespace: "default".into(),
-            controller_service_account: None,
+            runner: RunnerPolicy::default(),
             observe_database: true,
             db_timeout: Duration::from_secs(5),
             requeue: Duration::from_secs(300),
@@ -110,15 +104,6 @@ impl Error {
 
 fn kube_err(op: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { op, source }
-}
-
-/// `*`-suffix patterns: `registry.example/team/*` allows every image under it.
-pub fn image_allowed(image: &str, default_image: &str, allowed: &[String]) -> bool {
-    image == default_image
-        || allowed.iter().any(|p| match p.strip_suffix('*') {
-            Some(prefix) => image.starts_with(prefix),
-            None => image == p,
-        })
 }
 
 /// What was observed, with the database URL kept out of it.
@@ -207,7 +192,7 @@ async fn read_source(
         }
         files
     } else if src.inline.is_some() {
-        job::inline_files(src)
+        files::inline_files(src)
     } else if let Some(image) = &src.image {
         let hash = crate::engine::script::sha256_hex(
             format!("{}\n{}", image.reference, image.path).as_bytes(),
@@ -228,7 +213,7 @@ async fn read_source(
                     .iter()
                     .map(|m| m.version.to_string())
                     .collect(),
-                hash: job::files_hash(&files),
+                hash: files::files_hash(&files),
             },
             Some(files),
         )),
@@ -261,7 +246,7 @@ async fn read_database(
         application_name: "schemagate controller".into(),
     };
     if let Some(tool) = &sm.spec.source.tool {
-        return read_tool(&cfg, tool.name.tool(), timeout).await;
+        return read_tool(&cfg, crate::runner::source::tool(tool.name), timeout).await;
     }
     let read = async {
         let mut db = Db::connect(&cfg).await?;
@@ -390,10 +375,7 @@ fn job_view(job: &Job) -> JobView {
 
 /// The last JSON line of a termination message: the runner's summary.
 fn summary_of(message: Option<&str>) -> Option<RunSummary> {
-    message?
-        .lines()
-        .rev()
-        .find_map(|l| serde_json::from_str::<RunSummary>(l.trim()).ok())
+    RunSummary::from_message(message?)
 }
 
 /// Keeps only what `pod_run` and the pod-to-resource mapping read: a watched pod costs a
@@ -414,7 +396,7 @@ pub fn slim_pod(pod: &mut Pod) {
             .take()
             .unwrap_or_default()
             .into_iter()
-            .filter(|c| c.name == INIT_CONTAINER)
+            .filter(|c| c.name == INJECTED_CONTAINERS.runner)
             .collect::<Vec<_>>();
         *status = k8s_openapi::api::core::v1::PodStatus {
             phase: status.phase.take(),
@@ -433,7 +415,7 @@ pub fn pod_run(pod: &Pod) -> Option<JobView> {
         .init_container_statuses
         .as_ref()?
         .iter()
-        .find(|c| c.name == INIT_CONTAINER)?;
+        .find(|c| c.name == INJECTED_CONTAINERS.runner)?;
     let ts = |t: &Option<Time>| t.as_ref().map(|t| t.0.to_string());
     let state = cs.state.clone().unwrap_or_default();
     let view = |state, started, finished, message: Option<&str>, code: i32| JobView {
@@ -452,7 +434,7 @@ pub fn pod_run(pod: &Pod) -> Option<JobView> {
     };
     // A runner stopped on request (its pod is going away) ran no step halfway: not a
     // run to report; the next pod's runner goes on.
-    let stopped = i32::from(crate::cli::exit::Exit::Stopped.code());
+    let stopped = i32::from(crate::runner::exit::Exit::Stopped.code());
     if state
         .terminated
         .as_ref()
@@ -570,8 +552,8 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
     // someone else created under that name must never be used.
     let mut inline_config_map = None;
     if sm.spec.source.inline.is_some() {
-        let files = job::inline_files(&sm.spec.source);
-        let cm_name = job::inline_config_map_name(&name, &job::files_hash(&files));
+        let files = files::inline_files(&sm.spec.source);
+        let cm_name = files::inline_config_map_name(&name, &files::files_hash(&files));
         let found = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
             .get_metadata_opt(&cm_name)
             .await
@@ -641,8 +623,8 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
 
 /// Decides from what was observed.
 pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) -> Decision {
-    let image = job::runner_image(sm, &ctx.settings.image);
-    let allowed = image_allowed(image, &ctx.settings.image, &ctx.settings.allowed_images);
+    let policy = &ctx.settings.runner;
+    let allowed = policy.image_allowed(policy.runner_image(sm));
     let secret_version = match &o.secret {
         SecretState::Found { resource_version } => Some(resource_version.clone()),
         _ => None,
@@ -670,7 +652,7 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
         jobs: o.jobs.clone(),
         namer: can_name.then_some(&namer as &decide::Namer<'_>),
         image_allowed: allowed,
-        service_account_allowed: service_account_allowed(sm, &ctx.settings),
+        service_account_allowed: policy.resource_service_account_allowed(sm),
     });
     redacted(decision)
 }
@@ -702,14 +684,6 @@ fn redacted(mut d: Decision) -> Decision {
     d
 }
 
-/// False when the resource asks for the controller's own service account.
-pub fn service_account_allowed(sm: &SchemaMigration, settings: &Settings) -> bool {
-    let own = settings.controller_service_account.as_deref();
-    !(own.is_some()
-        && sm.spec.runner.service_account_name.as_deref() == own
-        && sm.namespace().as_deref() == Some(settings.controller_namespace.as_str()))
-}
-
 /// Carries out a decision: the Job (adopted if it exists), the status (only when it
 /// changed: nothing is written at steady state), the Events.
 pub async fn act(
@@ -729,7 +703,7 @@ pub async fn act(
     if let Some((name, false)) = inline_config_map
         && wanted
     {
-        let cm = job::inline_config_map(sm, name, &job::inline_files(&sm.spec.source));
+        let cm = files::inline_config_map(sm, name, &files::inline_files(&sm.spec.source));
         create_or_adopt(&cms, &cm, "create_configmap", uid.as_ref()).await?;
         // A new source superseded the older ones: keep a few (pods admitted before the
         // change may still mount them), delete the rest.
@@ -739,7 +713,7 @@ pub async fn act(
     }
     if let Action::CreateJob(plan) = &d.action {
         let inline_cm = inline_config_map.map(|(name, _)| name.clone());
-        let image = job::runner_image(sm, &ctx.settings.image);
+        let image = ctx.settings.runner.runner_image(sm);
         let job = job::job(sm, plan, image, inline_cm.as_deref());
         create_or_adopt(
             &Api::<Job>::namespaced(ctx.client.clone(), &ns),
@@ -981,23 +955,5 @@ mod tests {
             backoff(3, "c/d"),
             "spread across resources"
         );
-    }
-
-    #[test]
-    fn image_patterns() {
-        let def = "ghcr.io/schemagate/schemagate:0.1.0";
-        assert!(image_allowed(def, def, &[]));
-        assert!(!image_allowed("evil/image", def, &[]));
-        let allowed = vec![
-            "registry.example/team/*".to_string(),
-            "other/exact:1".to_string(),
-        ];
-        assert!(image_allowed(
-            "registry.example/team/runner:2",
-            def,
-            &allowed
-        ));
-        assert!(image_allowed("other/exact:1", def, &allowed));
-        assert!(!image_allowed("other/exact:2", def, &allowed));
     }
 }

@@ -3,23 +3,23 @@
 //! No Kubernetes types here: the CLI, the controller's Jobs and the injected init
 //! containers all reach the engine through the same `schemagate migrate` commands.
 
-pub mod clock;
+// Pure values the engine shares with every other layer (see `crate::model`).
+pub use crate::model::{clock, redact, version};
+
 pub mod dialect;
 pub mod guard;
 pub mod history;
 pub mod lock;
 pub mod plan;
-pub mod redact;
 pub mod runner;
 pub mod script;
 pub mod source;
 pub mod status;
 pub mod tools;
-pub mod version;
 
+pub use crate::model::Version;
 pub use dialect::{Backend, ConnectConfig, Db, DbError, DbErrorKind, HistoryTable};
 pub use history::DbState;
 pub use plan::{ChecksumMode, Direction, PlanOptions, Target};
 pub use runner::{Mode, RunError, RunReport, RunSettings, StopRequest};
 pub use source::MigrationSet;
-pub use version::Version;

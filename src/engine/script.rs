@@ -5,8 +5,6 @@
 //! dollar quotes, `BEGIN ATOMIC` and trigger bodies, MySQL `DELIMITER`) so that a failure can
 //! name the statement and non-transactional migrations can run one statement at a time.
 
-use sha2::{Digest, Sha256};
-
 /// The SQL dialects the engine speaks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -554,16 +552,7 @@ pub fn excerpt(text: &str, max_chars: usize) -> String {
     }
 }
 
-/// Lower-case hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
-    let mut out = String::with_capacity(64);
-    for b in digest {
-        out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
-        out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
-    }
-    out
-}
+pub use crate::model::digest::sha256_hex;
 
 /// The text an editor-insensitive checksum is computed over: no byte-order mark, `\n` line
 /// endings, no trailing whitespace on any line, no trailing blank lines.

@@ -12,31 +12,23 @@ pub mod server;
 pub mod tls;
 pub mod validate;
 
-use std::time::Duration;
-
 use k8s_openapi::api::core::v1::{Pod, Volume};
 
 use crate::api::conditions::{self, reason};
-use crate::api::{MIGRATION_LABEL, MigrationMode, Phase, SchemaMigration};
-use crate::controller::job;
-use crate::engine::Version;
+use crate::api::{MIGRATION_LABEL, Phase, SchemaMigration};
+use crate::runner::command::gate_args;
+use crate::runner::pod::{self, INJECTED_CONTAINERS};
+use crate::runner::policy::RunnerPolicy;
+use crate::runner::source::inline_config_map_of;
 
 /// The injected init container (both modes: it migrates, or waits for the version).
-pub const INIT_CONTAINER: &str = "schemagate-migrate";
+pub const INIT_CONTAINER: &str = INJECTED_CONTAINERS.runner;
 /// The init container that copies an image source's files (runs before ours).
-pub const FETCH_CONTAINER: &str = "schemagate-fetch-migrations";
+pub const FETCH_CONTAINER: &str = INJECTED_CONTAINERS.fetch;
 
-/// How injection behaves.
-#[derive(Clone, Debug)]
-pub struct InjectSettings {
-    /// The default runner image (the controller's own).
-    pub image: String,
-    /// Further allowed runner images (`*` suffix patterns).
-    pub allowed_images: Vec<String>,
-    /// Job mode: how long the injected init container waits for the version before it
-    /// fails (and the kubelet restarts it).
-    pub wait_timeout: Duration,
-}
+/// How injection behaves: the runner policy (images, and how long an injected `wait`
+/// waits), shared with the controller and the validating check.
+pub type InjectSettings = RunnerPolicy;
 
 /// Why a pod may not start.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -68,44 +60,6 @@ fn refuse(ns: &str, name: &str, why: String) -> Refusal {
     ))
 }
 
-/// The runner's arguments for this resource.
-fn runner_args(sm: &SchemaMigration, settings: &InjectSettings) -> Vec<String> {
-    let status = sm.status.clone().unwrap_or_default();
-    let target = sm
-        .spec
-        .target_version
-        .clone()
-        .or_else(|| status.target_version.clone());
-    let mut args = vec!["migrate".to_string()];
-    match sm.spec.mode {
-        MigrationMode::InitContainer => {
-            // A lower target with downgrades allowed reverts; anything else upgrades (an
-            // upgrade to a lower target changes nothing).
-            let ahead = match (status.current_version.as_deref(), target.as_deref()) {
-                (Some(c), Some(t)) => match (Version::parse(c), Version::parse(t)) {
-                    (Ok(c), Ok(t)) => c > t,
-                    _ => false,
-                },
-                _ => false,
-            };
-            let downgrade = ahead && sm.spec.downgrade == crate::api::DowngradePolicy::Allow;
-            args.push(if downgrade { "downgrade" } else { "upgrade" }.into());
-            args.push(target.unwrap_or_else(|| "head".into()));
-        }
-        MigrationMode::Job => {
-            args.push("wait".into());
-            if let Some(t) = target {
-                args.push("--version".into());
-                args.push(t);
-            }
-            args.push("--timeout".into());
-            args.push(format!("{}s", settings.wait_timeout.as_secs()));
-        }
-    }
-    args.extend(["--output".into(), "json".into()]);
-    args
-}
-
 /// Decides admission for a pod that names `name` in namespace `ns`; `sm` is that
 /// SchemaMigration if it exists.
 pub fn inject(
@@ -125,8 +79,13 @@ pub fn inject(
     if sm.spec.paused {
         return Err(refuse(ns, name, "is paused (spec.paused: true)".into()));
     }
+    // The controller's verdict counts only while it is about this very spec: a resource
+    // changed in the same apply as the pod (a fixed target, a new source) is not refused
+    // for what was wrong with its previous generation; its runner checks for itself.
     let status = sm.status.clone().unwrap_or_default();
-    if status.phase == Some(Phase::Blocked) {
+    let current_verdict = status.observed_generation.is_some()
+        && status.observed_generation == sm.metadata.generation;
+    if status.phase == Some(Phase::Blocked) && current_verdict {
         let why = status
             .conditions
             .iter()
@@ -135,12 +94,8 @@ pub fn inject(
             .unwrap_or_else(|| reason::DOWNGRADE_DENIED.into());
         return Err(refuse(ns, name, format!("is blocked ({why})")));
     }
-    let image = job::runner_image(sm, &settings.image);
-    if !crate::controller::reconcile::image_allowed(
-        image,
-        &settings.image,
-        &settings.allowed_images,
-    ) {
+    let image = settings.runner_image(sm);
+    if !settings.image_allowed(image) {
         return Err(refuse(
             ns,
             name,
@@ -157,29 +112,22 @@ pub fn inject(
         return Ok(Outcome::Unchanged("already injected"));
     }
 
-    let inline_cm = sm.spec.source.inline.as_ref().map(|_| {
-        let files = job::inline_files(&sm.spec.source);
-        job::inline_config_map_name(
-            &sm.metadata.name.clone().unwrap_or_default(),
-            &job::files_hash(&files),
-        )
-    });
-    // A tool source runs the tool's command under `migrate exec` in both modes: in Job
-    // mode the pod's copy waits on the lock while the Job runs, then finds nothing to do.
-    let job::RunnerParts {
+    // The runner's files: the ConfigMap as the kubelet mounts it, the inline snapshot this
+    // spec names (content-addressed: exactly the migrations admitted with the pod), or the
+    // image's files. A tool source runs the tool's command under `migrate exec` in both
+    // modes: in Job mode the pod's copy waits on the lock while the Job runs.
+    let inline_cm = inline_config_map_of(sm);
+    let pod::RunnerParts {
         volumes,
-        init: mut fetch,
+        init: fetch,
         runner,
-    } = job::runner_parts(
+    } = pod::runner_parts(
         sm,
-        INIT_CONTAINER,
+        INJECTED_CONTAINERS,
         image,
-        runner_args(sm, settings),
+        gate_args(sm, settings.wait_timeout),
         inline_cm.as_deref(),
     );
-    for f in fetch.iter_mut().filter(|f| f.name == "fetch-migrations") {
-        f.name = FETCH_CONTAINER.into();
-    }
 
     let mut patched = pod.clone();
     let mut pod_spec = spec;

@@ -12,11 +12,10 @@ use kube::{Api, Client};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use super::InjectSettings;
 use super::server::{KubeLookup, Webhook};
 use super::tls::{self, Endpoint, Lifetimes, Resolver, TlsError};
-use super::validate::Policy;
-use crate::controller::metrics::Metrics;
+use crate::runner::policy::RunnerPolicy;
+use crate::telemetry::metrics::Metrics;
 
 /// The webhook's flags (part of `schemagate controller`).
 #[derive(Debug, Clone, clap::Args)]
@@ -69,12 +68,12 @@ pub struct WebhookArgs {
 
     /// Job mode: how long an injected init container waits for the target version before
     /// it fails (the kubelet then restarts it).
-    #[arg(long, env = "SCHEMAGATE_WEBHOOK_WAIT_TIMEOUT", default_value = "10m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "SCHEMAGATE_WEBHOOK_WAIT_TIMEOUT", default_value = "10m", value_parser = crate::model::clock::parse_duration)]
     pub webhook_wait_timeout: Duration,
 
     /// How often the certificate is checked (renewal, other replicas' renewals, the CA
     /// bundle in the configuration).
-    #[arg(long, env = "SCHEMAGATE_WEBHOOK_CERT_CHECK", default_value = "10m", value_parser = crate::cli::parse_duration)]
+    #[arg(long, env = "SCHEMAGATE_WEBHOOK_CERT_CHECK", default_value = "10m", value_parser = crate::model::clock::parse_duration)]
     pub webhook_cert_check: Duration,
 }
 
@@ -177,8 +176,7 @@ pub async fn start(
     client: Client,
     own_namespace: &str,
     watched: &[String],
-    settings: InjectSettings,
-    policy: Policy,
+    policy: RunnerPolicy,
     metrics: Arc<Metrics>,
 ) -> Result<Vec<JoinHandle<()>>, StartError> {
     let source = match (&args.webhook_cert_dir, &args.webhook_url) {
@@ -218,7 +216,6 @@ pub async fn start(
             client,
             timeout: Duration::from_secs(5),
         },
-        settings,
         policy,
         metrics,
     });

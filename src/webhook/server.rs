@@ -19,7 +19,7 @@ use k8s_openapi::api::authentication::v1::UserInfo;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
 };
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{DynamicObject, PostParams};
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube::{Api, Client};
@@ -27,11 +27,13 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use super::tls::{MUTATE_PATH, VALIDATE_PATH};
-use super::validate::{Policy, Violation, requirements};
-use super::{InjectSettings, Outcome, Refusal, gated_by, inject, patch};
+use super::validate::{Violation, requirements};
+use super::{Outcome, Refusal, gated_by, inject, patch};
 use crate::api::SchemaMigration;
-use crate::controller::metrics::Metrics;
-use crate::engine::redact;
+use crate::model::redact;
+use crate::runner::policy::RunnerPolicy;
+use crate::runner::source::{inline_config_map, inline_config_map_of, inline_files};
+use crate::telemetry::metrics::Metrics;
 
 /// The largest request body accepted (the API server's own limit is 3 MiB).
 pub const MAX_BODY: usize = 4 * 1024 * 1024;
@@ -57,6 +59,17 @@ pub trait Lookup: Send + Sync + 'static {
         user: &UserInfo,
         attributes: ResourceAttributes,
     ) -> impl Future<Output = Result<bool, String>> + Send;
+
+    /// Creates the ConfigMap carrying an inline source's files (content-addressed: one that
+    /// exists under the name already has them). `Err`: a message.
+    fn create_config_map(
+        &self,
+        namespace: &str,
+        config_map: ConfigMap,
+    ) -> impl Future<Output = Result<(), String>> + Send {
+        let _ = (namespace, config_map);
+        async { Ok(()) }
+    }
 }
 
 /// Reads SchemaMigrations from the API server, fresh for every pod (a paused or blocked
@@ -103,13 +116,37 @@ impl Lookup for KubeLookup {
             Err(_) => Err(format!("no answer within {}s", self.timeout.as_secs())),
         }
     }
+
+    async fn create_config_map(
+        &self,
+        namespace: &str,
+        config_map: ConfigMap,
+    ) -> Result<(), String> {
+        self.create(namespace, &config_map).await
+    }
+}
+
+impl KubeLookup {
+    async fn create(&self, namespace: &str, config_map: &ConfigMap) -> Result<(), String> {
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), namespace);
+        let pp = PostParams {
+            field_manager: Some("schemagate-webhook".into()),
+            ..Default::default()
+        };
+        match tokio::time::timeout(self.timeout, api.create(&pp, config_map)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 => Ok(()),
+            Ok(Err(e)) => Err(redact::redact(&e.to_string()).into_owned()),
+            Err(_) => Err(format!("no answer within {}s", self.timeout.as_secs())),
+        }
+    }
 }
 
 /// Everything the webhook needs to answer.
 pub struct Webhook<L> {
     pub lookup: L,
-    pub settings: InjectSettings,
-    pub policy: Policy,
+    /// The runner policy (images, service accounts, how long an injected `wait` waits).
+    pub policy: RunnerPolicy,
     pub metrics: Arc<Metrics>,
 }
 
@@ -213,7 +250,7 @@ async fn decide<L: Lookup>(
             return (response.deny(why), "denied");
         }
     };
-    match inject(&pod, &namespace, name, sm.as_ref(), &wh.settings) {
+    match inject(&pod, &namespace, name, sm.as_ref(), &wh.policy) {
         Err(Refusal(why)) => {
             tracing::info!(namespace, pod = pod_name, migration = name, reason = %why, "admission: refused");
             (response.deny(why), "denied")
@@ -229,6 +266,21 @@ async fn decide<L: Lookup>(
             (response, "unchanged")
         }
         Ok(Outcome::Patched(patched)) => {
+            // An inline source changed in the same apply as the app: the pod mounts the
+            // snapshot its spec names, which the controller may not have written yet (or
+            // is down). Write it now, so the pod never waits on the controller; a dry run
+            // writes nothing.
+            if let Some(sm) = sm.as_ref()
+                && let Some(cm_name) = inline_config_map_of(sm)
+                && !req.dry_run
+            {
+                let files = inline_files(&sm.spec.source);
+                let cm = inline_config_map(sm, &cm_name, &files);
+                if let Err(e) = wh.lookup.create_config_map(&namespace, cm).await {
+                    tracing::warn!(namespace, pod = pod_name, migration = name, config_map = cm_name, error = %e,
+                        "admission: cannot create the inline source's ConfigMap; the pod waits for the controller to create it");
+                }
+            }
             let before = serde_json::to_value(&pod);
             let after = serde_json::to_value(&*patched);
             let (Ok(before), Ok(after)) = (before, after) else {

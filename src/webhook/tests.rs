@@ -2,17 +2,20 @@
 
 use super::*;
 use crate::api::{
-    DowngradePolicy, ImageSource, SchemaMigrationSpec, SchemaMigrationStatus, SourceSpec,
+    DowngradePolicy, ImageSource, MigrationMode, SchemaMigrationSpec, SchemaMigrationStatus,
+    SourceSpec,
 };
 use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 fn settings() -> InjectSettings {
     InjectSettings {
         image: "ghcr.io/schemagate/schemagate:0.1.0".into(),
         allowed_images: vec![],
         wait_timeout: Duration::from_secs(3600),
+        ..Default::default()
     }
 }
 
@@ -239,6 +242,13 @@ fn missing_paused_and_blocked_resources_refuse_the_pod_naming_why() {
         }],
         ..Default::default()
     });
+    // A verdict about an earlier generation of the spec does not refuse (the resource
+    // changed in the same apply as the pod; its runner checks for itself) ...
+    blocked.metadata.generation = Some(2);
+    blocked.status.as_mut().unwrap().observed_generation = Some(1);
+    assert!(inject(&pod(&[]), "shop", "orders", Some(&blocked), &settings()).is_ok());
+    // ... a verdict about this very spec does.
+    blocked.status.as_mut().unwrap().observed_generation = Some(2);
     let e = inject(&pod(&[]), "shop", "orders", Some(&blocked), &settings()).unwrap_err();
     assert!(
         e.0.contains("DowngradeDenied") && e.0.contains("above the target"),
@@ -270,17 +280,24 @@ fn image_sources_get_their_copy_container_first() {
 }
 
 #[test]
-fn a_lower_target_with_downgrades_allowed_reverts_in_init_container_mode() {
+fn a_lower_target_with_downgrades_allowed_lets_the_runner_revert_whatever_the_status_says() {
     let mut s = sm(MigrationMode::InitContainer);
     s.spec.target_version = Some("1".into());
     s.spec.downgrade = DowngradePolicy::Allow;
-    s.status = Some(SchemaMigrationStatus {
-        current_version: Some("3".into()),
-        ..Default::default()
-    });
-    let p = patched(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap());
-    let c = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
-    assert_eq!(c.args.as_ref().unwrap()[..3], ["migrate", "downgrade", "1"]);
+    // A stale status (the database has moved since) must not matter: the runner decides
+    // from the history table, under the lock.
+    for current in ["3", "1", "0"] {
+        s.status = Some(SchemaMigrationStatus {
+            current_version: Some(current.into()),
+            ..Default::default()
+        });
+        let p = patched(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap());
+        let c = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
+        assert_eq!(
+            c.args.as_ref().unwrap()[..4],
+            ["migrate", "upgrade", "1", "--allow-downgrade"]
+        );
+    }
 }
 
 #[test]
@@ -318,7 +335,7 @@ fn a_tool_source_injects_the_installer_and_the_tools_command_in_both_modes() {
         );
         assert_eq!(
             init_names(&p),
-            [job::INSTALL_CONTAINER, INIT_CONTAINER, "app-init"],
+            [pod::INSTALL_CONTAINER, INIT_CONTAINER, "app-init"],
             "{mode:?}"
         );
         let init = p.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
@@ -341,6 +358,6 @@ fn a_tool_source_injects_the_installer_and_the_tools_command_in_both_modes() {
             .flatten()
             .map(|v| v.name.as_str())
             .collect();
-        assert!(volumes.contains(&job::BIN_VOLUME), "{volumes:?}");
+        assert!(volumes.contains(&pod::BIN_VOLUME), "{volumes:?}");
     }
 }

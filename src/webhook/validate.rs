@@ -10,19 +10,10 @@
 use k8s_openapi::api::authorization::v1::ResourceAttributes;
 
 use crate::api::{MigrationMode, SchemaMigration};
-use crate::controller::reconcile::image_allowed;
+use crate::runner::policy::RunnerPolicy;
 
-/// Policy the check enforces.
-#[derive(Clone, Debug, Default)]
-pub struct Policy {
-    /// The controller's own image (always allowed as a runner).
-    pub image: String,
-    /// Further allowed runner images (`*` suffix patterns).
-    pub allowed_images: Vec<String>,
-    /// The controller's namespace and service account: never usable by a resource.
-    pub controller_namespace: String,
-    pub controller_service_account: Option<String>,
-}
+/// The policy the check enforces: the runner policy the controller and injection use.
+pub type Policy = RunnerPolicy;
 
 /// A permission the writer must hold, and why the resource needs it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,21 +66,17 @@ pub fn requirements(
     let spec = &sm.spec;
     let runner = &spec.runner;
     if let Some(image) = &runner.image
-        && !image_allowed(image, &policy.image, &policy.allowed_images)
+        && !policy.image_allowed(image)
     {
-        let mut allowed = vec![policy.image.clone()];
-        allowed.extend(policy.allowed_images.iter().cloned());
+        let allowed = policy.allowed_list();
         return Err(Violation(format!(
             "spec.runner.image {image} is not allowed by the schemagate controller; allowed: \
              {} (a platform administrator extends the list with --allowed-image)",
             allowed.join(", ")
         )));
     }
-    if let (Some(sa), Some(own)) = (
-        &runner.service_account_name,
-        &policy.controller_service_account,
-    ) && namespace == policy.controller_namespace
-        && sa == own
+    if let Some(sa) = &runner.service_account_name
+        && !policy.service_account_allowed(namespace, Some(sa))
     {
         return Err(Violation(format!(
             "spec.runner.serviceAccountName {sa} is the schemagate controller's own service \
@@ -178,6 +165,7 @@ mod tests {
             allowed_images: vec!["registry.example/db/*".into()],
             controller_namespace: "schemagate-system".into(),
             controller_service_account: Some("schemagate".into()),
+            ..Default::default()
         }
     }
 

@@ -85,7 +85,7 @@ fn job(name: &str, state: JobState, summary: Option<RunSummary>) -> JobView {
 
 fn success(to: &str) -> RunSummary {
     RunSummary {
-        result: "success".into(),
+        result: RunResult::Success,
         from: Some("2".into()),
         to: Some(to.into()),
         applied: vec![to.into()],
@@ -198,7 +198,7 @@ fn job_failure_is_failed_and_stalled_with_the_runner_message() {
     let sm = sm(MigrationMode::Job);
     let mut i = inputs(&sm);
     let failed = RunSummary {
-        result: "failed".into(),
+        result: RunResult::Failed,
         error: Some(SummaryError {
             kind: "migration_failed".into(),
             message: "migration 3 (3_x.up.sql) failed at statement 2 of 2 (line 4): syntax error"

@@ -1,5 +1,8 @@
 use super::*;
+use crate::api::JOB_FOR_LABEL;
 use crate::api::{ImageSource, InlineMigration, MigrationMode, SchemaMigrationSpec, SourceSpec};
+use crate::runner::pod::*;
+use crate::runner::source::*;
 
 fn sm(source: SourceSpec) -> SchemaMigration {
     let mut sm = SchemaMigration::new(

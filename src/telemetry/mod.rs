@@ -1,4 +1,7 @@
-//! Logging: `tracing` to standard error, as text or JSON, every line scrubbed of secrets.
+//! Telemetry: logging (`tracing` to standard error, as text or JSON, every line scrubbed of
+//! secrets) and the Prometheus metrics of the operator (`metrics`).
+
+pub mod metrics;
 
 use std::io::Write;
 
@@ -14,7 +17,7 @@ pub enum LogFormat {
     Json,
 }
 
-/// Standard error, through [`crate::engine::redact::redact`]. The formatter hands over one
+/// Standard error, through [`crate::model::redact::redact`]. The formatter hands over one
 /// whole event per write, so a secret is never split across two writes.
 #[derive(Clone, Copy)]
 struct RedactingStderr;
@@ -22,7 +25,7 @@ struct RedactingStderr;
 impl Write for RedactingStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let text = String::from_utf8_lossy(buf);
-        std::io::stderr().write_all(crate::engine::redact::redact(&text).as_bytes())?;
+        std::io::stderr().write_all(crate::model::redact::redact(&text).as_bytes())?;
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {

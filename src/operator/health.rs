@@ -15,7 +15,7 @@ use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use super::metrics::Metrics;
+use crate::telemetry::metrics::Metrics;
 
 /// What the probes report.
 #[derive(Default)]
