@@ -26,7 +26,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, Secret};
 use kube::api::ObjectMeta;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::{Client, Resource};
+use kube::Client;
 use schemagate::api::{
     DowngradePolicy, ImageSource, InlineMigration, MigrationMode, Phase, SchemaMigration,
     SchemaMigrationSpec, SchemaMigrationStatus, SourceSpec,

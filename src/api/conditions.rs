@@ -49,6 +49,12 @@ pub mod reason {
     pub const DRIFT: &str = "Drift";
     /// The controller could not read the database.
     pub const DATABASE_UNREACHABLE: &str = "DatabaseUnreachable";
+    /// The database refused the credentials in the Secret (permanent: fix the Secret).
+    pub const DATABASE_AUTH_FAILED: &str = "DatabaseAuthFailed";
+    /// The database named in the Secret's URL does not exist (permanent).
+    pub const DATABASE_NOT_FOUND: &str = "DatabaseNotFound";
+    /// The Secret's URL (or the history table name) is invalid (permanent).
+    pub const INVALID_DATABASE_URL: &str = "InvalidDatabaseUrl";
     /// The controller read the database.
     pub const DATABASE_READ: &str = "HistoryRead";
     /// The controller does not read databases (disabled by a flag).

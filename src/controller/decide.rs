@@ -48,9 +48,67 @@ impl SourceState {
 pub enum DbView {
     /// The controller does not read databases.
     NotObserved,
-    /// It tried and could not; the message says why (never with a secret in it).
-    Unreachable(String),
+    /// It tried and could not.
+    Failed(DbFailure),
     Read(DbRead),
+}
+
+/// Why the controller could not read a database: transient (it may pass by itself) or
+/// permanent (a person must fix the Secret or the server).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DbFailureKind {
+    /// Refused, unknown host, no answer in time, a broken connection.
+    Unreachable,
+    /// The server refused the credentials.
+    Auth,
+    /// The database named in the URL does not exist.
+    NoDatabase,
+    /// The URL (or the history table name) is invalid.
+    Config,
+}
+
+impl DbFailureKind {
+    /// True when waiting will not help.
+    pub fn permanent(self) -> bool {
+        !matches!(self, DbFailureKind::Unreachable)
+    }
+}
+
+/// A failed database read (the message never holds a secret).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DbFailure {
+    pub kind: DbFailureKind,
+    pub message: String,
+}
+
+impl DbFailure {
+    pub fn new(kind: DbFailureKind, message: impl Into<String>) -> Self {
+        DbFailure {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// A step whose outcome the history table lacks, or that failed part-way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyStep {
+    pub version: String,
+    /// It failed (a non-transactional step stopped part-way); else it has no outcome.
+    pub failed: bool,
+    /// What the engine says about it.
+    pub message: String,
+}
+
+/// Applied migrations that differ from the source.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Drifted {
+    /// Applied versions whose file changed.
+    pub changed: Vec<String>,
+    /// Applied versions whose file is gone.
+    pub missing: Vec<String>,
+    /// What the engine says about it (which files, what to do).
+    pub message: String,
 }
 
 /// What the history table says.
@@ -61,10 +119,10 @@ pub struct DbRead {
     pub applied: Vec<AppliedMigration>,
     /// Migrations of the source not applied yet.
     pub pending: Vec<String>,
-    /// A step that did not finish, described.
-    pub unfinished: Option<String>,
-    /// Applied migrations that differ from the source, described.
-    pub drift: Option<String>,
+    /// A step that did not finish.
+    pub unfinished: Option<DirtyStep>,
+    /// Applied migrations that differ from the source.
+    pub drift: Option<Drifted>,
     /// Another tool's history needs a person (golang-migrate dirty, a failed Flyway row).
     pub tool_problem: Option<String>,
 }
@@ -240,16 +298,21 @@ fn last_run(job: &JobView) -> LastRun {
     }
 }
 
-/// Decides status and action for one resource.
-pub fn decide(i: &Inputs<'_>) -> Decision {
-    let sm = i.sm;
-    let spec = &sm.spec;
-    let previous = sm.status.clone().unwrap_or_default();
-    let generation = sm.metadata.generation;
-    let mut action = Action::Nothing;
-    let mut events = Vec::new();
+/// What the decision works from, computed once from the inputs.
+struct Facts<'a> {
+    read: Option<&'a DbRead>,
+    /// The database's version (read, or unread: the last successful run's, or the status's).
+    current: Option<String>,
+    /// The target: `spec.targetVersion`, else the newest migration of a readable source.
+    target: Option<String>,
+    /// "3", or "the newest migration" when the target is not known (an image source).
+    describe_target: String,
+    /// The Job of this resource that is running.
+    active: Option<&'a JobView>,
+}
 
-    // What the database says (or, unread, what the last successful run reported).
+fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
+    let previous = i.sm.status.as_ref();
     let read = match &i.database {
         DbView::Read(r) => Some(r),
         _ => None,
@@ -259,372 +322,474 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
         .iter()
         .filter(|j| j.state == JobState::Succeeded)
         .find_map(|j| j.summary.as_ref()?.reached().map(str::to_string));
-    let current: Option<String> = match read {
+    let current = match read {
         Some(r) => r.current.clone(),
-        None => last_success.clone().or(previous.current_version.clone()),
+        None => last_success.or_else(|| previous.and_then(|p| p.current_version.clone())),
     };
-
-    let target: Option<String> = spec.target_version.clone().or_else(|| match &i.source {
-        SourceState::Loaded { versions, .. } => versions.last().cloned(),
-        _ => None,
-    });
+    let target =
+        i.sm.spec
+            .target_version
+            .clone()
+            .or_else(|| match &i.source {
+                SourceState::Loaded { versions, .. } => versions.last().cloned(),
+                _ => None,
+            });
+    let describe_target = target
+        .clone()
+        .unwrap_or_else(|| "the newest migration".into());
     let active = i
         .jobs
         .iter()
         .find(|j| j.kind == RunKind::Job && j.state == JobState::Active);
+    Facts {
+        read,
+        current,
+        target,
+        describe_target,
+        active,
+    }
+}
 
-    let verdict = 'verdict: {
-        // Inputs first: without them nothing can be judged.
-        match &i.secret {
-            SecretState::Missing => {
-                break 'verdict Verdict::stalled_pending(
-                    reason::SECRET_NOT_FOUND,
-                    format!(
-                        "Secret {} not found in this namespace; create it with the database URL \
-                         under key {}",
-                        spec.database.url_secret_ref.name, spec.database.url_secret_ref.key
-                    ),
-                );
-            }
-            SecretState::KeyMissing => {
-                break 'verdict Verdict::stalled_pending(
-                    reason::SECRET_KEY_MISSING,
-                    format!(
-                        "Secret {} has no key {}",
-                        spec.database.url_secret_ref.name, spec.database.url_secret_ref.key
-                    ),
-                );
-            }
-            SecretState::Found { .. } => {}
-        }
-        match &i.source {
-            SourceState::Missing => {
-                let name = spec
-                    .source
-                    .config_map_ref
-                    .as_ref()
-                    .map(|c| c.name.as_str())
-                    .unwrap_or("?");
-                break 'verdict Verdict::stalled_pending(
-                    reason::CONFIG_MAP_NOT_FOUND,
-                    format!(
-                        "ConfigMap {name} not found in this namespace; create it with the migration files"
-                    ),
-                );
-            }
-            SourceState::Invalid(m) => {
-                break 'verdict Verdict::new(Phase::Blocked, reason::INVALID_SOURCE, m.clone());
-            }
-            _ => {}
-        }
-        if !i.image_allowed {
-            break 'verdict Verdict::new(
-                Phase::Blocked,
-                reason::IMAGE_NOT_ALLOWED,
-                "the runner image is not in the controller's list of allowed images".into(),
-            );
-        }
-        if !i.service_account_allowed {
-            break 'verdict Verdict::new(
-                Phase::Blocked,
-                reason::SERVICE_ACCOUNT_NOT_ALLOWED,
-                "spec.runner.serviceAccountName is the schemagate controller's own service \
-                 account, which no SchemaMigration may use"
-                    .into(),
-            );
-        }
-        if let (Some(t), SourceState::Loaded { versions, .. }) = (&spec.target_version, &i.source) {
-            let known = versions.iter().any(|v| ver(v) == ver(t))
-                || read.is_some_and(|r| r.applied.iter().any(|a| ver(&a.version) == ver(t)));
-            if !known {
-                break 'verdict Verdict::new(
-                    Phase::Blocked,
-                    reason::UNKNOWN_TARGET,
-                    format!("targetVersion {t} is not a migration of the source"),
-                );
-            }
-        }
-        if let Some(r) = read {
-            if let Some(u) = &r.unfinished {
-                break 'verdict Verdict::new(
-                    Phase::Failed,
-                    reason::DIRTY,
-                    format!("{u}; inspect the database, then run `schemagate migrate resolve`"),
-                );
-            }
-            if let Some(d) = &r.drift {
-                break 'verdict Verdict::new(Phase::Failed, reason::DRIFT, d.clone());
-            }
-            if let Some(p) = &r.tool_problem {
-                break 'verdict Verdict::new(Phase::Failed, reason::TOOL_NEEDS_REPAIR, p.clone());
-            }
-        }
-
-        let pos = target.as_deref().map(|t| position(current.as_deref(), t));
-        let describe_target = target
-            .clone()
-            .unwrap_or_else(|| "the newest migration".into());
-        if pos == Some(Position::AtTarget) && active.is_none() {
-            break 'verdict Verdict::new(
-                Phase::Ready,
-                reason::UP_TO_DATE,
-                format!("the database is at {describe_target}"),
-            );
-        }
-        if pos == Some(Position::Ahead) && spec.downgrade == DowngradePolicy::Deny {
-            break 'verdict Verdict::new(
-                Phase::Blocked,
-                reason::DOWNGRADE_DENIED,
+/// Inputs a person must fix before anything can be judged: the Secret, the source, the
+/// runner policy, the target, a database that refuses the controller for good.
+fn input_problem(i: &Inputs<'_>, f: &Facts<'_>) -> Option<Verdict> {
+    let spec = &i.sm.spec;
+    let secret = &spec.database.url_secret_ref;
+    match &i.secret {
+        SecretState::Missing => {
+            return Some(Verdict::stalled_pending(
+                reason::SECRET_NOT_FOUND,
                 format!(
-                    "the database is at {}, above the target {describe_target}; set \
-                     downgrade: Allow to revert, or raise targetVersion",
-                    current.as_deref().unwrap_or("?")
+                    "Secret {} not found in this namespace; create it with the database URL \
+                     under key {}",
+                    secret.name, secret.key
                 ),
-            );
+            ));
         }
-        if spec.paused {
-            break 'verdict Verdict {
-                phase: Phase::Pending,
-                reason: reason::PAUSED,
-                message: "paused: nothing runs until spec.paused is false".into(),
-                reconciling: false,
-                stalled: false,
-            };
+        SecretState::KeyMissing => {
+            return Some(Verdict::stalled_pending(
+                reason::SECRET_KEY_MISSING,
+                format!("Secret {} has no key {}", secret.name, secret.key),
+            ));
         }
-        let command = if pos == Some(Position::Ahead) {
-            RunCommand::Downgrade
-        } else {
-            RunCommand::Upgrade
+        SecretState::Found { .. } => {}
+    }
+    match &i.source {
+        SourceState::Missing => {
+            let name = spec
+                .source
+                .config_map_ref
+                .as_ref()
+                .map(|c| c.name.as_str())
+                .unwrap_or("?");
+            return Some(Verdict::stalled_pending(
+                reason::CONFIG_MAP_NOT_FOUND,
+                format!(
+                    "ConfigMap {name} not found in this namespace; create it with the migration files"
+                ),
+            ));
+        }
+        SourceState::Invalid(m) => {
+            return Some(Verdict::new(
+                Phase::Blocked,
+                reason::INVALID_SOURCE,
+                m.clone(),
+            ));
+        }
+        _ => {}
+    }
+    if !i.image_allowed {
+        return Some(Verdict::new(
+            Phase::Blocked,
+            reason::IMAGE_NOT_ALLOWED,
+            "the runner image is not in the controller's list of allowed images".into(),
+        ));
+    }
+    if !i.service_account_allowed {
+        return Some(Verdict::new(
+            Phase::Blocked,
+            reason::SERVICE_ACCOUNT_NOT_ALLOWED,
+            "spec.runner.serviceAccountName is the schemagate controller's own service \
+             account, which no SchemaMigration may use"
+                .into(),
+        ));
+    }
+    if let (Some(t), SourceState::Loaded { versions, .. }) = (&spec.target_version, &i.source) {
+        let known = versions.iter().any(|v| ver(v) == ver(t))
+            || f.read
+                .is_some_and(|r| r.applied.iter().any(|a| ver(&a.version) == ver(t)));
+        if !known {
+            return Some(Verdict::new(
+                Phase::Blocked,
+                reason::UNKNOWN_TARGET,
+                format!("targetVersion {t} is not a migration of the source"),
+            ));
+        }
+    }
+    if let DbView::Failed(e) = &i.database
+        && e.kind.permanent()
+    {
+        let (why, todo) = match e.kind {
+            DbFailureKind::Auth => (
+                reason::DATABASE_AUTH_FAILED,
+                "fix the credentials in the Secret",
+            ),
+            DbFailureKind::NoDatabase => (
+                reason::DATABASE_NOT_FOUND,
+                "create the database, or fix its name in the Secret's URL",
+            ),
+            _ => (reason::INVALID_DATABASE_URL, "fix the URL in the Secret"),
         };
+        return Some(Verdict::stalled_pending(
+            why,
+            format!(
+                "{}; {todo} ({} key {}): the runner would fail the same way",
+                e.message, secret.name, secret.key
+            ),
+        ));
+    }
+    None
+}
 
-        match spec.mode {
-            MigrationMode::InitContainer => {
-                // Without a known target (an image source), the newest successful run says.
-                if target.is_none()
-                    && let Some(run) = i.jobs.first().filter(|r| r.state == JobState::Succeeded)
-                {
-                    break 'verdict Verdict::new(
-                        Phase::Ready,
-                        reason::UP_TO_DATE,
-                        format!(
-                            "{} migrated the database to {}",
-                            run.name,
-                            current.as_deref().unwrap_or("the newest migration")
-                        ),
-                    );
-                }
-                if let Some(run) = i
-                    .jobs
-                    .first()
-                    .filter(|r| r.kind == RunKind::Pod && r.state == JobState::Failed)
-                {
-                    break 'verdict Verdict::new(
-                        Phase::Failed,
-                        reason::MIGRATION_FAILED,
-                        format!(
-                            "the init container of pod {} failed: {}",
-                            run.name,
-                            last_run(run).message.unwrap_or_else(|| "no message".into())
-                        ),
-                    );
-                }
-                if let DbView::Unreachable(m) = &i.database {
-                    break 'verdict Verdict::new(
-                        Phase::Pending,
-                        reason::DATABASE_UNREACHABLE,
-                        format!("cannot read the database to check its version: {m}"),
-                    );
-                }
+/// A history table that needs a person: a dirty step, drift, another tool's repair.
+fn database_problem(read: &DbRead) -> Option<Verdict> {
+    if let Some(u) = &read.unfinished {
+        return Some(Verdict::new(
+            Phase::Failed,
+            reason::DIRTY,
+            format!(
+                "{}; inspect the database, then run `schemagate migrate resolve {} \
+                 --applied` (or `--reverted`)",
+                u.message, u.version
+            ),
+        ));
+    }
+    if let Some(d) = &read.drift {
+        return Some(Verdict::new(
+            Phase::Failed,
+            reason::DRIFT,
+            d.message.clone(),
+        ));
+    }
+    read.tool_problem
+        .as_ref()
+        .map(|p| Verdict::new(Phase::Failed, reason::TOOL_NEEDS_REPAIR, p.clone()))
+}
+
+/// Where the database stands against the target: at it (Ready), above it with downgrades
+/// denied (Blocked), or paused. `None`: something must run.
+fn version_verdict(i: &Inputs<'_>, f: &Facts<'_>, pos: Option<Position>) -> Option<Verdict> {
+    if pos == Some(Position::AtTarget) && f.active.is_none() {
+        return Some(Verdict::new(
+            Phase::Ready,
+            reason::UP_TO_DATE,
+            format!("the database is at {}", f.describe_target),
+        ));
+    }
+    if pos == Some(Position::Ahead) && i.sm.spec.downgrade == DowngradePolicy::Deny {
+        return Some(Verdict::new(
+            Phase::Blocked,
+            reason::DOWNGRADE_DENIED,
+            format!(
+                "the database is at {}, above the target {}; set downgrade: Allow to \
+                 revert, or raise targetVersion",
+                f.current.as_deref().unwrap_or("?"),
+                f.describe_target
+            ),
+        ));
+    }
+    i.sm.spec.paused.then(|| Verdict {
+        phase: Phase::Pending,
+        reason: reason::PAUSED,
+        message: "paused: nothing runs until spec.paused is false".into(),
+        reconciling: false,
+        stalled: false,
+    })
+}
+
+/// Init-container mode: the gated pods migrate; the controller reports their runs.
+fn init_container_verdict(i: &Inputs<'_>, f: &Facts<'_>) -> Verdict {
+    // Without a known target (an image source), the newest successful run says.
+    if f.target.is_none()
+        && let Some(run) = i.jobs.first().filter(|r| r.state == JobState::Succeeded)
+    {
+        return Verdict::new(
+            Phase::Ready,
+            reason::UP_TO_DATE,
+            format!(
+                "{} migrated the database to {}",
+                run.name,
+                f.current.as_deref().unwrap_or("the newest migration")
+            ),
+        );
+    }
+    if let Some(run) = i
+        .jobs
+        .first()
+        .filter(|r| r.kind == RunKind::Pod && r.state == JobState::Failed)
+    {
+        return Verdict::new(
+            Phase::Failed,
+            reason::MIGRATION_FAILED,
+            format!(
+                "the init container of pod {} failed: {}",
+                run.name,
+                last_run(run).message.unwrap_or_else(|| "no message".into())
+            ),
+        );
+    }
+    if let DbView::Failed(e) = &i.database {
+        return Verdict::new(
+            Phase::Pending,
+            reason::DATABASE_UNREACHABLE,
+            format!(
+                "cannot read the database to check its version: {}",
+                e.message
+            ),
+        );
+    }
+    Verdict::new(
+        Phase::Migrating,
+        reason::WAITING_FOR_POD,
+        format!(
+            "the next pod labelled {}={} migrates the database to {}",
+            crate::api::MIGRATION_LABEL,
+            i.sm.metadata.name.as_deref().unwrap_or_default(),
+            f.describe_target
+        ),
+    )
+}
+
+/// Job mode: the Job for this target and command, found (running, failed, succeeded) or
+/// to create.
+fn job_verdict(
+    i: &Inputs<'_>,
+    f: &Facts<'_>,
+    command: RunCommand,
+    action: &mut Action,
+    events: &mut Vec<EventNote>,
+) -> Verdict {
+    let planned_name = i.namer.map(|namer| namer(f.target.as_deref(), command));
+    let planned = planned_name.as_ref().and_then(|(name, _)| {
+        i.jobs
+            .iter()
+            .find(|j| j.kind == RunKind::Job && &j.name == name)
+    });
+    if let Some(job) = f.active {
+        return Verdict::new(
+            Phase::Migrating,
+            reason::JOB_RUNNING,
+            format!("Job {} is migrating the database", job.name),
+        );
+    }
+    match planned {
+        Some(job) if job.state == JobState::Failed => Verdict::new(
+            Phase::Failed,
+            reason::MIGRATION_FAILED,
+            format!(
+                "Job {} failed: {}; fix the migration (a changed source or target runs a \
+                 new Job), or delete the Job to retry",
+                job.name,
+                last_run(job).message.unwrap_or_else(|| "no message".into())
+            ),
+        ),
+        // Succeeded. Without a known target (an image source), that is the goal; with one,
+        // the database is not at it (read, or unread and the Job's summary says otherwise).
+        Some(job) if f.target.is_none() => Verdict::new(
+            Phase::Ready,
+            reason::UP_TO_DATE,
+            format!(
+                "Job {} migrated the database to {}",
+                job.name,
+                job.summary
+                    .as_ref()
+                    .and_then(|s| s.reached())
+                    .unwrap_or("the newest migration")
+            ),
+        ),
+        Some(job) => Verdict::new(
+            Phase::Failed,
+            reason::UNEXPECTED_VERSION,
+            format!(
+                "Job {} succeeded but the database is at {}, not {}; delete the Job to run \
+                 it again",
+                job.name,
+                f.current.as_deref().unwrap_or("no version"),
+                f.describe_target
+            ),
+        ),
+        None => match &planned_name {
+            Some((name, hash)) => {
+                *action = Action::CreateJob(JobPlan {
+                    name: name.clone(),
+                    target: f.target.clone(),
+                    command,
+                    run_hash: hash.clone(),
+                });
+                events.push(EventNote {
+                    warning: false,
+                    reason: reason::JOB_CREATED,
+                    note: format!(
+                        "created Job {name} to {} to {}",
+                        command.as_str(),
+                        f.describe_target
+                    ),
+                });
                 Verdict::new(
                     Phase::Migrating,
-                    reason::WAITING_FOR_POD,
-                    format!(
-                        "the next pod labelled {}={} migrates the database to {describe_target}",
-                        crate::api::MIGRATION_LABEL,
-                        sm.metadata.name.as_deref().unwrap_or_default()
-                    ),
+                    reason::JOB_CREATED,
+                    format!("Job {name} created"),
                 )
             }
-            MigrationMode::Job => {
-                let planned_name = i.namer.map(|namer| namer(target.as_deref(), command));
-                let planned = planned_name.as_ref().and_then(|(name, _)| {
-                    i.jobs
-                        .iter()
-                        .find(|j| j.kind == RunKind::Job && &j.name == name)
-                });
-                if let Some(job) = active {
-                    break 'verdict Verdict::new(
-                        Phase::Migrating,
-                        reason::JOB_RUNNING,
-                        format!("Job {} is migrating the database", job.name),
-                    );
-                }
-                match planned {
-                    Some(job) if job.state == JobState::Failed => Verdict::new(
-                        Phase::Failed,
-                        reason::MIGRATION_FAILED,
-                        format!(
-                            "Job {} failed: {}; fix the migration (a changed source or target \
-                             runs a new Job), or delete the Job to retry",
-                            job.name,
-                            last_run(job).message.unwrap_or_else(|| "no message".into())
-                        ),
-                    ),
-                    Some(job) => {
-                        // Succeeded. Without a known target (an image source), that is the
-                        // goal; with one, the database is not at it (read, or unread and the
-                        // Job's summary says otherwise).
-                        let reached = job
-                            .summary
-                            .as_ref()
-                            .and_then(|s| s.reached())
-                            .map(str::to_string);
-                        if target.is_none() {
-                            break 'verdict Verdict::new(
-                                Phase::Ready,
-                                reason::UP_TO_DATE,
-                                format!(
-                                    "Job {} migrated the database to {}",
-                                    job.name,
-                                    reached.as_deref().unwrap_or("the newest migration")
-                                ),
-                            );
-                        }
-                        Verdict::new(
-                            Phase::Failed,
-                            reason::UNEXPECTED_VERSION,
-                            format!(
-                                "Job {} succeeded but the database is at {}, not {describe_target}; \
-                                 delete the Job to run it again",
-                                job.name,
-                                current.as_deref().unwrap_or("no version")
-                            ),
-                        )
-                    }
-                    None => match &planned_name {
-                        Some((name, hash)) => {
-                            action = Action::CreateJob(JobPlan {
-                                name: name.clone(),
-                                target: target.clone(),
-                                command,
-                                run_hash: hash.clone(),
-                            });
-                            events.push(EventNote {
-                                warning: false,
-                                reason: reason::JOB_CREATED,
-                                note: format!(
-                                    "created Job {name} to {} to {describe_target}",
-                                    command.as_str()
-                                ),
-                            });
-                            Verdict::new(
-                                Phase::Migrating,
-                                reason::JOB_CREATED,
-                                format!("Job {name} created"),
-                            )
-                        }
-                        None => Verdict::stalled_pending(
-                            reason::INVALID_SOURCE,
-                            "no Job can be planned for this source".into(),
-                        ),
-                    },
-                }
-            }
+            None => Verdict::stalled_pending(
+                reason::INVALID_SOURCE,
+                "no Job can be planned for this source".into(),
+            ),
+        },
+    }
+}
+
+/// The one verdict for the resource, and the action it implies.
+fn verdict(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) -> (Verdict, Action) {
+    let mut action = Action::Nothing;
+    if let Some(v) = input_problem(i, f).or_else(|| f.read.and_then(database_problem)) {
+        return (v, action);
+    }
+    let pos = f
+        .target
+        .as_deref()
+        .map(|t| position(f.current.as_deref(), t));
+    if let Some(v) = version_verdict(i, f, pos) {
+        return (v, action);
+    }
+    let v = match i.sm.spec.mode {
+        MigrationMode::InitContainer => init_container_verdict(i, f),
+        MigrationMode::Job => {
+            let command = if pos == Some(Position::Ahead) {
+                RunCommand::Downgrade
+            } else {
+                RunCommand::Upgrade
+            };
+            job_verdict(i, f, command, &mut action, events)
         }
     };
+    (v, action)
+}
 
+/// The kstatus conditions of a verdict, plus whether the database could be read.
+fn conditions_of(i: &Inputs<'_>, v: &Verdict) -> Vec<Condition> {
     let db_condition = match &i.database {
         DbView::NotObserved => (
             false,
             reason::NOT_OBSERVED,
             "the controller does not read databases".to_string(),
         ),
-        DbView::Unreachable(m) => (false, reason::DATABASE_UNREACHABLE, m.clone()),
+        DbView::Failed(e) => (false, reason::DATABASE_UNREACHABLE, e.message.clone()),
         DbView::Read(_) => (
             true,
             reason::DATABASE_READ,
             "read the history table".to_string(),
         ),
     };
-    let prev = &previous.conditions;
-    let ready = verdict.phase == Phase::Ready;
+    let previous =
+        i.sm.status
+            .as_ref()
+            .map(|s| s.conditions.as_slice())
+            .unwrap_or_default();
+    let generation = i.sm.metadata.generation;
     let condition = |kind, status, reason, message| {
-        cond::condition(prev, kind, status, reason, message, generation, &i.now)
+        cond::condition(previous, kind, status, reason, message, generation, &i.now)
     };
-    let message = &verdict.message;
-    let conditions: Vec<Condition> = vec![
-        condition(cond::READY, ready, verdict.reason, message.clone()),
+    vec![
+        condition(
+            cond::READY,
+            v.phase == Phase::Ready,
+            v.reason,
+            v.message.clone(),
+        ),
         condition(
             cond::RECONCILING,
-            verdict.reconciling,
-            verdict.reason,
-            message.clone(),
+            v.reconciling,
+            v.reason,
+            v.message.clone(),
         ),
-        condition(
-            cond::STALLED,
-            verdict.stalled,
-            verdict.reason,
-            message.clone(),
-        ),
+        condition(cond::STALLED, v.stalled, v.reason, v.message.clone()),
         condition(
             cond::DATABASE_REACHABLE,
             db_condition.0,
             db_condition.1,
             db_condition.2,
         ),
-    ];
+    ]
+}
 
-    if previous.phase != Some(verdict.phase) {
+/// Events for what changed since the last status: a new phase, a run that finished.
+fn events_of(i: &Inputs<'_>, v: &Verdict, events: &mut Vec<EventNote>) {
+    let previous = i.sm.status.clone().unwrap_or_default();
+    if previous.phase != Some(v.phase) {
         events.push(EventNote {
-            warning: verdict.stalled,
-            reason: verdict.reason,
-            note: format!("{}: {}", verdict.phase.as_str(), verdict.message),
+            warning: v.stalled,
+            reason: v.reason,
+            note: format!("{}: {}", v.phase.as_str(), v.message),
         });
     }
-
-    let newest = i.jobs.first();
     // A run that finished since the last status: who migrated what, or why it failed.
-    if let Some(run) = newest.filter(|r| r.state != JobState::Active) {
-        let seen = previous
-            .last_run
-            .as_ref()
-            .is_some_and(|l| l.name == run.name && l.result == last_run(run).result);
-        let applied = run.summary.as_ref().is_some_and(|s| !s.applied.is_empty());
-        let kind = match run.kind {
-            RunKind::Job => "Job",
-            RunKind::Pod => "pod",
-        };
-        let message = last_run(run).message.unwrap_or_default();
-        let told = events.iter().any(|e| e.reason == reason::MIGRATION_FAILED);
-        if !seen && run.state == JobState::Failed && !told {
-            events.push(EventNote {
-                warning: true,
-                reason: reason::MIGRATION_FAILED,
-                note: format!("{kind} {} failed: {message}", run.name),
-            });
-        } else if !seen && applied {
-            events.push(EventNote {
-                warning: false,
-                reason: reason::MIGRATED,
-                note: format!("{kind} {} {message}", run.name),
-            });
-        }
+    let Some(run) = i.jobs.first().filter(|r| r.state != JobState::Active) else {
+        return;
+    };
+    let seen = previous
+        .last_run
+        .as_ref()
+        .is_some_and(|l| l.name == run.name && l.result == last_run(run).result);
+    let applied = run.summary.as_ref().is_some_and(|s| !s.applied.is_empty());
+    let kind = match run.kind {
+        RunKind::Job => "Job",
+        RunKind::Pod => "pod",
+    };
+    let message = last_run(run).message.unwrap_or_default();
+    let told = events.iter().any(|e| e.reason == reason::MIGRATION_FAILED);
+    if !seen && run.state == JobState::Failed && !told {
+        events.push(EventNote {
+            warning: true,
+            reason: reason::MIGRATION_FAILED,
+            note: format!("{kind} {} failed: {message}", run.name),
+        });
+    } else if !seen && applied {
+        events.push(EventNote {
+            warning: false,
+            reason: reason::MIGRATED,
+            note: format!("{kind} {} {message}", run.name),
+        });
     }
+}
+
+/// Decides status and action for one resource: the facts, the verdict (input problems,
+/// then database problems, then the version against the target, then the mode's own
+/// rules), its conditions and Events.
+pub fn decide(i: &Inputs<'_>) -> Decision {
+    let f = facts(i);
+    let mut events = Vec::new();
+    let (v, action) = verdict(i, &f, &mut events);
+    let conditions = conditions_of(i, &v);
+    events_of(i, &v, &mut events);
+    let previous = i.sm.status.clone().unwrap_or_default();
     let status = SchemaMigrationStatus {
-        observed_generation: generation,
-        phase: Some(verdict.phase),
-        current_version: current,
-        target_version: target,
-        pending: read
+        observed_generation: i.sm.metadata.generation,
+        phase: Some(v.phase),
+        current_version: f.current.clone(),
+        target_version: f.target.clone(),
+        pending: f
+            .read
             .map(|r| r.pending.iter().take(STATUS_LIST_MAX).cloned().collect())
             .unwrap_or_else(|| previous.pending.clone()),
-        applied: read
+        applied: f
+            .read
             .map(|r| {
                 let skip = r.applied.len().saturating_sub(STATUS_LIST_MAX);
                 r.applied[skip..].to_vec()
             })
             .unwrap_or_else(|| previous.applied.clone()),
-        last_run: newest.map(last_run).or(previous.last_run.clone()),
+        last_run: i.jobs.first().map(last_run).or(previous.last_run.clone()),
         conditions,
     };
     Decision {

@@ -17,8 +17,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
 use super::decide::{
-    self, Action, DbRead, DbView, Decision, Inputs, JobState, JobView, RunCommand, RunKind,
-    RunSummary, SecretState, SourceState,
+    self, Action, DbFailure, DbFailureKind, DbRead, DbView, Decision, DirtyStep, Drifted, Inputs,
+    JobState, JobView, RunCommand, RunKind, RunSummary, SecretState, SourceState,
 };
 use super::job;
 use crate::api::{
@@ -235,7 +235,10 @@ async fn read_database(
         .clone()
         .unwrap_or_else(|| engine::dialect::DEFAULT_HISTORY_TABLE.into());
     let Ok(table) = HistoryTable::parse(&table_name) else {
-        return DbView::Unreachable(format!("invalid history table name {table_name:?}"));
+        return DbView::Failed(DbFailure::new(
+            DbFailureKind::Config,
+            format!("invalid history table name {table_name:?} in spec.options.historyTable"),
+        ));
     };
     let (url, _) = engine::dialect::split_url_params(url);
     let cfg = ConnectConfig {
@@ -259,10 +262,8 @@ async fn read_database(
     };
     let state = match tokio::time::timeout(timeout * 2, read).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return DbView::Unreachable(redact::redact(&e.to_string()).into_owned()),
-        Err(_) => {
-            return DbView::Unreachable(format!("no answer within {}s", (timeout * 2).as_secs()));
-        }
+        Ok(Err(e)) => return DbView::Failed(db_failure(&e)),
+        Err(_) => return DbView::Failed(no_answer(timeout * 2)),
     };
     let set = files.and_then(|f| source::load_files("the source", f.to_vec()).ok());
     let applied: Vec<AppliedMigration> = state
@@ -285,7 +286,11 @@ async fn read_database(
                 .map(|m| m.version.to_string())
                 .collect();
             let d = engine::plan::drift(set, &state, ChecksumMode::Strict);
-            let drift = (!d.is_empty()).then(|| engine::plan::PlanError::Drift(d).to_string());
+            let drift = (!d.is_empty()).then(|| Drifted {
+                changed: d.changed.iter().map(|c| c.version.to_string()).collect(),
+                missing: d.missing.iter().map(|m| m.version.to_string()).collect(),
+                message: engine::plan::PlanError::Drift(d).to_string(),
+            });
             (pending, drift)
         }
         None => (Vec::new(), None),
@@ -294,13 +299,32 @@ async fn read_database(
         current: state.current().map(|v| v.to_string()),
         applied: applied[skip..].to_vec(),
         pending,
-        unfinished: state
-            .unfinished
-            .as_ref()
-            .map(|u| engine::plan::PlanError::Unfinished(Box::new(u.clone())).to_string()),
+        unfinished: state.unfinished.as_ref().map(|u| DirtyStep {
+            version: u.version.clone(),
+            failed: u.failed,
+            message: engine::plan::PlanError::Unfinished(Box::new(u.clone())).to_string(),
+        }),
         drift,
         tool_problem: None,
     })
+}
+
+/// A database error as a fact for the decision: what kind, and the message (scrubbed).
+fn db_failure(e: &engine::DbError) -> DbFailure {
+    let kind = match e.kind {
+        engine::DbErrorKind::Auth => DbFailureKind::Auth,
+        engine::DbErrorKind::NoDatabase => DbFailureKind::NoDatabase,
+        engine::DbErrorKind::Config => DbFailureKind::Config,
+        _ => DbFailureKind::Unreachable,
+    };
+    DbFailure::new(kind, redact::redact(&e.to_string()).into_owned())
+}
+
+fn no_answer(after: Duration) -> DbFailure {
+    DbFailure::new(
+        DbFailureKind::Unreachable,
+        format!("no answer within {}s", after.as_secs()),
+    )
 }
 
 /// Another tool's history table, as the status reports it.
@@ -313,10 +337,8 @@ async fn read_tool(cfg: &ConnectConfig, tool: engine::tools::Tool, timeout: Dura
     };
     let state = match tokio::time::timeout(timeout * 2, read).await {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => return DbView::Unreachable(redact::redact(&e.to_string()).into_owned()),
-        Err(_) => {
-            return DbView::Unreachable(format!("no answer within {}s", (timeout * 2).as_secs()));
-        }
+        Ok(Err(e)) => return DbView::Failed(db_failure(&e)),
+        Err(_) => return DbView::Failed(no_answer(timeout * 2)),
     };
     let skip = state.applied.len().saturating_sub(STATUS_LIST_MAX);
     DbView::Read(DbRead {
@@ -573,7 +595,10 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
             read_database(sm, url, files.as_deref(), ctx.settings.db_timeout).await
         }
         (_, false) => DbView::NotObserved,
-        (None, true) => DbView::Unreachable("the database URL is not available".into()),
+        (None, true) => DbView::Failed(DbFailure::new(
+            DbFailureKind::Config,
+            "the database URL is not available",
+        )),
     };
     // Jobs exist in Job mode only (a switch to init-container mode while a Job runs is
     // harmless: the runner holds the database lock, the pods wait for it); init-container

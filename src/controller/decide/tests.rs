@@ -177,7 +177,10 @@ fn job_success_makes_it_ready_with_the_versions() {
 fn job_success_is_trusted_when_the_database_cannot_be_read() {
     let sm = sm(MigrationMode::Job);
     let mut i = inputs(&sm);
-    i.database = DbView::Unreachable("connection refused".into());
+    i.database = DbView::Failed(DbFailure::new(
+        DbFailureKind::Unreachable,
+        "connection refused",
+    ));
     i.jobs = vec![job(
         "orders-1a2b3c4d",
         JobState::Succeeded,
@@ -377,7 +380,11 @@ fn dirty_and_drifted_databases_fail() {
     let mut i = inputs(&sm);
     i.database = DbView::Read(DbRead {
         current: Some("2".into()),
-        unfinished: Some("step 3 (up) did not finish".into()),
+        unfinished: Some(DirtyStep {
+            version: "3".into(),
+            failed: false,
+            message: "step 3 (up) did not finish".into(),
+        }),
         ..Default::default()
     });
     let d = decide(&i);
@@ -387,7 +394,11 @@ fn dirty_and_drifted_databases_fail() {
 
     i.database = DbView::Read(DbRead {
         current: Some("2".into()),
-        drift: Some("applied migration 1 changed".into()),
+        drift: Some(Drifted {
+            changed: vec!["1".into()],
+            message: "applied migration 1 changed".into(),
+            ..Default::default()
+        }),
         ..Default::default()
     });
     assert_eq!(cond(&decide(&i), cond::STALLED).reason, reason::DRIFT);
@@ -419,7 +430,7 @@ fn init_container_mode_waits_for_pods_and_reports_their_runs() {
     assert_eq!(phase(&decide(&i)), Phase::Ready);
 
     let mut i = inputs(&sm);
-    i.database = DbView::Unreachable("timed out".into());
+    i.database = DbView::Failed(DbFailure::new(DbFailureKind::Unreachable, "timed out"));
     let d = decide(&i);
     assert_eq!(phase(&d), Phase::Pending);
     assert_eq!(
@@ -471,4 +482,59 @@ fn an_unchanged_world_gives_an_identical_status() {
     i.database = db(Some("2"));
     let third = decide(&i);
     assert_eq!(cond(&third, cond::READY).last_transition_time, later());
+}
+
+#[test]
+fn a_database_that_refuses_the_controller_for_good_stalls_in_both_modes() {
+    for mode in [MigrationMode::InitContainer, MigrationMode::Job] {
+        let sm = sm(mode);
+        for (kind, why) in [
+            (DbFailureKind::Auth, reason::DATABASE_AUTH_FAILED),
+            (DbFailureKind::NoDatabase, reason::DATABASE_NOT_FOUND),
+            (DbFailureKind::Config, reason::INVALID_DATABASE_URL),
+        ] {
+            let mut i = inputs(&sm);
+            i.database = DbView::Failed(DbFailure::new(kind, "the server said no"));
+            let d = decide(&i);
+            assert_kstatus(&d);
+            let stalled = cond(&d, cond::STALLED);
+            assert_eq!(
+                (stalled.status.as_str(), stalled.reason.as_str()),
+                ("True", why)
+            );
+            assert!(stalled.message.contains("orders-db"), "{}", stalled.message);
+            assert_eq!(
+                d.action,
+                Action::Nothing,
+                "no Job that would fail the same way"
+            );
+        }
+        // An unreachable server may come back: not stalled.
+        let mut i = inputs(&sm);
+        i.database = DbView::Failed(DbFailure::new(DbFailureKind::Unreachable, "refused"));
+        assert_eq!(cond(&decide(&i), cond::STALLED).status, "False");
+    }
+}
+
+#[test]
+fn a_dirty_step_names_the_resolve_command_for_its_version() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    i.database = DbView::Read(DbRead {
+        current: Some("2".into()),
+        unfinished: Some(DirtyStep {
+            version: "3".into(),
+            failed: true,
+            message: "step 3 failed at statement 2 of 3".into(),
+        }),
+        ..Default::default()
+    });
+    let d = decide(&i);
+    assert!(
+        cond(&d, cond::STALLED)
+            .message
+            .contains("schemagate migrate resolve 3 --applied"),
+        "{:?}",
+        cond(&d, cond::STALLED)
+    );
 }
