@@ -622,13 +622,149 @@ async fn an_existing_job_is_adopted_not_duplicated() {
     assert_eq!(posts(&seen, "/jobs").len(), 1);
     assert_eq!(status_patch(&seen)["phase"], "Migrating");
     // A Job somebody else created under that name is never taken for ours.
+    // It is a permanent problem: the resource is Blocked and Stalled with the reason and
+    // what to do, a Warning Event says so, and the retry is slow (not a hot loop).
     let mut squatted = conflict;
     squatted.job_squatted = true;
-    let (_, result) = reconcile_once(sm, squatted).await;
-    let err = result.unwrap_err().to_string();
+    let (seen, result) = reconcile_once(sm.clone(), squatted).await;
+    let err = result.unwrap_err();
     assert!(
-        err.contains("was not created by this SchemaMigration"),
+        err.to_string()
+            .contains("was not created by this SchemaMigration"),
         "{err}"
+    );
+    assert_eq!(err.class(), reconcile::ErrorClass::Permanent);
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Blocked", "{status:#}");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(stalled["status"], "True");
+    assert_eq!(stalled["reason"], "ObjectNotOwned");
+    assert!(
+        stalled["message"]
+            .as_str()
+            .unwrap()
+            .contains("delete or rename"),
+        "{stalled}"
+    );
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    let warned = events(&seen, "ObjectNotOwned");
+    assert_eq!(warned.len(), 1, "{seen:#?}");
+}
+
+/// A context whose API calls the mock answers with `status`, recording what it saw.
+fn failing_context(
+    status: StatusCode,
+) -> (
+    Arc<Context>,
+    Arc<Mutex<Vec<Seen>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let log = seen.clone();
+    let api = tokio::spawn(async move {
+        while let Some((request, send)) = handle.next_request().await {
+            let (parts, body) = request.into_parts();
+            let bytes = http_body_util::BodyExt::collect(body)
+                .await
+                .unwrap()
+                .to_bytes();
+            let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            log.lock().unwrap().push(Seen {
+                method: parts.method.to_string(),
+                path: parts.uri.path().to_string(),
+                query: parts.uri.query().unwrap_or_default().to_string(),
+                body: body.clone(),
+            });
+            send.send_response(json_response(status, body));
+        }
+    });
+    let client = Client::new(service, NS);
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        settings: Settings::default(),
+        metrics: Arc::new(Metrics::new()),
+        recorder: Recorder::new(
+            client,
+            Reporter {
+                controller: "schemagate-test".into(),
+                instance: None,
+            },
+        ),
+        failures: Default::default(),
+        pods: kube::runtime::reflector::store::<Pod>().0,
+    });
+    (ctx, seen, api)
+}
+
+#[tokio::test]
+async fn a_transient_failure_backs_off_with_one_event_per_message_not_per_retry() {
+    let sm = resource(MigrationMode::Job);
+    let (ctx, seen, api) = failing_context(StatusCode::CREATED);
+    let conflict = || reconcile::Error::Kube {
+        op: "patch_status",
+        source: kube::Error::Api(
+            kube::core::Status::failure("the object has been modified", "Conflict")
+                .with_code(409)
+                .boxed(),
+        ),
+    };
+    let mut delays = Vec::new();
+    for _ in 0..4 {
+        let e = conflict();
+        assert_eq!(e.class(), reconcile::ErrorClass::Transient);
+        reconcile::report_failure(&ctx, &sm, &e).await;
+        let requeue = reconcile::error_policy(Arc::new(sm.clone()), &e, ctx.clone());
+        delays.push(format!("{requeue:?}"));
+    }
+    api.abort();
+    let seen = seen.lock().unwrap().clone();
+    let warned: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.body.to_string().contains("ApiConflict") && s.path.contains("events"))
+        .collect();
+    assert_eq!(warned.len(), 1, "one Event for the streak: {seen:#?}");
+    // Backoff grows: every delay differs from the one before.
+    assert!(delays.windows(2).all(|w| w[0] != w[1]), "{delays:?}");
+    let status = seen
+        .iter()
+        .find(|s| s.method == "PATCH" && s.path.ends_with("/status"))
+        .expect("a status write")
+        .body["status"]
+        .clone();
+    assert_eq!(condition(&status, "Reconciling")["reason"], "ApiConflict");
+    assert_eq!(condition(&status, "Stalled")["status"], "False");
+    let metrics = ctx.metrics.encode();
+    assert!(
+        metrics.contains(
+            "schemagate_reconcile_errors_total{reason=\"patch_status\",class=\"transient\"} 4"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_permanent_failure_is_retried_slowly_not_in_a_hot_loop() {
+    let sm = resource(MigrationMode::Job);
+    let (ctx, _seen, api) = failing_context(StatusCode::CREATED);
+    let forbidden = reconcile::Error::Kube {
+        op: "create_job",
+        source: kube::Error::Api(
+            kube::core::Status::failure("jobs.batch is forbidden", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        ),
+    };
+    assert_eq!(forbidden.class(), reconcile::ErrorClass::Permanent);
+    reconcile::report_failure(&ctx, &sm, &forbidden).await;
+    let requeue = reconcile::error_policy(Arc::new(sm.clone()), &forbidden, ctx.clone());
+    api.abort();
+    assert_eq!(
+        format!("{requeue:?}"),
+        format!(
+            "{:?}",
+            kube::runtime::controller::Action::requeue(Settings::default().requeue)
+        )
     );
 }
 
@@ -1008,7 +1144,7 @@ async fn the_controller_shows_the_database_password_nowhere() {
         failures: Default::default(),
         pods: kube::runtime::reflector::store::<Pod>().0,
     });
-    reconcile::error_policy(Arc::new(sm), &err, ctx);
+    reconcile::report_failure(&ctx, &sm, &err).await;
     tokio::time::timeout(Duration::from_secs(10), arrived)
         .await
         .expect("the error Event within 10s")
@@ -1038,7 +1174,7 @@ async fn the_controller_shows_the_database_password_nowhere() {
     surfaces.push(("metrics".into(), ctx_metrics.encode()));
     assert!(
         surfaces.iter().any(|(at, _)| at == "logs")
-            && surfaces.iter().any(|(_, t)| t.contains("ReconcileError")),
+            && surfaces.iter().any(|(_, t)| t.contains("ApiUnreachable")),
         "the error went somewhere"
     );
     for (at, text) in &surfaces {

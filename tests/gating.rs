@@ -23,10 +23,10 @@ use http::{Request, Response, StatusCode};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, Secret};
+use kube::Client;
 use kube::api::ObjectMeta;
 use kube::client::Body;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::Client;
 use schemagate::api::{
     DowngradePolicy, ImageSource, InlineMigration, MigrationMode, Phase, SchemaMigration,
     SchemaMigrationSpec, SchemaMigrationStatus, SourceSpec,

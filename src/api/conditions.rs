@@ -65,6 +65,19 @@ pub mod reason {
     pub const SERVICE_ACCOUNT_NOT_ALLOWED: &str = "ServiceAccountNotAllowed";
     /// The runner image is not allowed by the controller's policy.
     pub const IMAGE_NOT_ALLOWED: &str = "ImageNotAllowed";
+    /// An object under a name schemagate derives (a Job, an inline-source ConfigMap) exists
+    /// but belongs to someone else (permanent: delete or rename it).
+    pub const OBJECT_NOT_OWNED: &str = "ObjectNotOwned";
+    /// The API server refused the controller a permission (permanent: fix its RBAC).
+    pub const FORBIDDEN: &str = "Forbidden";
+    /// The API server rejected an object the controller wrote (permanent).
+    pub const REJECTED: &str = "Rejected";
+    /// A write lost a race with another writer (transient: retried).
+    pub const API_CONFLICT: &str = "ApiConflict";
+    /// The API server answered with an error (transient: retried).
+    pub const API_ERROR: &str = "ApiError";
+    /// The API server could not be reached or did not answer in time (transient).
+    pub const API_UNREACHABLE: &str = "ApiUnreachable";
 }
 
 /// A condition, keeping the previous `lastTransitionTime` when its status did not change

@@ -116,6 +116,7 @@ pub fn run_summary(
             s.current = text(o.json.get("current"));
             s.target = text(o.json.get("target"));
             s.ahead = o.json.get("ahead").and_then(|a| a.as_bool());
+            s.lock_wait_ms = o.json.get("lockWaitMs").and_then(|w| w.as_u64());
             s.applied = versions_of(o.json.get("steps"))
                 .or_else(|| strings(o.json.get("stamped")))
                 .or_else(|| strings(o.json.get("applied")))

@@ -21,9 +21,10 @@ use super::decide::{
     JobState, JobView, RunCommand, RunKind, RunSummary, SecretState, SourceState,
 };
 use super::job;
+use crate::api::conditions::{self, reason};
 use crate::api::{
     AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, MIGRATION_LABEL, MigrationMode, Phase,
-    STATUS_LIST_MAX, SchemaMigration,
+    STATUS_LIST_MAX, SchemaMigration, SchemaMigrationStatus,
 };
 use crate::engine::dialect::{ConnectConfig, Db, HistoryTable};
 use crate::engine::{self, Backend, ChecksumMode, redact, runner, source};
@@ -66,14 +67,22 @@ pub struct Context {
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    /// Consecutive failures per resource, for backoff.
-    pub failures: Mutex<HashMap<String, u32>>,
+    /// Consecutive failures per resource (for backoff) and the last one's message (an
+    /// Event is recorded when it changes, not at every retry).
+    pub failures: Mutex<HashMap<String, Failures>>,
     /// Pods labelled `schemagate.dev/migration`, slimmed to what `pod_run` reads (see
     /// `slim_pod`), kept by a reflector: init-container runs cost no API reads.
     pub pods: Store<Pod>,
 }
 
-/// Why a reconciliation failed (transient: it is retried with backoff).
+/// A resource's streak of failed reconciliations.
+#[derive(Clone, Debug, Default)]
+pub struct Failures {
+    pub count: u32,
+    pub last_message: String,
+}
+
+/// Why a reconciliation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{op}: {source}")]
@@ -91,6 +100,27 @@ pub enum Error {
     NotOwned { kind: String, name: String },
 }
 
+/// Whether waiting can fix a failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// It may pass by itself (API conflicts, timeouts, an API server that is restarting):
+    /// retried with exponential backoff and jitter; the resource stays `Reconciling`.
+    Transient,
+    /// A person must act (a squatted object, an object the API server rejects, missing
+    /// permissions): the resource turns `Stalled` with what to do; retried when something
+    /// it watches changes, and slowly (every resync) otherwise.
+    Permanent,
+}
+
+impl ErrorClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Transient => "transient",
+            ErrorClass::Permanent => "permanent",
+        }
+    }
+}
+
 impl Error {
     /// A metric label: a fixed string, never the message.
     pub fn metric_reason(&self) -> &'static str {
@@ -98,6 +128,51 @@ impl Error {
             Error::Kube { op, .. } => op,
             Error::NoNamespace => "no_namespace",
             Error::NotOwned { .. } => "not_owned",
+        }
+    }
+
+    /// Transient or permanent (see [`ErrorClass`]).
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } if matches!(s.code, 400 | 403 | 422) => ErrorClass::Permanent,
+            Error::Kube { .. } => ErrorClass::Transient,
+            Error::NoNamespace | Error::NotOwned { .. } => ErrorClass::Permanent,
+        }
+    }
+
+    /// The condition reason it is reported under.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube {
+                source: kube::Error::Api(s),
+                ..
+            } => match s.code {
+                403 => reason::FORBIDDEN,
+                400 | 422 => reason::REJECTED,
+                409 => reason::API_CONFLICT,
+                _ => reason::API_ERROR,
+            },
+            Error::Kube { .. } => reason::API_UNREACHABLE,
+            Error::NoNamespace => reason::REJECTED,
+            Error::NotOwned { .. } => reason::OBJECT_NOT_OWNED,
+        }
+    }
+
+    /// What a person should do about it (for the condition message).
+    pub fn next_step(&self) -> &'static str {
+        match (self.reason(), self.class()) {
+            (reason::FORBIDDEN, _) => {
+                "grant the schemagate controller's service account this permission (the chart's \
+                 RBAC), then it retries by itself"
+            }
+            (reason::OBJECT_NOT_OWNED, _) => {
+                "delete or rename that object; schemagate creates its own and goes on"
+            }
+            (_, ErrorClass::Permanent) => "fix the resource; schemagate retries when it changes",
+            (_, ErrorClass::Transient) => "retrying with backoff; nothing to do unless it persists",
         }
     }
 }
@@ -864,22 +939,36 @@ where
     }
 }
 
-/// The whole reconciliation of one resource.
+/// The whole reconciliation of one resource. A failure is reported (log line, metric,
+/// Event when its message is new, and the status: `Stalled` for a permanent one) before
+/// it goes to [`error_policy`], which only decides when to retry.
 pub async fn reconcile(sm: Arc<SchemaMigration>, ctx: Arc<Context>) -> Result<Requeue, Error> {
+    match reconcile_inner(&sm, &ctx).await {
+        Ok(requeue) => Ok(requeue),
+        Err(e) => {
+            report_failure(&ctx, &sm, &e).await;
+            Err(e)
+        }
+    }
+}
+
+fn key_of(sm: &SchemaMigration) -> String {
+    format!("{}/{}", sm.namespace().unwrap_or_default(), sm.name_any())
+}
+
+async fn reconcile_inner(sm: &SchemaMigration, ctx: &Context) -> Result<Requeue, Error> {
     let started = Instant::now();
     ctx.metrics.reconciles.inc();
-    let key = format!("{}/{}", sm.namespace().unwrap_or_default(), sm.name_any());
+    let key = key_of(sm);
     if sm.metadata.deletion_timestamp.is_some() {
         // Deleting a SchemaMigration never touches the database; its Jobs go with it.
-        ctx.metrics.set_phase(&key, None);
         return Ok(Requeue::await_change());
     }
-    let observed = observe(&ctx, &sm).await?;
+    let observed = observe(ctx, sm).await?;
     let now = Time(Timestamp::now());
-    let d = decision(&ctx, &sm, &observed, now);
-    note_finished_runs(&ctx, &sm, &d);
-    act(&ctx, &sm, &d, observed.inline_config_map.as_ref()).await?;
-    ctx.metrics.set_phase(&key, d.status.phase);
+    let d = decision(ctx, sm, &observed, now);
+    note_finished_runs(ctx, sm, &d, observed.jobs.first());
+    act(ctx, sm, &d, observed.inline_config_map.as_ref()).await?;
     if let Ok(mut f) = ctx.failures.lock() {
         f.remove(&key);
     }
@@ -894,8 +983,124 @@ pub async fn reconcile(sm: Arc<SchemaMigration>, ctx: Arc<Context>) -> Result<Re
     }))
 }
 
-/// Counts a run once, when the status first shows it finished.
-fn note_finished_runs(ctx: &Context, sm: &SchemaMigration, d: &Decision) {
+/// The status a failure leaves: permanent ones make the resource Blocked and `Stalled`
+/// with the reason and what to do; transient ones keep the phase and set `Reconciling`
+/// with the reason (kstatus: in progress, not failed).
+pub fn failure_status(
+    sm: &SchemaMigration,
+    error: &Error,
+    message: &str,
+    now: &Time,
+) -> SchemaMigrationStatus {
+    let mut status = sm.status.clone().unwrap_or_default();
+    let previous = status.conditions.clone();
+    let why = error.reason();
+    let text = format!("{message}; {}", error.next_step());
+    let condition = |kind, on: bool, generation| {
+        conditions::condition(&previous, kind, on, why, text.clone(), generation, now)
+    };
+    let keep = |kind: &str| previous.iter().find(|c| c.type_ == kind).cloned();
+    let reachable = keep(conditions::DATABASE_REACHABLE);
+    match error.class() {
+        ErrorClass::Permanent => {
+            let generation = sm.metadata.generation;
+            status.observed_generation = generation;
+            status.phase = Some(Phase::Blocked);
+            status.conditions = vec![
+                condition(conditions::READY, false, generation),
+                condition(conditions::RECONCILING, false, generation),
+                condition(conditions::STALLED, true, generation),
+            ];
+        }
+        ErrorClass::Transient => {
+            let generation = status.observed_generation;
+            status.phase = status.phase.or(Some(Phase::Pending));
+            status.conditions = vec![
+                keep(conditions::READY)
+                    .unwrap_or_else(|| condition(conditions::READY, false, generation)),
+                condition(conditions::RECONCILING, true, generation),
+                condition(conditions::STALLED, false, generation),
+            ];
+        }
+    }
+    status.conditions.extend(reachable);
+    status
+}
+
+/// Reports a failed reconciliation: a log line at the level its class deserves, a metric
+/// by reason and class, an Event when the message is new (not one per retry), and the
+/// status (written only when it changes).
+pub async fn report_failure(ctx: &Context, sm: &SchemaMigration, error: &Error) {
+    let key = key_of(sm);
+    let class = error.class();
+    let message = redact::redact(&error.to_string()).into_owned();
+    let (count, new_message) = ctx
+        .failures
+        .lock()
+        .map(|mut f| {
+            let entry = f.entry(key.clone()).or_default();
+            entry.count += 1;
+            let new = entry.last_message != message;
+            entry.last_message = message.clone();
+            (entry.count, new)
+        })
+        .unwrap_or((1, true));
+    let why = error.reason();
+    match class {
+        ErrorClass::Transient => tracing::warn!(
+            resource = %key, reason = why, class = class.as_str(), failures = count,
+            error = %message, "reconcile failed; retrying with backoff"
+        ),
+        ErrorClass::Permanent => tracing::error!(
+            resource = %key, reason = why, class = class.as_str(), failures = count,
+            error = %message, "reconcile failed; the resource is stalled until someone acts"
+        ),
+    }
+    ctx.metrics.error(error.metric_reason(), class.as_str());
+    if new_message {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: why.into(),
+            note: Some(
+                format!("{message}; {}", error.next_step())
+                    .chars()
+                    .take(1000)
+                    .collect(),
+            ),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &sm.object_ref(&())).await {
+            tracing::warn!(resource = %key, error = %e, "could not record an Event");
+        }
+    }
+    let status = failure_status(sm, error, &message, &Time(Timestamp::now()));
+    if sm.status.as_ref() == Some(&status) {
+        return;
+    }
+    let api =
+        Api::<SchemaMigration>::namespaced(ctx.client.clone(), &sm.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": "schemagate.dev/v1alpha1",
+        "kind": "SchemaMigration",
+        "status": status,
+    });
+    if let Err(e) = api
+        .patch_status(
+            &sm.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+    {
+        let e = redact::redact(&e.to_string()).into_owned();
+        tracing::warn!(resource = %key, error = %e, "could not write the failure into the status");
+    }
+}
+
+/// Counts a run once, when the status first shows it finished: by result, with how long
+/// it took and how long it waited for the database lock (from its summary).
+fn note_finished_runs(ctx: &Context, sm: &SchemaMigration, d: &Decision, newest: Option<&JobView>) {
     let (Some(new), old) = (
         d.status.last_run.as_ref(),
         sm.status.as_ref().and_then(|s| s.last_run.as_ref()),
@@ -913,47 +1118,40 @@ fn note_finished_runs(ctx: &Context, sm: &SchemaMigration, d: &Decision) {
                 .and_then(|(a, b)| b.duration_since(a).try_into().ok()),
             _ => None,
         };
+        let summary = newest
+            .filter(|r| r.name == new.name)
+            .and_then(|r| r.summary.as_ref());
+        let lock_wait = summary
+            .and_then(|s| s.lock_wait_ms)
+            .map(Duration::from_millis);
         ctx.metrics
-            .run_finished(&new.result.to_ascii_lowercase(), took);
+            .run_finished(&new.result.to_ascii_lowercase(), took, lock_wait);
     }
 }
 
-/// Transient failures: logged, counted, reported as an Event, retried with exponential
-/// backoff and jitter (never a silent requeue).
+/// When to retry a failed reconciliation (it was reported by [`reconcile`]): transient
+/// failures with exponential backoff and jitter, permanent ones at the slow resync (a
+/// change to the resource or anything it watches retries at once).
 pub fn error_policy(sm: Arc<SchemaMigration>, error: &Error, ctx: Arc<Context>) -> Requeue {
-    let key = format!("{}/{}", sm.namespace().unwrap_or_default(), sm.name_any());
+    let key = key_of(&sm);
     let failures = ctx
         .failures
         .lock()
-        .map(|mut f| {
-            let n = f.entry(key.clone()).or_insert(0);
-            *n += 1;
-            *n
-        })
-        .unwrap_or(1);
-    let message = redact::redact(&error.to_string()).into_owned();
-    tracing::warn!(resource = %key, error = %message, failures, "reconcile failed; retrying");
-    ctx.metrics.error(error.metric_reason());
-    let recorder_ctx = ctx.clone();
-    let reference = sm.object_ref(&());
-    tokio::spawn(async move {
-        let event = Event {
-            type_: EventType::Warning,
-            reason: "ReconcileError".into(),
-            note: Some(message.chars().take(1000).collect()),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        let _ = recorder_ctx.recorder.publish(&event, &reference).await;
-    });
-    Requeue::requeue(backoff(failures, &key))
+        .ok()
+        .and_then(|f| f.get(&key).map(|f| f.count))
+        .unwrap_or(1)
+        .max(1);
+    match error.class() {
+        ErrorClass::Transient => Requeue::requeue(backoff(failures, &key)),
+        ErrorClass::Permanent => Requeue::requeue(ctx.settings.requeue),
+    }
 }
 
 /// 1s, 2s, 4s ... up to 5 minutes, with +-20% jitter derived from the resource and count.
 pub fn backoff(failures: u32, key: &str) -> Duration {
     let base = Duration::from_secs(1) * 2u32.saturating_pow(failures.saturating_sub(1).min(9));
     let base = base.min(Duration::from_secs(300));
-    let seed = crate::engine::script::sha256_hex(format!("{key}/{failures}").as_bytes());
+    let seed = crate::model::digest::sha256_hex(format!("{key}/{failures}").as_bytes());
     let n = u64::from_str_radix(&seed[..4], 16).unwrap_or(0) as f64 / 65535.0;
     base.mul_f64(0.8 + 0.4 * n)
 }

@@ -19,7 +19,7 @@ use kube::runtime::reflector;
 use crate::controller::reconcile::{Context, Settings};
 use crate::controller::scoped_controller;
 use crate::runner::policy::RunnerPolicy;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{Metrics, ResourceView};
 use health::Health;
 
 /// How the controller process runs.
@@ -230,6 +230,21 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         runs.push(run);
         stores.push(store);
     }
+    // Per-resource gauges come from the caches at each scrape: a deleted resource is gone.
+    let caches = stores.clone();
+    metrics.set_resource_source(Box::new(move || {
+        caches
+            .iter()
+            .flat_map(|store| store.state())
+            .map(|sm| ResourceView {
+                namespace: sm.metadata.namespace.clone().unwrap_or_default(),
+                name: sm.metadata.name.clone().unwrap_or_default(),
+                phase: sm.status.as_ref().and_then(|s| s.phase),
+                current_version: sm.status.as_ref().and_then(|s| s.current_version.clone()),
+                target_version: sm.status.as_ref().and_then(|s| s.target_version.clone()),
+            })
+            .collect()
+    }));
     let ready_health = health.clone();
     tokio::spawn(async move {
         for store in stores {

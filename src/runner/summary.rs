@@ -57,6 +57,9 @@ pub struct RunSummary {
     pub exit_code: Option<i32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// How long the run waited for the database lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_wait_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -96,6 +99,7 @@ impl Default for RunSummary {
             result: RunResult::Unknown,
             exit_code: None,
             duration_ms: None,
+            lock_wait_ms: None,
             from: None,
             to: None,
             current: None,
