@@ -13,7 +13,7 @@ pub mod reconcile;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::core::PartialObjectMeta;
@@ -58,11 +58,36 @@ where
     }
 }
 
-/// The controller for one namespace (`None`: all): SchemaMigrations, the Jobs they own,
-/// the ConfigMaps they reference (metadata only: a change triggers the resources that
-/// reference it, which then read it with `get`) and the gated pods (kept slimmed in the
-/// context's store through `pod_writer`: their init containers' results are
-/// init-container mode's runs).
+/// Logs and counts the errors of one watch (the watcher retries by itself with backoff):
+/// a warning naming the watched kind, never silent.
+fn loud<S, T>(
+    stream: S,
+    kind: &'static str,
+    metrics: Arc<crate::telemetry::metrics::Metrics>,
+) -> impl futures_util::Stream<Item = Result<T, watcher::Error>> + Send + use<S, T>
+where
+    S: futures_util::Stream<Item = Result<T, watcher::Error>> + Send,
+{
+    stream.inspect_err(move |e| {
+        tracing::warn!(kind, error = %crate::model::redact::redact(&e.to_string()), "watch failed; retrying with backoff");
+        metrics.watch_error(kind);
+    })
+}
+
+/// Drops what the controller never reads from a cached SchemaMigration (managed fields,
+/// the last-applied annotation): at 10,000 resources the cache is most of the memory.
+pub fn slim_resource(sm: &mut SchemaMigration) {
+    sm.managed_fields_mut().clear();
+    if let Some(a) = sm.metadata.annotations.as_mut() {
+        a.remove("kubectl.kubernetes.io/last-applied-configuration");
+    }
+}
+
+/// The controller for one namespace (`None`: all): SchemaMigrations (cached, slimmed), the
+/// Jobs they own, the ConfigMaps they reference (metadata only: a change triggers the
+/// resources that reference it, which then read it with `get`) and the gated pods (kept
+/// slimmed in the context's store through `pod_writer`: their init containers' results
+/// are init-container mode's runs). Every watch's errors are logged and counted by kind.
 /// Returns the loop and the resource store (ready after the first sync).
 pub fn scoped_controller(
     client: &Client,
@@ -74,6 +99,7 @@ pub fn scoped_controller(
     impl std::future::Future<Output = ()> + Send + use<>,
     kube::runtime::reflector::Store<SchemaMigration>,
 ) {
+    let metrics = ctx.metrics.clone();
     let pod_stream = reflector(
         pod_writer,
         watcher(
@@ -83,41 +109,58 @@ pub fn scoped_controller(
         .modify(reconcile::slim_pod),
     )
     .touched_objects();
-    let controller = Controller::new(
-        api::<SchemaMigration>(client, namespace),
-        watcher::Config::default().any_semantic(),
+    let (store, writer) = reflector::store::<SchemaMigration>();
+    let resources = reflector(
+        writer,
+        watcher(
+            api::<SchemaMigration>(client, namespace),
+            watcher::Config::default().any_semantic(),
+        )
+        .modify(slim_resource),
+    )
+    .applied_objects();
+    let jobs = watcher(
+        api::<Job>(client, namespace),
+        watcher::Config::default().labels(JOB_FOR_LABEL),
+    )
+    .touched_objects();
+    let cms: Api<PartialObjectMeta<ConfigMap>> = match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let cm_stream = watcher(cms, watcher::Config::default()).touched_objects();
+    let cm_store = store.clone();
+    let run = Controller::for_stream(
+        loud(resources, "SchemaMigration", metrics.clone()),
+        store.clone(),
     )
     .with_config(
         kube::runtime::controller::Config::default()
             .concurrency(concurrency.max(1))
             .debounce(Duration::from_millis(500)),
     )
-    .owns(
-        api::<Job>(client, namespace),
-        watcher::Config::default().labels(JOB_FOR_LABEL),
-    );
-    let store = controller.store();
-    let cm_store = store.clone();
-    let cms: Api<PartialObjectMeta<ConfigMap>> = match namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let run = controller
-        .watches(cms, watcher::Config::default(), move |cm| {
-            referencing(&cm_store, cm.namespace().as_deref(), &cm.name_any())
-        })
-        .watches_stream(pod_stream, |pod| {
-            let ns = pod.namespace()?;
-            let name = pod.labels().get(crate::api::MIGRATION_LABEL)?.clone();
-            Some(ObjectRef::new(&name).within(&ns))
-        })
-        .shutdown_on_signal()
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            if let Err(e) = result {
+    .owns_stream(loud(jobs, "Job", metrics.clone()))
+    .watches_stream(loud(cm_stream, "ConfigMap", metrics.clone()), move |cm| {
+        referencing(&cm_store, cm.namespace().as_deref(), &cm.name_any())
+    })
+    .watches_stream(loud(pod_stream, "Pod", metrics.clone()), |pod| {
+        let ns = pod.namespace()?;
+        let name = pod.labels().get(crate::api::MIGRATION_LABEL)?.clone();
+        Some(ObjectRef::new(&name).within(&ns))
+    })
+    .shutdown_on_signal()
+    .run(reconcile::reconcile, reconcile::error_policy, ctx)
+    .for_each(|result| async move {
+        use kube::runtime::controller::Error as E;
+        match result {
+            Ok(_) => {}
+            // Reported by `reconcile` (log, metric, Event, status) and by `loud`.
+            Err(E::ReconcilerFailed(..) | E::QueueError(_) | E::ObjectNotFound(_)) => {}
+            Err(e) => {
                 let e = crate::model::redact::redact(&e.to_string()).into_owned();
-                tracing::debug!(error = %e, "controller event");
+                tracing::error!(error = %e, "the controller loop failed");
             }
-        });
+        }
+    });
     (run, store)
 }

@@ -1,6 +1,7 @@
 //! The controller's plain-HTTP endpoints: `/metrics`, `/livez`, `/readyz`.
 //!
-//! `/livez` fails when the controller loop has died (so the kubelet restarts the pod);
+//! `/livez` fails when the controller loop has died, or its watches made no progress for
+//! the watchdog's limit (see `watchdog.rs`), so the kubelet restarts the pod;
 //! `/readyz` only succeeds once this replica is useful: the leader after its first full
 //! watch sync, a standby once it reached the API server.
 
@@ -26,11 +27,21 @@ pub struct Health {
     pub alive: AtomicBool,
     /// A short reason for `/readyz` while not ready.
     pub waiting_for: std::sync::Mutex<String>,
+    /// The watch watchdog (none: `/livez` only follows `alive`).
+    pub watches: Option<Arc<super::watchdog::Progress>>,
 }
 
 impl Health {
     pub fn new() -> Arc<Self> {
-        let h = Health::default();
+        Self::with_watchdog(None)
+    }
+
+    /// Health whose `/livez` also fails when `watches` stalls.
+    pub fn with_watchdog(watches: Option<Arc<super::watchdog::Progress>>) -> Arc<Self> {
+        let h = Health {
+            watches,
+            ..Health::default()
+        };
         h.alive.store(true, Ordering::SeqCst);
         if let Ok(mut w) = h.waiting_for.lock() {
             *w = "starting".into();
@@ -63,14 +74,27 @@ pub fn handle(path: &str, health: &Health, metrics: &Metrics) -> Response<Full<B
             metrics.encode(),
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
-        "/livez" if health.alive.load(Ordering::SeqCst) => {
-            text(StatusCode::OK, "ok\n".into(), "text/plain")
-        }
-        "/livez" => text(
+        "/livez" if !health.alive.load(Ordering::SeqCst) => text(
             StatusCode::SERVICE_UNAVAILABLE,
             "the controller loop stopped\n".into(),
             "text/plain",
         ),
+        "/livez" => match health.watches.as_ref().and_then(|w| w.stalled()) {
+            Some(silent) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the watches made no progress for {}s (limit {}s)\n",
+                    silent.as_secs(),
+                    health
+                        .watches
+                        .as_ref()
+                        .map(|w| w.stall_after.as_secs())
+                        .unwrap_or(0)
+                ),
+                "text/plain",
+            ),
+            None => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        },
         "/readyz" if health.ready.load(Ordering::SeqCst) => {
             text(StatusCode::OK, "ok\n".into(), "text/plain")
         }

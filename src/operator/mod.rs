@@ -5,6 +5,7 @@
 
 pub mod health;
 pub mod leader;
+pub mod watchdog;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::Client;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector;
 
@@ -81,6 +81,12 @@ pub struct ControllerArgs {
     #[arg(long, env = "SCHEMAGATE_RESYNC", default_value = "5m", value_parser = crate::model::clock::parse_duration)]
     pub resync: Duration,
 
+    /// `/livez` fails when the controller's watches received nothing (no event, no
+    /// bookmark, no new watch) for this long while it leads: a stuck watch restarts the
+    /// pod. Keep it well above the API server's watch timeout (kube: at most 290 s).
+    #[arg(long, env = "SCHEMAGATE_WATCH_STALL_TIMEOUT", default_value = "10m", value_parser = crate::model::clock::parse_duration)]
+    pub watch_stall_timeout: Duration,
+
     /// The controller's own namespace (leader-election Lease, webhook certificate Secret;
     /// excluded from the webhook). In a cluster the chart sets it from the pod.
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
@@ -112,6 +118,20 @@ pub enum RunError {
     Webhook(#[from] crate::webhook::runtime::StartError),
 }
 
+/// SIGTERM (Kubernetes stopping the pod) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        },
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
 fn identity() -> String {
     std::env::var("POD_NAME")
         .ok()
@@ -124,7 +144,17 @@ fn identity() -> String {
 
 /// Runs the controller until a shutdown signal (or, with leader election, losing the lead).
 pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
-    let client = Client::try_default().await.map_err(RunError::Client)?;
+    // Every watch response passes the watchdog's layer: its bytes are the watches' progress.
+    let progress = watchdog::Progress::new(args.watch_stall_timeout);
+    let config = kube::Config::infer()
+        .await
+        .map_err(|e| RunError::Client(kube::Error::InferConfig(e)))?;
+    let client = kube::client::ClientBuilder::try_from(config)
+        .map_err(RunError::Client)?
+        .with_layer(&watchdog::WatchProgressLayer {
+            progress: progress.clone(),
+        })
+        .build();
     // One runner policy for the controller, injection and the validating check.
     let policy = RunnerPolicy {
         image: args.image.clone(),
@@ -134,7 +164,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         wait_timeout: args.webhook.webhook_wait_timeout,
     };
     let metrics = Arc::new(Metrics::new());
-    let health = Health::new();
+    let health = Health::with_watchdog(Some(progress.clone()));
     let server = tokio::spawn(health::serve(
         args.metrics_addr,
         health.clone(),
@@ -185,7 +215,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         }
         tokio::select! {
             _ = e.acquire() => {}
-            _ = tokio::signal::ctrl_c() => return Ok(()),
+            _ = shutdown_signal() => return Ok(()),
         }
         if !serving_webhook {
             health.ready.store(false, Ordering::SeqCst);
@@ -256,7 +286,10 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         tracing::info!("first watch sync done: ready");
     });
     let run = futures_util::future::join_all(runs);
+    progress.arm(true);
 
+    // On SIGTERM the controllers stop taking work and finish what they run
+    // (`shutdown_on_signal`); then the lease is released so a standby leads at once.
     let outcome = match &elector {
         Some(e) => tokio::select! {
             _ = run => Ok(()),
@@ -267,6 +300,18 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             Ok(())
         }
     };
+    progress.arm(false);
+    if let Some(e) = &elector
+        && outcome.is_ok()
+    {
+        match e.release().await {
+            Ok(true) => tracing::info!(lease = %e.name, "released the leader lease"),
+            Ok(false) => {}
+            Err(err) => {
+                tracing::warn!(error = %err, "could not release the leader lease; it expires by itself")
+            }
+        }
+    }
     health.alive.store(false, Ordering::SeqCst);
     for t in webhook_tasks {
         t.abort();
