@@ -1253,3 +1253,74 @@ async fn an_inline_config_map_somebody_else_created_blocks_the_resource() {
         "{stalled}"
     );
 }
+
+/// A controller restarted while its Job runs (every `reconcile_once` is a fresh
+/// controller: new context, no memory) adopts the Job, never creates a second one, and
+/// carries the status forward to the Job's end.
+#[tokio::test]
+async fn a_controller_restarted_mid_run_adopts_its_job_and_carries_the_status_forward() {
+    let (_db, url) = database(Some("1"));
+    let mut sm = resource(MigrationMode::Job);
+    let w = world(&url);
+    // The first controller creates the Job and records it, then dies (kill -9).
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    let job: Job = serde_json::from_value(posts(&seen, "/jobs")[0].body.clone()).unwrap();
+    let name = job.metadata.name.clone().unwrap();
+    let before: schemagate::api::SchemaMigrationStatus =
+        serde_json::from_value(status_patch(&seen)).unwrap();
+    assert_eq!(before.phase, Some(schemagate::api::Phase::Migrating));
+    sm.status = Some(before);
+
+    // The new controller starts while the Job runs: its watch delivers the resource and
+    // the Job, maybe several times (a resync, the Job's own events).
+    let mut running = w.clone();
+    let mut active = job.clone();
+    active.metadata.uid = Some("uid-job".into());
+    active.metadata.owner_references = Some(vec![sm_owner()]);
+    active.status = Some(JobStatus {
+        active: Some(1),
+        ..Default::default()
+    });
+    running.jobs = vec![active];
+    let (seen, result) = reconcile_once(sm.clone(), running.clone()).await;
+    result.unwrap();
+    assert!(
+        posts(&seen, "/jobs").is_empty(),
+        "never a second Job: {seen:#?}"
+    );
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Migrating");
+    assert_eq!(condition(&status, "Reconciling")["reason"], "JobRunning");
+    assert_eq!(status["lastRun"]["name"], name.as_str());
+    assert_eq!(status["lastRun"]["result"], "Running");
+    sm.status = Some(serde_json::from_value(status).unwrap());
+    // The same events again: nothing is created and nothing is written.
+    let (seen, result) = reconcile_once(sm.clone(), running.clone()).await;
+    result.unwrap();
+    let writes: Vec<&Seen> = seen.iter().filter(|s| s.method != "GET").collect();
+    assert!(writes.is_empty(), "{writes:#?}");
+
+    // The Job finishes while nobody watches; the restarted controller reports it.
+    let mig = MigDir::new();
+    for (n, t) in files() {
+        mig.file(n, t);
+    }
+    let mut c = migrate(&url, mig.path());
+    c.arg("upgrade");
+    assert_code(&run(c), 0);
+    let mut done = w;
+    done.jobs = vec![finished(job, true)];
+    done.pods = vec![pod_with_summary(
+        &name,
+        json!({"schemagate": 1, "command": "upgrade", "result": "success", "from": "1", "to": "3", "applied": ["2", "3"], "exitCode": 0, "lockWaitMs": 12}),
+    )];
+    let (seen, result) = reconcile_once(sm, done).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty());
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["lastRun"]["name"], name.as_str());
+    assert_eq!(status["lastRun"]["result"], "Succeeded");
+    assert_eq!(events(&seen, "Migrated").len(), 1, "{seen:#?}");
+}
