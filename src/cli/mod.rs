@@ -2,6 +2,7 @@
 
 mod migrate;
 mod output;
+pub mod status;
 mod stop;
 
 use std::path::PathBuf;
@@ -44,6 +45,10 @@ pub enum Command {
     Crd,
     /// Run the Kubernetes controller (in a cluster, or outside one with KUBECONFIG).
     Controller(crate::operator::ControllerArgs),
+    /// List the SchemaMigrations of a namespace (or, with -A, the cluster): phase,
+    /// current and target version, pending migrations, the last run and the reason of any
+    /// failure. Installed as `kubectl-schemagate`, this is `kubectl schemagate status`.
+    Status(status::StatusArgs),
     /// Copy this (static) binary to PATH: how an init container gives another image
     /// schemagate, to run its migration tool under `schemagate migrate exec`.
     Install {
@@ -374,6 +379,7 @@ pub fn main() -> ExitCode {
                 exit::Exit::Ok
             }
             Command::Controller(_) => exit::Exit::Internal,
+            Command::Status(args) => status::run(args).await,
             Command::Install { path } => install(&path),
         }
     });
