@@ -25,6 +25,8 @@ pub struct Health {
     pub ready: AtomicBool,
     /// Cleared if the controller loop stops unexpectedly.
     pub alive: AtomicBool,
+    /// Set while this replica leads (reconciles).
+    pub leading: AtomicBool,
     /// A short reason for `/readyz` while not ready.
     pub waiting_for: std::sync::Mutex<String>,
     /// The watch watchdog (none: `/livez` only follows `alive`).
@@ -71,7 +73,15 @@ pub fn handle(path: &str, health: &Health, metrics: &Metrics) -> Response<Full<B
     match path {
         "/metrics" => text(
             StatusCode::OK,
-            metrics.encode(),
+            {
+                metrics
+                    .ready
+                    .set(i64::from(health.ready.load(Ordering::SeqCst)));
+                metrics
+                    .leader
+                    .set(i64::from(health.leading.load(Ordering::SeqCst)));
+                metrics.encode()
+            },
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         ),
         "/livez" if !health.alive.load(Ordering::SeqCst) => text(

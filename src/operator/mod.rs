@@ -287,6 +287,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
     });
     let run = futures_util::future::join_all(runs);
     progress.arm(true);
+    health.leading.store(true, Ordering::SeqCst);
 
     // On SIGTERM the controllers stop taking work and finish what they run
     // (`shutdown_on_signal`); then the lease is released so a standby leads at once.
@@ -301,6 +302,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         }
     };
     progress.arm(false);
+    health.leading.store(false, Ordering::SeqCst);
     if let Some(e) = &elector
         && outcome.is_ok()
     {

@@ -125,8 +125,13 @@ pub struct Metrics {
     pub lock_wait: Family<ResultLabel, Histogram>,
     /// Errors of the controller's watches, by watched kind.
     pub watch_errors: Family<KindLabel, Counter>,
+    /// 1 while this replica is ready (`/readyz`), else 0.
+    pub ready: Gauge,
+    /// 1 while this replica holds the leader lease (or runs without election), else 0.
+    pub leader: Gauge,
     resources: Arc<ResourceCollector>,
-    /// Admission reviews answered, by outcome (injected, unchanged, denied, invalid).
+    /// Admission reviews answered, by outcome (injected, unchanged, allowed, denied: a
+    /// refusal by policy; error: the SchemaMigration could not be read; invalid).
     pub admissions: Family<ResultLabel, Counter>,
     pub admission_duration: Histogram,
 }
@@ -155,6 +160,18 @@ impl Metrics {
             Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.01, 2.0, 16)));
         let watch_errors = Family::<KindLabel, Counter>::default();
         let resources = Arc::new(ResourceCollector::default());
+        let ready = Gauge::default();
+        let leader = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while this controller replica is ready (its /readyz)",
+            ready.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this controller replica leads (reconciles)",
+            leader.clone(),
+        );
         let admissions = Family::<ResultLabel, Counter>::default();
         let admission_duration = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
         registry.register(
@@ -212,6 +229,8 @@ impl Metrics {
             run_duration,
             lock_wait,
             watch_errors,
+            ready,
+            leader,
             resources,
             admissions,
             admission_duration,

@@ -247,7 +247,7 @@ async fn decide<L: Lookup>(
                  the pod is refused until it can be read (its controller retries)"
             );
             tracing::warn!(namespace, pod = pod_name, migration = name, error = %e, "admission: refused, lookup failed");
-            return (response.deny(why), "denied");
+            return (response.deny(why), "error");
         }
     };
     match inject(&pod, &namespace, name, sm.as_ref(), &wh.policy) {

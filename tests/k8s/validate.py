@@ -89,6 +89,9 @@ SWITCHES = {
                              "issuerRef": {"name": "corp-ca", "kind": "ClusterIssuer"}}}}, ()),
     "serviceMonitor": ({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
                        ("monitoring.coreos.com/v1",)),
+    "dashboard and alerts": ({"metrics": {"grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Platform"}},
+                                          "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}},
+                             ("monitoring.coreos.com/v1",)),
     "single replica": ({"replicaCount": 1, "leaderElection": {"enabled": False},
                         "podDisruptionBudget": {"enabled": False}}, ()),
     "image digest, allowed images": ({"image": {"repository": "registry.example/schemagate",
@@ -319,12 +322,46 @@ def check_chart():
     except helm.HelmError as e:
         if "monitoring.coreos.com" not in str(e):
             fail("chart", f"unclear ServiceMonitor error: {e}")
+    try:
+        render(deep_merge(base, {"metrics": {"prometheusRule": {"enabled": True}}}))
+        fail("chart", "a PrometheusRule without the Prometheus Operator API must be refused")
+    except helm.HelmError as e:
+        if "monitoring.coreos.com" not in str(e):
+            fail("chart", f"unclear PrometheusRule error: {e}")
+    check_observability(rendered.get("dashboard and alerts", []))
     # Every value is documented in the chart README.
     readme = (CHART / "README.md").read_text()
     for path in leaf_paths(base):
         if f"`{path}`" not in readme:
             fail("charts/schemagate/README.md", f"value `{path}` is not documented")
     return rendered
+
+
+def check_observability(docs):
+    """The dashboard ConfigMap carries the sidecar label and parseable JSON; the rules are
+    well-formed. tests/observability.rs checks their metric names against /metrics."""
+    cms = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].endswith("-dashboard")]
+    if len(cms) != 1:
+        fail("dashboard", f"expected one dashboard ConfigMap, found {len(cms)}")
+    for cm in cms:
+        if cm["metadata"].get("labels", {}).get("grafana_dashboard") != "1":
+            fail("dashboard", "the ConfigMap lacks the grafana_dashboard sidecar label")
+        try:
+            dash = json.loads(cm["data"]["schemagate.json"])
+            if not dash.get("panels"):
+                fail("dashboard", "no panels")
+        except (KeyError, ValueError) as e:
+            fail("dashboard", f"the ConfigMap's JSON does not parse: {e}")
+    rules = by_kind(docs, "PrometheusRule")
+    if len(rules) != 1:
+        fail("PrometheusRule", f"expected one, found {len(rules)}")
+    for r in rules:
+        for g in r["spec"]["groups"]:
+            for rule in g["rules"]:
+                if not rule.get("alert") or not rule.get("expr") or "severity" not in rule.get("labels", {}):
+                    fail("PrometheusRule", f"incomplete rule {rule}")
+                if "{{ $labels" in str(rule.get("annotations")) and "{{" not in rule["annotations"]["summary"]:
+                    fail("PrometheusRule", "broken template escaping")
 
 
 def leaf_paths(values, prefix=""):
