@@ -12,10 +12,11 @@ use super::stop::{recv, stop_signal};
 use super::exit::{CliError, Exit};
 use super::output::{self, Outcome};
 use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
-use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts};
+use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts, sql};
 use crate::engine::lock::{self, LockMode};
 use crate::engine::plan::{self, Plan};
 use crate::engine::runner::{self, Mode, Verdict};
+use crate::engine::sent;
 use crate::engine::source::{self, Format, SourceError};
 use crate::engine::status;
 use crate::engine::tools::{self, Tool};
@@ -987,15 +988,37 @@ async fn plan_with(
     .map_err(|e| CliError::from(crate::engine::RunError::Plan(e)))?;
     let prepared = runner::prepare(&plan, dialect).map_err(CliError::from)?;
     let destructive = runner::destructive(db, &prepared).await;
+    // What the runner would know once it holds the lock: the server's flavour, the
+    // resolved history table, the lock's guard. A lease's token is random per run, and the
+    // runner's id defaults to this host and the runner's process id.
+    let session = db.session().await.map_err(|e| {
+        CliError::from(crate::engine::RunError::Db {
+            during: "asking the server its version",
+            source: e,
+        })
+    })?;
+    let table = db.table().clone();
+    let guard = lock::guard(db, &settings.lock, sql::Slot::LeaseToken.marker());
+    let runner_id = ctx
+        .common
+        .runner_id
+        .clone()
+        .unwrap_or_else(|| sql::Slot::RunnerId.marker().to_string());
+    let cx = sent::Context {
+        session: &session,
+        table: &table,
+        guard: &guard,
+        runner_id: &runner_id,
+    };
+    let scripts = sent::steps(&prepared, &settings.timeouts, &cx);
     let rendered = output::render_plan(
         &plan,
         &prepared,
+        &scripts,
         &output::PlanContext {
-            dialect,
-            table: db.table(),
+            flavor: session.flavor,
+            table: &table,
             create_table: !state.initialized,
-            runner_id: &settings.runner_id,
-            defaults: &settings.timeouts,
             destructive: &destructive,
         },
     );

@@ -12,6 +12,7 @@ pub mod plan;
 pub mod redact;
 pub mod runner;
 pub mod script;
+pub mod sent;
 pub mod source;
 pub mod status;
 pub mod tools;
