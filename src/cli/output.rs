@@ -12,7 +12,7 @@ use super::exit::{CliError, Exit};
 use crate::engine::dialect::sql::{self, Slot};
 use crate::engine::dialect::{Flavor, HistoryTable};
 use crate::engine::history::{DbState, HistoryRow, Kind};
-use crate::engine::plan::{Direction, Drift, Plan};
+use crate::engine::plan::{Direction, Drift, EmptyScript, Plan};
 use crate::engine::redact::redact;
 use crate::engine::runner::{Prepared, RunReport, StepFindings, Work};
 use crate::engine::sent::StepScript;
@@ -346,6 +346,10 @@ pub fn human_status(r: &StatusReport) -> String {
         s.push_str("drift:\n");
         human_drift(&r.drift, &mut s);
     }
+    if !r.empty_scripts.is_empty() {
+        s.push_str("empty scripts:\n");
+        human_empty(&r.empty_scripts, &mut s);
+    }
     if let Some(u) = &r.unfinished {
         let progress = match (u.statements_done, u.statements_total) {
             (Some(d), Some(t)) => format!(", {d} of {t} statements ran"),
@@ -387,16 +391,40 @@ pub fn human_status(r: &StatusReport) -> String {
     s
 }
 
-pub fn human_verify(verified: usize, d: &Drift) -> String {
-    if d.is_empty() {
-        return format!("OK: {verified} applied migration(s) match their files.\n");
+/// Lines naming the scripts `upgrade`/`downgrade` would refuse for being empty.
+fn human_empty(empty: &[EmptyScript], s: &mut String) {
+    for e in empty {
+        let (command, what) = match e.direction {
+            Direction::Up => ("upgrade", "write its SQL"),
+            Direction::Down => ("downgrade", "write the SQL that undoes it"),
+        };
+        s.push_str(&format!(
+            "  {}: no SQL statement; {command} refuses it: {what}, or mark it \
+             `-- schemagate:empty <reason>`\n",
+            e.file
+        ));
     }
-    let mut s = format!(
-        "DRIFT: {} changed, {} missing; {verified} match.\n",
-        d.changed.len(),
-        d.missing.len()
-    );
-    human_drift(d, &mut s);
+}
+
+pub fn human_verify(verified: usize, d: &Drift, empty: &[EmptyScript]) -> String {
+    let mut s = if d.is_empty() {
+        format!("OK: {verified} applied migration(s) match their files.\n")
+    } else {
+        let mut s = format!(
+            "DRIFT: {} changed, {} missing; {verified} match.\n",
+            d.changed.len(),
+            d.missing.len()
+        );
+        human_drift(d, &mut s);
+        s
+    };
+    if !empty.is_empty() {
+        s.push_str(&format!(
+            "EMPTY: {} script(s) without SQL statements:\n",
+            empty.len()
+        ));
+        human_empty(empty, &mut s);
+    }
     s
 }
 

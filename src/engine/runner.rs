@@ -211,7 +211,12 @@ pub enum RunError {
     #[error("the database is at {current}, above {target}: stamp only records versions forward")]
     StampBelowCurrent { target: String, current: String },
     #[error("{file}: {message}")]
-    Directive { file: String, message: String },
+    Directive {
+        file: String,
+        message: String,
+        /// What to do, where the engine knows better than "fix the directive".
+        hint: Option<&'static str>,
+    },
     #[error("stopped: {0}")]
     LockLost(String),
     #[error("stopped on request: {what}")]
@@ -426,9 +431,86 @@ fn script_of<'a>(step: &Step<'a>) -> &'a Script {
     }
 }
 
+/// Refuses a plan with a step whose script has no statement and does not say it is empty
+/// on purpose (all of them named in one error), or that says so but has statements.
+fn check_empty(plan: &Plan<'_>, dialect: Dialect) -> Result<(), RunError> {
+    let scripts: Vec<&Script> = plan.steps.iter().map(script_of).collect();
+    for script in &scripts {
+        let n = script::split(&script.sql, dialect).len();
+        if n > 0 && script.directives.empty.is_some() {
+            return Err(RunError::Directive {
+                file: script.file.clone(),
+                message: format!(
+                    "`-- schemagate:empty` says the script has no statement, but it has {n}"
+                ),
+                hint: Some("remove the `-- schemagate:empty` line (or the statements)"),
+            });
+        }
+    }
+    let empty: Vec<&str> = scripts
+        .iter()
+        .filter(|s| plan::unmarked_empty(s, dialect))
+        .map(|s| s.file.as_str())
+        .collect();
+    if empty.is_empty() {
+        return Ok(());
+    }
+    let (has, it) = if empty.len() == 1 {
+        ("has", "it")
+    } else {
+        ("have", "each")
+    };
+    let (what, hint) = match plan.direction {
+        Direction::Up => (
+            format!(
+                "applying {it} would record its version as applied while changing nothing (and \
+                 SQL written into the file later would never run)"
+            ),
+            EMPTY_UP_HINT,
+        ),
+        Direction::Down => (
+            format!(
+                "reverting with {it} would record its version as reverted while the schema \
+                 change stays"
+            ),
+            EMPTY_DOWN_HINT,
+        ),
+    };
+    Err(RunError::Directive {
+        file: empty.join(", "),
+        message: format!(
+            "{has} no SQL statement, only comments or blank lines: {what}; nothing was run"
+        ),
+        hint: Some(hint),
+    })
+}
+
+/// What to do about an empty up script.
+pub const EMPTY_UP_HINT: &str = "write the migration's SQL in the file; if the step is meant \
+     to change nothing, add the line `-- schemagate:empty <reason>` at its top (the reason is \
+     recorded in the history)";
+
+/// What to do about an empty down script.
+pub const EMPTY_DOWN_HINT: &str = "write the SQL that undoes the migration in the file; if \
+     undoing needs no SQL, add the line `-- schemagate:empty <reason>` at its top (the reason \
+     is recorded in the history); if it cannot be undone, delete the file (downgrade then \
+     refuses to go below that version)";
+
+impl RunError {
+    /// The engine's own advice for this error, where it has one: it takes precedence over
+    /// the generic hint of the error's kind.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            RunError::Directive { hint, .. } => *hint,
+            _ => None,
+        }
+    }
+}
+
 /// Works out every step's SQL; a script that cannot run as asked fails here, before the
 /// first step runs.
 pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>>, RunError> {
+    check_empty(plan, dialect)?;
     plan.steps
         .iter()
         .map(|step| {
@@ -446,6 +528,7 @@ pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>
                     message: "SQLite has no statement timeout; remove \
                               `-- schemagate:statement-timeout` (lock-timeout works)"
                         .into(),
+                    hint: None,
                 });
             }
             let statements = script::split(&script.sql, dialect);
@@ -493,14 +576,24 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
         applied_by: runner_id.to_string(),
         duration_ms: None,
         error: None,
-        // The permission to lose data is part of the audit trail.
-        note: p
-            .script
-            .directives
-            .allow_destructive
-            .as_ref()
-            .map(|reason| format!("allow-destructive: {reason}")),
+        note: step_note(p.script),
     }
+}
+
+/// The note of a step's history row: the permissions its script gives itself are part of
+/// the audit trail (losing data, being empty on purpose).
+fn step_note(script: &Script) -> Option<String> {
+    let d = &script.directives;
+    let notes: Vec<String> = [
+        d.allow_destructive
+            .as_ref()
+            .map(|r| format!("allow-destructive: {r}")),
+        d.empty.as_ref().map(|r| format!("empty: {r}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// A step's timeouts: its own directives, else the run's defaults.
