@@ -10,13 +10,17 @@
 //!   lock, once under it), the schema resolution of the history table (PostgreSQL) and the
 //!   server version (MySQL: which statement timeout to set), all reads `plan` makes too;
 //! - the session lock: `pg_try_advisory_lock`/`GET_LOCK` is polled (how often depends on
-//!   other runners) and released at the end; `plan`'s header names the lock.
+//!   other runners) and released at the end; `plan`'s header names the lock;
+//! - under `--lock lease`, the lease's own connection (taking, renewing on a timer and
+//!   releasing the lease): only the runner's connection, the one that reads the history,
+//!   is compared.
 //!
 //! Everything else must match, statement by statement: the history table's creation,
 //! transaction control, fences, timeouts, the migration's statements, history writes and
 //! session resets. The only values normalised are the ones `plan` shows as placeholders
 //! (`<duration_ms>`, `<row_id>`, `<runner_id>`: the runner's own id, since these runs do
-//! not pass `--runner-id`), each only where `plan` put it.
+//! not pass `--runner-id`, and `<lease_token>` under the lease lock), each only where
+//! `plan` put it and only by a value of its kind.
 
 mod support;
 
@@ -47,9 +51,10 @@ fn planned(url: &str, dir: &MigDir, args: &[&str]) -> Vec<String> {
 }
 
 /// True when `got` is `expected` with each placeholder replaced by a value of its kind:
-/// digits for `<duration_ms>` and `<row_id>`, one quoted literal for `<runner_id>`.
+/// digits for `<duration_ms>` and `<row_id>`, one quoted literal for `<runner_id>` and
+/// `<lease_token>`.
 fn matches(expected: &str, got: &str) -> bool {
-    const SLOTS: [&str; 3] = ["<duration_ms>", "<row_id>", "<runner_id>"];
+    const SLOTS: [&str; 4] = ["<duration_ms>", "<row_id>", "<runner_id>", "<lease_token>"];
     let (mut exp, mut rest) = (expected, got);
     loop {
         let next = SLOTS
@@ -62,8 +67,8 @@ fn matches(expected: &str, got: &str) -> bool {
         let Some(after) = rest.strip_prefix(&exp[..at]) else {
             return false;
         };
-        let taken = if slot == "<runner_id>" {
-            // '...' with no quote inside: what the runner's own id becomes.
+        let taken = if slot == "<runner_id>" || slot == "<lease_token>" {
+            // '...' with no quote inside: what the runner's id or its token becomes.
             match after.strip_prefix('\'').and_then(|a| a.find('\'')) {
                 Some(end) => end + 2,
                 None => 0,
@@ -79,6 +84,9 @@ fn matches(expected: &str, got: &str) -> bool {
     }
 }
 
+/// How every read of the history table starts: it tells the runner's connection.
+const HISTORY_READ: &str = "SELECT id, version, description, kind, success, checksum";
+
 /// Splits what the server logged (one entry per message, several statements each) into
 /// statements, and drops what the comparison leaves out (see the module's docs).
 fn sent_statements(messages: &[String], dialect: Dialect) -> Vec<String> {
@@ -91,8 +99,7 @@ fn sent_statements(messages: &[String], dialect: Dialect) -> Vec<String> {
                 .collect::<Vec<_>>()
         })
         .collect();
-    let is_history_read =
-        |s: &str| s.starts_with("SELECT id, version, description, kind, success, checksum");
+    let is_history_read = |s: &str| s.starts_with(HISTORY_READ);
     // PostgreSQL: where the history table is (in the same message as the first read).
     let is_resolution =
         |s: &str| s.starts_with("SELECT coalesce((SELECT n.nspname::text FROM pg_class");
@@ -163,37 +170,51 @@ mod postgres {
         });
     }
 
-    /// The messages the server logged for database `db` after byte `from` of its log.
-    fn logged(from: usize, db: &str) -> Vec<String> {
+    /// The messages the server logged for database `db` after byte `from` of its log,
+    /// with the pid of the backend that received each.
+    fn logged(from: usize, db: &str) -> Vec<(String, String)> {
         let log = server().log();
-        let mut out: Vec<String> = Vec::new();
+        let mut out: Vec<(String, String)> = Vec::new();
         let mut ours = false;
         for line in log[from..].lines() {
             if let Some(rest) = line.strip_prefix("sglog[") {
                 let (who, entry) = rest.split_once("] ").unwrap_or((rest, ""));
-                ours = who.ends_with(&format!("|{db}"));
-                if ours && let Some(statement) = entry.strip_prefix("LOG:  statement: ") {
-                    out.push(statement.to_string());
-                } else {
-                    ours = false;
+                let pid = who.strip_suffix(&format!("|{db}"));
+                ours = false;
+                if let (Some(pid), Some(statement)) = (pid, entry.strip_prefix("LOG:  statement: "))
+                {
+                    out.push((pid.to_string(), statement.to_string()));
+                    ours = true;
                 }
             } else if let (true, Some(more)) = (ours, line.strip_prefix('\t')) {
                 // A message's later lines follow its first, each after a tab.
                 let last = out.last_mut().expect("a continued message");
-                last.push('\n');
-                last.push_str(more);
+                last.1.push('\n');
+                last.1.push_str(more);
             }
         }
         out
     }
 
-    /// Runs `args` with every statement of database `db` logged; what it sent.
+    /// Runs `args` with every statement of database `db` logged; what the runner's
+    /// connection sent.
     fn run_logged(url: &str, db: &str, dir: &MigDir, args: &[&str]) -> Vec<String> {
         let from = server().log().len();
         let mut c = migrate(url, dir.path());
         c.args(args);
         assert_code(&run(c), 0);
-        sent_statements(&logged(from, db), Dialect::Postgres)
+        let log = logged(from, db);
+        let runner = &log
+            .iter()
+            .find(|(_, m)| m.contains(HISTORY_READ))
+            .expect("the run read the history")
+            .0;
+        let messages: Vec<String> = log
+            .iter()
+            .filter(|(pid, _)| pid == runner)
+            .map(|(_, m)| m.clone())
+            .collect();
+        sent_statements(&messages, Dialect::Postgres)
     }
 
     #[test]
@@ -248,9 +269,17 @@ mod postgres {
             "the timeouts are part of it: {plan:#?}"
         );
 
-        let plan = planned(&url, &dir, &["plan", "-2"]);
-        let sent = run_logged(&url, &db, &dir, &["downgrade", "-2"]);
+        // Under the lease lock: a fence first in each transaction, guarded history writes,
+        // the renewal before COMMIT; the lease's own connection is left out.
+        let lease = ["--lock", "lease"];
+        let plan = planned(&url, &dir, &["plan", "-2", lease[0], lease[1]]);
+        let sent = run_logged(&url, &db, &dir, &["downgrade", "-2", lease[0], lease[1]]);
         assert_same(&plan, &sent);
+        assert!(
+            plan.iter()
+                .any(|s| s.starts_with("DO $schemagate$") && s.contains("<lease_token>")),
+            "{plan:#?}"
+        );
     }
 }
 
@@ -297,7 +326,7 @@ mod mariadb {
             .collect()
     }
 
-    /// Runs `args`; what its one connection sent.
+    /// Runs `args`; what the runner's connection (the one that read the history) sent.
     fn run_logged(admin: &str, url: &str, db: &str, dir: &MigDir, args: &[&str]) -> Vec<String> {
         let before = threads(&general_log(admin), db);
         let mut c = migrate(url, dir.path());
@@ -308,13 +337,18 @@ mod mariadb {
             .into_iter()
             .filter(|t| !before.contains(t))
             .collect();
-        assert_eq!(new.len(), 1, "the run used one connection: {new:?}");
-        let messages: Vec<String> = log
-            .into_iter()
-            .filter(|(id, cmd, _)| *id == new[0] && cmd == "Query")
-            .map(|(_, _, text)| text)
-            .collect();
-        sent_statements(&messages, Dialect::MySql)
+        let queries = |thread: u64| -> Vec<String> {
+            log.iter()
+                .filter(|(id, cmd, _)| *id == thread && cmd == "Query")
+                .map(|(_, _, text)| text.clone())
+                .collect()
+        };
+        let runner = new
+            .iter()
+            .copied()
+            .find(|t| queries(*t).iter().any(|q| q.contains(HISTORY_READ)))
+            .expect("the run read the history");
+        sent_statements(&queries(runner), Dialect::MySql)
     }
 
     #[test]
@@ -355,9 +389,21 @@ mod mariadb {
             "{plan:#?}"
         );
 
-        let plan = planned(&url, &dir, &["plan", "-2"]);
-        let sent = run_logged(&admin, &url, &db, &dir, &["downgrade", "-2"]);
+        let lease = ["--lock", "lease"];
+        let plan = planned(&url, &dir, &["plan", "-2", lease[0], lease[1]]);
+        let sent = run_logged(
+            &admin,
+            &url,
+            &db,
+            &dir,
+            &["downgrade", "-2", lease[0], lease[1]],
+        );
         assert_same(&plan, &sent);
+        assert!(
+            plan.iter()
+                .any(|s| s.ends_with("AND token = <lease_token> FOR UPDATE")),
+            "the fence: {plan:#?}"
+        );
     }
 }
 
