@@ -118,6 +118,11 @@ fn stamp_adopts_an_existing_schema() {
 }
 
 #[test]
+fn empty_scripts_are_refused_unless_marked() {
+    scenarios::empty_scripts_are_refused(&Maria);
+}
+
+#[test]
 fn plan_and_status_change_nothing() {
     scenarios::plan_and_status(&Maria);
 }

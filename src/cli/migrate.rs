@@ -11,10 +11,11 @@ use super::stop::{recv, stop_signal};
 
 use super::output::{self, Outcome};
 use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
-use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts};
+use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts, sql};
 use crate::engine::lock::{self, LockMode};
 use crate::engine::plan::{self, Plan};
 use crate::engine::runner::{self, Mode, Verdict};
+use crate::engine::sent;
 use crate::engine::source::{self, Format, SourceError};
 use crate::engine::status;
 use crate::engine::tools::{self, Tool};
@@ -366,8 +367,18 @@ async fn migrate(ctx: &Ctx, mode: Mode) -> Result<Outcome, CliError> {
     let stopper = super::stop::current();
     let _shield = stopper.as_deref().map(super::stop::Stopper::shield);
     db.close().await;
-    let report = result?;
+    let report = result.map_err(run_error)?;
     Ok(Outcome::ok(to_json(&report), output::human_run(&report)))
+}
+
+/// The CLI form of a run's error, with the engine's own advice where it has one.
+fn run_error(e: crate::engine::RunError) -> CliError {
+    let hint = e.hint();
+    let err = CliError::from(e);
+    match hint {
+        Some(h) => err.hint(h),
+        None => err,
+    }
 }
 
 /// `current`, `status` and `history` of another tool's table.
@@ -867,7 +878,7 @@ fn heads(ctx: &Ctx) -> Result<Outcome, CliError> {
 
 async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
     let (set, mut db) = ctx.load_and_connect().await?;
-    let dialect = db.dialect().name();
+    let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
     let mode = ctx.lock_mode()?;
     let holder: Option<LockHolder> = lock::holder(&mut db, &mode).await;
@@ -895,6 +906,7 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
 
 async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
     let (set, mut db) = ctx.load_and_connect().await?;
+    let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
     db.close().await;
     let state = state?;
@@ -903,15 +915,24 @@ async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
     if ctx.common.ignore_missing {
         drift.missing.clear();
     }
-    let exit = if drift.is_empty() {
-        Exit::Ok
-    } else {
+    let empty = plan::empty_scripts(&set, &state, dialect);
+    // Drift is about the database and wins; an empty script is a file to fix.
+    let exit = if !drift.is_empty() {
         Exit::Drift
+    } else if !empty.is_empty() {
+        Exit::Source
+    } else {
+        Exit::Ok
     };
-    let human = output::human_verify(verified, &drift);
+    let human = output::human_verify(verified, &drift, &empty);
     Ok(Outcome {
         exit,
-        json: json!({ "ok": drift.is_empty(), "verified": verified, "drift": drift }),
+        json: json!({
+            "ok": exit == Exit::Ok,
+            "verified": verified,
+            "drift": drift,
+            "emptyScripts": empty,
+        }),
         human,
     })
 }
@@ -996,17 +1017,39 @@ async fn plan_with(
         Mode::Downgrade(t) => plan::plan_downgrade(set, &state, t, &settings.plan),
     }
     .map_err(|e| CliError::from(crate::engine::RunError::Plan(e)))?;
-    let prepared = runner::prepare(&plan, dialect).map_err(CliError::from)?;
+    let prepared = runner::prepare(&plan, dialect).map_err(run_error)?;
     let destructive = runner::destructive(db, &prepared).await;
+    // What the runner would know once it holds the lock: the server's flavour, the
+    // resolved history table, the lock's guard. A lease's token is random per run, and the
+    // runner's id defaults to this host and the runner's process id.
+    let session = db.session().await.map_err(|e| {
+        CliError::from(crate::engine::RunError::Db {
+            during: "asking the server its version",
+            source: e,
+        })
+    })?;
+    let table = db.table().clone();
+    let guard = lock::guard(db, &settings.lock, sql::Slot::LeaseToken.marker());
+    let runner_id = ctx
+        .common
+        .runner_id
+        .clone()
+        .unwrap_or_else(|| sql::Slot::RunnerId.marker().to_string());
+    let cx = sent::Context {
+        session: &session,
+        table: &table,
+        guard: &guard,
+        runner_id: &runner_id,
+    };
+    let scripts = sent::steps(&prepared, &settings.timeouts, &cx);
     let rendered = output::render_plan(
         &plan,
         &prepared,
+        &scripts,
         &output::PlanContext {
-            dialect,
-            table: db.table(),
+            flavor: session.flavor,
+            table: &table,
             create_table: !state.initialized,
-            runner_id: &settings.runner_id,
-            defaults: &settings.timeouts,
             destructive: &destructive,
         },
     );
@@ -1187,6 +1230,20 @@ fn slug(message: &str) -> String {
         .to_string()
 }
 
+/// What `new` tells the user in an up script. (No line may start with `-- schemagate:`:
+/// that would be a directive.)
+const UP_HELP: &str = "\
+-- Write this migration's SQL below. `schemagate migrate upgrade` refuses a script
+-- without any statement; if this step is meant to change nothing, add the line
+-- `-- schemagate:empty <reason>` at the top (the reason is recorded in the history).";
+
+/// What `new` tells the user in a down script.
+const DOWN_HELP: &str = "\
+-- Write the SQL that undoes the up script below. `schemagate migrate downgrade` refuses
+-- a script without any statement; if undoing needs no SQL, add the line
+-- `-- schemagate:empty <reason>` at the top; if the change cannot be undone, delete
+-- this file (downgrade then refuses to go below this version).";
+
 fn new(
     ctx: &Ctx,
     message: &str,
@@ -1235,38 +1292,34 @@ fn new(
                 _ => NewFormat::Native,
             },
         );
-    let header = format!("-- {}\n", message.trim().replace('\n', " "));
+    let message = message.trim().replace('\n', " ");
+    let up = format!("-- {message}\n--\n{UP_HELP}\n");
+    let down = format!("-- revert: {message}\n--\n{DOWN_HELP}\n");
     let mut files: Vec<(String, String)> = match format {
         NewFormat::Native => {
-            let mut f = vec![(format!("{version}_{slug}.up.sql"), format!("{header}\n"))];
+            let mut f = vec![(format!("{version}_{slug}.up.sql"), up)];
             if !no_down {
-                f.push((
-                    format!("{version}_{slug}.down.sql"),
-                    format!("-- revert: {}\n", message.trim()),
-                ));
+                f.push((format!("{version}_{slug}.down.sql"), down));
             }
             f
         }
         NewFormat::Flyway => {
             let fv = version.replace('.', "_");
-            let mut f = vec![(format!("V{fv}__{slug}.sql"), format!("{header}\n"))];
+            let mut f = vec![(format!("V{fv}__{slug}.sql"), up)];
             if !no_down {
-                f.push((
-                    format!("U{fv}__{slug}.sql"),
-                    format!("-- revert: {}\n", message.trim()),
-                ));
+                f.push((format!("U{fv}__{slug}.sql"), down));
             }
             f
         }
         NewFormat::Dbmate => vec![(
             format!("{version}_{slug}.sql"),
             if no_down {
-                "-- migrate:up\n\n".to_string()
+                format!("-- migrate:up\n{up}\n")
             } else {
-                "-- migrate:up\n\n\n-- migrate:down\n\n".to_string()
+                format!("-- migrate:up\n{up}\n\n-- migrate:down\n{down}\n")
             },
         )],
-        NewFormat::Sqlx => vec![(format!("{version}_{slug}.sql"), format!("{header}\n"))],
+        NewFormat::Sqlx => vec![(format!("{version}_{slug}.sql"), up)],
     };
     std::fs::create_dir_all(dir).map_err(|e| {
         CliError::new(
@@ -1341,6 +1394,19 @@ mod tests {
             next_version(Some(&set(&["V1.2__a.sql"])), NOW),
             "20261125073240"
         );
+    }
+
+    #[test]
+    fn new_files_say_what_to_write_but_are_neither_sql_nor_directives() {
+        use crate::engine::script::{Dialect, Directives, parse_directives, split};
+        for help in [UP_HELP, DOWN_HELP] {
+            let text = format!("-- a message\n--\n{help}\n");
+            assert_eq!(parse_directives(&text).unwrap(), Directives::default());
+            for d in [Dialect::Postgres, Dialect::MySql, Dialect::Sqlite] {
+                assert!(split(&text, d).is_empty(), "{d:?}");
+            }
+            assert!(help.contains("`-- schemagate:empty <reason>`"));
+        }
     }
 
     #[test]

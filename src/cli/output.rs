@@ -8,11 +8,12 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::OutputFormat;
-use crate::engine::dialect::{HistoryTable, StepTimeouts, sql};
+use crate::engine::dialect::sql::{self, Slot};
+use crate::engine::dialect::{Flavor, HistoryTable};
 use crate::engine::history::{DbState, HistoryRow, Kind};
-use crate::engine::plan::{Direction, Drift, Plan};
-use crate::engine::runner::{Prepared, RunReport, StepFindings, Work, step_row, step_timeouts};
-use crate::engine::script::Dialect;
+use crate::engine::plan::{Direction, Drift, EmptyScript, Plan};
+use crate::engine::runner::{Prepared, RunReport, StepFindings, Work};
+use crate::engine::sent::StepScript;
 use crate::engine::status::{StatusReport, Verdict};
 use crate::model::redact::redact;
 use crate::runner::exit::{CliError, Exit};
@@ -323,6 +324,10 @@ pub fn human_status(r: &StatusReport) -> String {
         s.push_str("drift:\n");
         human_drift(&r.drift, &mut s);
     }
+    if !r.empty_scripts.is_empty() {
+        s.push_str("empty scripts:\n");
+        human_empty(&r.empty_scripts, &mut s);
+    }
     if let Some(u) = &r.unfinished {
         let progress = match (u.statements_done, u.statements_total) {
             (Some(d), Some(t)) => format!(", {d} of {t} statements ran"),
@@ -364,16 +369,40 @@ pub fn human_status(r: &StatusReport) -> String {
     s
 }
 
-pub fn human_verify(verified: usize, d: &Drift) -> String {
-    if d.is_empty() {
-        return format!("OK: {verified} applied migration(s) match their files.\n");
+/// Lines naming the scripts `upgrade`/`downgrade` would refuse for being empty.
+fn human_empty(empty: &[EmptyScript], s: &mut String) {
+    for e in empty {
+        let (command, what) = match e.direction {
+            Direction::Up => ("upgrade", "write its SQL"),
+            Direction::Down => ("downgrade", "write the SQL that undoes it"),
+        };
+        s.push_str(&format!(
+            "  {}: no SQL statement; {command} refuses it: {what}, or mark it \
+             `-- schemagate:empty <reason>`\n",
+            e.file
+        ));
     }
-    let mut s = format!(
-        "DRIFT: {} changed, {} missing; {verified} match.\n",
-        d.changed.len(),
-        d.missing.len()
-    );
-    human_drift(d, &mut s);
+}
+
+pub fn human_verify(verified: usize, d: &Drift, empty: &[EmptyScript]) -> String {
+    let mut s = if d.is_empty() {
+        format!("OK: {verified} applied migration(s) match their files.\n")
+    } else {
+        let mut s = format!(
+            "DRIFT: {} changed, {} missing; {verified} match.\n",
+            d.changed.len(),
+            d.missing.len()
+        );
+        human_drift(d, &mut s);
+        s
+    };
+    if !empty.is_empty() {
+        s.push_str(&format!(
+            "EMPTY: {} script(s) without SQL statements:\n",
+            empty.len()
+        ));
+        human_empty(empty, &mut s);
+    }
     s
 }
 
@@ -385,29 +414,53 @@ pub struct RenderedPlan {
 
 /// What a plan is rendered against.
 pub struct PlanContext<'a> {
-    pub dialect: Dialect,
+    pub flavor: Flavor,
     pub table: &'a HistoryTable,
     /// The first step creates the history table.
     pub create_table: bool,
-    pub runner_id: &'a str,
-    pub defaults: &'a StepTimeouts,
     pub destructive: &'a [StepFindings],
 }
 
-/// Renders exactly what the runner would send, step by step. At run time every history
-/// write is also made conditional on holding the lock (see `dialect::sql::Guard`).
+/// The note on the values `plan` cannot show (those in `scripts`), if any.
+fn placeholder_note(scripts: &[StepScript]) -> Option<String> {
+    let mut seen: Vec<Slot> = Vec::new();
+    for slot in scripts.iter().flat_map(StepScript::slots) {
+        if !seen.contains(&slot) {
+            seen.push(slot);
+        }
+    }
+    if seen.is_empty() {
+        return None;
+    }
+    let what: Vec<String> = Slot::ALL
+        .into_iter()
+        .filter(|s| seen.contains(s))
+        .map(|s| {
+            let why = match s {
+                Slot::DurationMs => "measured",
+                Slot::RowId => "the id of the step's history row",
+                Slot::RunnerId => "this host and the runner's pid; pass --runner-id to set it",
+                Slot::LeaseToken => "random per run",
+            };
+            format!("<{}> ({why})", s.name())
+        })
+        .collect();
+    Some(format!(
+        "-- Values in <angle brackets> are only known when the step runs: {}.\n",
+        what.join(", ")
+    ))
+}
+
+/// Renders exactly what the runner sends on its connection, step by step (`scripts`,
+/// one per prepared step, from `engine::sent`): the statements of a run that succeeds,
+/// after the lock is taken and the history read.
 pub fn render_plan(
     plan: &Plan<'_>,
     prepared: &[Prepared<'_>],
+    scripts: &[StepScript],
     cx: &PlanContext<'_>,
 ) -> RenderedPlan {
-    let (dialect, table, create_table, runner_id, defaults) = (
-        cx.dialect,
-        cx.table,
-        cx.create_table,
-        cx.runner_id,
-        cx.defaults,
-    );
+    let dialect = cx.flavor.dialect();
     let from = plan.from.as_ref().map(|v| v.to_string());
     let to = plan.to.as_ref().map(|v| v.to_string());
     let mut human = String::new();
@@ -416,6 +469,8 @@ pub fn render_plan(
         Direction::Up => "upgrade",
         Direction::Down => "downgrade",
     };
+    let create_table =
+        (cx.create_table && !prepared.is_empty()).then(|| sql::create_history(dialect, cx.table));
     if prepared.is_empty() {
         human.push_str(&if plan.ahead {
             "-- The database is above the requested target: an upgrade would do nothing.\n"
@@ -428,25 +483,26 @@ pub fn render_plan(
         });
     } else {
         human.push_str(&format!(
-            "-- Plan: {dir} {} -> {} in {} step(s), under the migration lock.\n",
+            "-- Plan: {dir} {} -> {} in {} step(s), under the migration lock ({}).\n",
             from.as_deref().unwrap_or("none"),
             to.as_deref().unwrap_or("none"),
-            prepared.len()
+            prepared.len(),
+            cx.flavor.name(),
         ));
-        if create_table {
-            human.push_str(&format!("{};\n\n", sql::create_history(dialect, table)));
+        if let Some(note) = placeholder_note(scripts) {
+            human.push_str(&note);
+        }
+        human.push('\n');
+        if let Some(create) = &create_table {
+            human.push_str(&format!("{create};\n\n"));
         }
     }
-    for p in prepared {
+    for (p, script) in prepared.iter().zip(scripts) {
         let m = p.step.migration;
         let findings = cx
             .destructive
             .iter()
             .find(|f| f.version == m.version.to_string() && f.direction == p.step.direction);
-        let mut row = step_row(p, runner_id);
-        let timeouts = step_timeouts(p.script, defaults);
-        let settings = sql::timeouts(dialect, &timeouts, true, false);
-        let mut sql_parts: Vec<String> = Vec::new();
         let how = match &p.work {
             Work::Transactional { .. } => "in one transaction with its history row",
             Work::NonTransactional {
@@ -489,64 +545,9 @@ pub fn render_plan(
                 ));
             }
         }
-        let mut push = |text: String, human: &mut String| {
-            human.push_str(&text);
+        for sent in &script.statements {
+            human.push_str(&sent.shown());
             human.push_str(";\n");
-            sql_parts.push(text);
-        };
-        let history;
-        match &p.work {
-            Work::Transactional { body, .. } => {
-                push(sql::begin(dialect).to_string(), &mut human);
-                for t in settings {
-                    push(t, &mut human);
-                }
-                push(
-                    body.trim_end().trim_end_matches(';').to_string(),
-                    &mut human,
-                );
-                human.push_str("-- duration_ms is measured when the step runs:\n");
-                let insert = sql::insert_row(dialect, table, &row, &sql::Guard::None);
-                push(insert.clone(), &mut human);
-                push("COMMIT".into(), &mut human);
-                history = json!([insert]);
-            }
-            Work::NonTransactional { statements, .. } => {
-                row.success = None;
-                row.transactional = false;
-                row.statements_done = Some(0);
-                let insert = sql::insert_row(dialect, table, &row, &sql::Guard::None);
-                push(insert.clone(), &mut human);
-                for t in sql::timeouts(dialect, &timeouts, false, false) {
-                    push(t, &mut human);
-                }
-                for (i, st) in statements.iter().enumerate() {
-                    push(st.text(&p.script.sql).to_string(), &mut human);
-                    human.push_str(&format!(
-                        "{};\n",
-                        sql::progress(dialect, table, 0, i as i64 + 1, &sql::Guard::None)
-                            .replace("id = 0", "id = <row id>")
-                    ));
-                }
-                let finish = sql::finish(
-                    dialect,
-                    table,
-                    0,
-                    true,
-                    0,
-                    None,
-                    statements.len() as i64,
-                    &sql::Guard::None,
-                )
-                .replace("id = 0", "id = <row id>")
-                .replace("duration_ms = 0", "duration_ms = <measured>");
-                human.push_str(&format!("{finish};\n"));
-                history = json!([
-                    insert,
-                    sql::progress(dialect, table, 0, 1, &sql::Guard::None),
-                    finish
-                ]);
-            }
         }
         human.push('\n');
         steps_json.push(json!({
@@ -556,8 +557,7 @@ pub fn render_plan(
             "file": p.script.file,
             "transactional": matches!(p.work, Work::Transactional { .. }),
             "statements": p.work.statements().iter().map(|s| s.text(&p.script.sql)).collect::<Vec<_>>(),
-            "sql": sql_parts,
-            "historyWrites": history,
+            "sent": script.statements,
             "destructive": findings.map(|f| &f.findings),
             "allowDestructive": p.script.directives.allow_destructive,
         }));
@@ -567,7 +567,9 @@ pub fn render_plan(
         "from": from,
         "to": to,
         "ahead": plan.ahead,
-        "createsHistoryTable": create_table && !prepared.is_empty(),
+        "server": cx.flavor,
+        "createsHistoryTable": create_table.is_some(),
+        "createHistoryTable": create_table,
         "steps": steps_json,
     });
     RenderedPlan { json, human }

@@ -153,6 +153,9 @@ async fn poll(c: &mut impl Contender, timeout: Duration) -> Result<Duration, Loc
 /// The lock while it is held.
 pub struct Held {
     pub waited: Duration,
+    /// The condition every history write (and, on PostgreSQL under a lease, every step's
+    /// transaction) carries, so that only the holder can record a step.
+    pub guard: Guard,
     lease: Option<LeaseKeeper>,
 }
 
@@ -204,7 +207,20 @@ fn lease_token(holder: &str) -> String {
     super::script::sha256_hex(seed.as_bytes())[..32].to_string()
 }
 
-/// Takes the lock (waiting up to `timeout`) and guards `db`'s history writes with it.
+/// The guard that makes history writes on `db` conditional on holding the lock of
+/// `mode`; `token` is the lease's (or, for `plan`, a placeholder).
+pub fn guard(db: &impl Backend, mode: &LockMode, token: &str) -> Guard {
+    match mode {
+        LockMode::Session => db.session_guard(),
+        LockMode::Lease { ttl, .. } => Guard::Lease {
+            table: db.table().lease_table(),
+            token: token.to_string(),
+            ttl: *ttl,
+        },
+    }
+}
+
+/// Takes the lock (waiting up to `timeout`); its [`Held::guard`] guards the history writes.
 pub async fn acquire(
     db: &mut impl Backend,
     mode: &LockMode,
@@ -214,9 +230,9 @@ pub async fn acquire(
     match mode {
         LockMode::Session => {
             let waited = poll(&mut SessionContender(&mut *db), timeout).await?;
-            db.set_guard(db.session_guard());
             Ok(Held {
                 waited,
+                guard: guard(db, mode, ""),
                 lease: None,
             })
         }
@@ -243,11 +259,7 @@ pub async fn acquire(
                     return Err(e);
                 }
             };
-            db.set_guard(Guard::Lease {
-                table: db.table().lease_table(),
-                token: token.clone(),
-                ttl: *ttl,
-            });
+            let guard = guard(db, mode, &token);
             let lost = Arc::new(AtomicBool::new(false));
             let renewed = Arc::new(Mutex::new(Instant::now()));
             let (stop, task) = keep_lease(
@@ -260,6 +272,7 @@ pub async fn acquire(
             );
             Ok(Held {
                 waited,
+                guard,
                 lease: Some(LeaseKeeper {
                     stop,
                     task,
@@ -352,9 +365,8 @@ fn keep_lease(
     (stop, task)
 }
 
-/// Releases the lock and drops the guard.
+/// Releases the lock.
 pub async fn release(db: &mut impl Backend, held: Held) {
-    db.set_guard(Guard::None);
     match held.lease {
         None => {
             if let Err(e) = db.unlock().await {

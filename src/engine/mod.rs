@@ -13,6 +13,7 @@ pub mod lock;
 pub mod plan;
 pub mod runner;
 pub mod script;
+pub mod sent;
 pub mod source;
 pub mod status;
 pub mod tools;

@@ -10,7 +10,8 @@ use std::str::FromStr;
 use serde::Serialize;
 
 use super::history::{DbState, Unfinished};
-use super::source::{Migration, MigrationSet};
+use super::script::{self, Dialect};
+use super::source::{Migration, MigrationSet, Script};
 use super::version::{Version, VersionError};
 
 /// Where an upgrade or downgrade should end.
@@ -152,6 +153,44 @@ pub fn pending<'a>(set: &'a MigrationSet, state: &DbState) -> Vec<&'a Migration>
         .iter()
         .filter(|m| !state.applied.contains_key(&m.version))
         .collect()
+}
+
+/// A script with no SQL statement that does not say it is empty on purpose: running it
+/// would record a step that changed nothing, so `upgrade` and `downgrade` refuse it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EmptyScript {
+    pub version: String,
+    pub file: String,
+    pub direction: Direction,
+}
+
+/// True when `script` has no statement (only comments and blank lines) and no
+/// `-- schemagate:empty <reason>` line.
+pub fn unmarked_empty(script: &Script, dialect: Dialect) -> bool {
+    script.directives.empty.is_none() && script::split(&script.sql, dialect).is_empty()
+}
+
+/// The empty scripts a run could still refuse: pending up scripts and every down script
+/// (an applied up script cannot be filled in any more: that would be drift).
+pub fn empty_scripts(set: &MigrationSet, state: &DbState, dialect: Dialect) -> Vec<EmptyScript> {
+    let mut out = Vec::new();
+    for m in &set.migrations {
+        let scripts = [
+            (!state.applied.contains_key(&m.version)).then_some((&m.up, Direction::Up)),
+            m.down.as_ref().map(|d| (d, Direction::Down)),
+        ];
+        for (s, direction) in scripts.into_iter().flatten() {
+            if unmarked_empty(s, dialect) {
+                out.push(EmptyScript {
+                    version: m.version.to_string(),
+                    file: s.file.clone(),
+                    direction,
+                });
+            }
+        }
+    }
+    out
 }
 
 /// One step of a plan.

@@ -11,13 +11,15 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::dialect::{Backend, DbError, DbErrorKind, LockHolder, NewRow, StepTimeouts};
+use super::dialect::sql::{self, Guard};
+use super::dialect::{Backend, DbError, DbErrorKind, Done, LockHolder, NewRow, StepTimeouts};
 use super::guard;
 use super::history::{DbState, Kind};
 use super::lock::{self, Held, LockError, LockMode};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
 use super::redact;
 use super::script::{self, Dialect, Statement, TxControlError};
+use super::sent::{self, Fill, Role, Sent, StepScript};
 use super::source::{Migration, MigrationSet, Script};
 use super::version::Version;
 
@@ -209,7 +211,12 @@ pub enum RunError {
     #[error("the database is at {current}, above {target}: stamp only records versions forward")]
     StampBelowCurrent { target: String, current: String },
     #[error("{file}: {message}")]
-    Directive { file: String, message: String },
+    Directive {
+        file: String,
+        message: String,
+        /// What to do, where the engine knows better than "fix the directive".
+        hint: Option<&'static str>,
+    },
     #[error("stopped: {0}")]
     LockLost(String),
     #[error("stopped on request: {what}")]
@@ -392,13 +399,11 @@ pub struct Prepared<'a> {
     pub work: Work,
 }
 
-/// How a step's SQL runs.
+/// How a step's SQL runs (what it sends is [`sent::step`]).
 pub enum Work {
-    /// In the engine's transaction: the body range of the script and its statements.
-    Transactional {
-        body: String,
-        statements: Vec<Statement>,
-    },
+    /// In the engine's transaction, with its history row: the script's statements (a
+    /// `BEGIN; ... COMMIT;` wrapper left out).
+    Transactional { statements: Vec<Statement> },
     /// Statement by statement, progress recorded after each.
     NonTransactional {
         statements: Vec<Statement>,
@@ -426,9 +431,86 @@ fn script_of<'a>(step: &Step<'a>) -> &'a Script {
     }
 }
 
+/// Refuses a plan with a step whose script has no statement and does not say it is empty
+/// on purpose (all of them named in one error), or that says so but has statements.
+fn check_empty(plan: &Plan<'_>, dialect: Dialect) -> Result<(), RunError> {
+    let scripts: Vec<&Script> = plan.steps.iter().map(script_of).collect();
+    for script in &scripts {
+        let n = script::split(&script.sql, dialect).len();
+        if n > 0 && script.directives.empty.is_some() {
+            return Err(RunError::Directive {
+                file: script.file.clone(),
+                message: format!(
+                    "`-- schemagate:empty` says the script has no statement, but it has {n}"
+                ),
+                hint: Some("remove the `-- schemagate:empty` line (or the statements)"),
+            });
+        }
+    }
+    let empty: Vec<&str> = scripts
+        .iter()
+        .filter(|s| plan::unmarked_empty(s, dialect))
+        .map(|s| s.file.as_str())
+        .collect();
+    if empty.is_empty() {
+        return Ok(());
+    }
+    let (has, it) = if empty.len() == 1 {
+        ("has", "it")
+    } else {
+        ("have", "each")
+    };
+    let (what, hint) = match plan.direction {
+        Direction::Up => (
+            format!(
+                "applying {it} would record its version as applied while changing nothing (and \
+                 SQL written into the file later would never run)"
+            ),
+            EMPTY_UP_HINT,
+        ),
+        Direction::Down => (
+            format!(
+                "reverting with {it} would record its version as reverted while the schema \
+                 change stays"
+            ),
+            EMPTY_DOWN_HINT,
+        ),
+    };
+    Err(RunError::Directive {
+        file: empty.join(", "),
+        message: format!(
+            "{has} no SQL statement, only comments or blank lines: {what}; nothing was run"
+        ),
+        hint: Some(hint),
+    })
+}
+
+/// What to do about an empty up script.
+pub const EMPTY_UP_HINT: &str = "write the migration's SQL in the file; if the step is meant \
+     to change nothing, add the line `-- schemagate:empty <reason>` at its top (the reason is \
+     recorded in the history)";
+
+/// What to do about an empty down script.
+pub const EMPTY_DOWN_HINT: &str = "write the SQL that undoes the migration in the file; if \
+     undoing needs no SQL, add the line `-- schemagate:empty <reason>` at its top (the reason \
+     is recorded in the history); if it cannot be undone, delete the file (downgrade then \
+     refuses to go below that version)";
+
+impl RunError {
+    /// The engine's own advice for this error, where it has one: it takes precedence over
+    /// the generic hint of the error's kind.
+    pub fn hint(&self) -> Option<&'static str> {
+        match self {
+            RunError::Directive { hint, .. } => *hint,
+            _ => None,
+        }
+    }
+}
+
 /// Works out every step's SQL; a script that cannot run as asked fails here, before the
 /// first step runs.
 pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>>, RunError> {
+    check_empty(plan, dialect)?;
     plan.steps
         .iter()
         .map(|step| {
@@ -446,6 +528,7 @@ pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>
                     message: "SQLite has no statement timeout; remove \
                               `-- schemagate:statement-timeout` (lock-timeout works)"
                         .into(),
+                    hint: None,
                 });
             }
             let statements = script::split(&script.sql, dialect);
@@ -459,19 +542,11 @@ pub fn prepare<'a>(plan: &Plan<'a>, dialect: Dialect) -> Result<Vec<Prepared<'a>
                     requested: script.directives.no_transaction,
                 }
             } else {
+                // The statements are sent as split (joined by `;`), on every dialect: no
+                // comments between them, no client-side DELIMITER lines, and what `plan`
+                // prints is what the server parses.
                 let body = script::transactional_body(&script.sql, dialect).map_err(located)?;
-                let text = if dialect == Dialect::MySql {
-                    // Sent statement by statement text (no client-side DELIMITER lines).
-                    body.statements
-                        .iter()
-                        .map(|s| s.text(&script.sql))
-                        .collect::<Vec<_>>()
-                        .join(";\n")
-                } else {
-                    script.sql[body.start..body.end].to_string()
-                };
                 Work::Transactional {
-                    body: text,
                     statements: body.statements,
                 }
             };
@@ -501,14 +576,24 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
         applied_by: runner_id.to_string(),
         duration_ms: None,
         error: None,
-        // The permission to lose data is part of the audit trail.
-        note: p
-            .script
-            .directives
-            .allow_destructive
-            .as_ref()
-            .map(|reason| format!("allow-destructive: {reason}")),
+        note: step_note(p.script),
     }
+}
+
+/// The note of a step's history row: the permissions its script gives itself are part of
+/// the audit trail (losing data, being empty on purpose).
+fn step_note(script: &Script) -> Option<String> {
+    let d = &script.directives;
+    let notes: Vec<String> = [
+        d.allow_destructive
+            .as_ref()
+            .map(|r| format!("allow-destructive: {r}")),
+        d.empty.as_ref().map(|r| format!("empty: {r}")),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    (!notes.is_empty()).then(|| notes.join("; "))
 }
 
 /// A step's timeouts: its own directives, else the run's defaults.
@@ -582,13 +667,25 @@ async fn run_locked(
     }
     let prepared = prepare(&plan, db.dialect())?;
     check_destructive(db, &prepared, settings).await?;
+    let session = db
+        .session()
+        .await
+        .map_err(RunError::db("asking the server its version"))?;
+    let table = db.table().clone();
+    let cx = sent::Context {
+        session: &session,
+        table: &table,
+        guard: &held.guard,
+        runner_id: &settings.runner_id,
+    };
+    let scripts = sent::steps(&prepared, &settings.timeouts, &cx);
     if !state.initialized {
         db.create_history_table()
             .await
             .map_err(RunError::db("creating the history table"))?;
     }
     let mut done = Vec::with_capacity(prepared.len());
-    for p in &prepared {
+    for (p, script) in prepared.iter().zip(&scripts) {
         if settings.stop.as_ref().is_some_and(|s| s.requested()) {
             return Err(RunError::Stopped {
                 what: format!(
@@ -608,8 +705,7 @@ async fn run_locked(
                 done.len()
             )));
         }
-        let timeouts = step_timeouts(p.script, &settings.timeouts);
-        match run_step(db, p, &settings.runner_id, &timeouts).await {
+        match run_step(db, p, script, &cx).await {
             Ok(report) => {
                 if let Some(stop) = &settings.stop {
                     stop.record(&p.step.migration.version);
@@ -720,8 +816,8 @@ impl From<Box<StepFailure>> for StepError {
 async fn run_step(
     db: &mut impl Backend,
     p: &Prepared<'_>,
-    runner_id: &str,
-    timeouts: &StepTimeouts,
+    script: &StepScript,
+    cx: &sent::Context<'_>,
 ) -> Result<StepReport, StepError> {
     let m = p.step.migration;
     let verb = if p.step.direction == Direction::Up {
@@ -731,130 +827,243 @@ async fn run_step(
     };
     tracing::info!(version = %m.version, description = %m.description, file = %p.script.file, "{verb}");
     let start = Instant::now();
-    let mut row = step_row(p, runner_id);
     match &p.work {
-        Work::Transactional { body, statements } => {
-            if let Err(f) = db.begin_and_run(timeouts, body).await {
-                if f.began {
-                    let _ = db.rollback().await;
-                }
-                if f.error.kind == DbErrorKind::Lock {
-                    return Err(StepError::Lock(f.error));
-                }
-                // The statement count from the server maps onto our split when both agree;
-                // past the end it was the transaction itself that failed.
-                let index = f.completed.filter(|c| *c < statements.len());
-                let fail = failure(p, index, &f.error, StepOutcome::RolledBack);
-                row.success = Some(false);
-                row.statements_done = Some(f.completed.unwrap_or(0) as i64);
-                row.duration_ms = Some(start.elapsed().as_millis() as i64);
-                row.error = Some(clip(&fail.message, MAX_ERROR_LEN));
-                if let Err(e) = db.insert_row(&row).await {
-                    tracing::warn!(error = %e, "could not record the failed step in the history");
-                }
-                let _ = db.reset_session().await;
-                return Err(fail.into());
-            }
-            row.duration_ms = Some(start.elapsed().as_millis() as i64);
-            if let Err(e) = db.insert_row(&row).await {
-                let _ = db.rollback().await;
-                if e.kind == DbErrorKind::Lock {
-                    return Err(StepError::Lock(e));
-                }
-                let mut fail = failure(p, None, &e, StepOutcome::RolledBack);
-                fail.message =
-                    format!("recording the step in the history failed: {}", fail.message);
-                return Err(fail.into());
-            }
-            if let Err(e) = db.commit().await {
-                // A transaction the COMMIT message never reached (a failed lease renewal
-                // before it) is still open: end it. Harmless when there is none.
-                let _ = db.rollback().await;
-                // The server refusing the COMMIT (a deferred constraint, say) rolls it back;
-                // a connection lost during COMMIT leaves the outcome to the server.
-                let outcome = if e.kind == DbErrorKind::Statement {
-                    StepOutcome::RolledBack
-                } else {
-                    StepOutcome::Unknown
-                };
-                let mut fail = failure(p, None, &e, outcome);
-                fail.message = format!("COMMIT failed: {}", fail.message);
-                return Err(fail.into());
-            }
-        }
-        Work::NonTransactional { statements, .. } => {
-            row.success = None;
-            row.transactional = false;
-            row.statements_done = Some(0);
-            // Claiming the step (its running row) is what the lock guards: if the claim is
-            // refused, nothing ran.
-            let id = match db.insert_row(&row).await {
-                Ok(id) => id,
-                Err(e) if e.kind == DbErrorKind::Lock => return Err(StepError::Lock(e)),
-                Err(e) => return Err(failure(p, None, &e, StepOutcome::RolledBack).into()),
-            };
-            let outcome = run_statements(db, p, statements, id, timeouts, start).await;
-            if let Err(e) = db.reset_session().await {
-                tracing::warn!(error = %e, "could not reset the session after the step");
-            }
-            outcome?;
-        }
+        Work::Transactional { .. } => run_transactional(db, p, script, cx, start).await?,
+        Work::NonTransactional { .. } => run_non_transactional(db, p, script, cx, start).await?,
     }
     let report = step_report(p, start.elapsed());
     tracing::info!(version = %m.version, duration_ms = report.duration_ms, "{verb} done");
     Ok(report)
 }
 
-/// The statements of a non-transactional step, each followed by its progress record.
-async fn run_statements(
+/// A round trip that failed at its statement `at` (the ones before it completed).
+struct TripFailure {
+    at: usize,
+    error: DbError,
+}
+
+/// Sends one round trip of a script (its slots filled from `fill`) and checks each
+/// statement's result.
+async fn send_trip(
+    db: &mut impl Backend,
+    trip: &[Sent],
+    fill: &Fill,
+) -> Result<Vec<Done>, TripFailure> {
+    let text = trip
+        .iter()
+        .map(|s| s.sql(fill))
+        .collect::<Vec<_>>()
+        .join(";\n");
+    let last = trip.len().saturating_sub(1);
+    let done = db.send(&text).await.map_err(|f| TripFailure {
+        at: f.done.len().min(last),
+        error: f.error,
+    })?;
+    for (at, (s, d)) in trip.iter().zip(&done).enumerate() {
+        s.check(d).map_err(|error| TripFailure { at, error })?;
+    }
+    Ok(done)
+}
+
+/// What of a step has completed so far.
+#[derive(Default)]
+struct Tally {
+    began: bool,
+    committed: bool,
+    /// Statements of the migration that completed.
+    migration: usize,
+}
+
+impl Tally {
+    fn add(&mut self, completed: &[Sent]) {
+        for s in completed {
+            match s.role {
+                Role::Begin => self.began = true,
+                Role::Commit => self.committed = true,
+                Role::Migration => self.migration += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
+fn elapsed_ms(start: Instant) -> i64 {
+    start.elapsed().as_millis() as i64
+}
+
+/// A transactional step: everything up to COMMIT, or nothing.
+async fn run_transactional(
     db: &mut impl Backend,
     p: &Prepared<'_>,
-    statements: &[Statement],
-    id: i64,
-    timeouts: &StepTimeouts,
+    script: &StepScript,
+    cx: &sent::Context<'_>,
     start: Instant,
-) -> Result<(), Box<StepFailure>> {
-    if let Err(e) = db.set_timeouts(timeouts).await {
-        let fail = failure(p, None, &e, StepOutcome::Dirty);
-        let msg = clip(&fail.message, MAX_ERROR_LEN);
-        let _ = db.finish_row(id, false, 0, Some(&msg), 0).await;
-        return Err(fail);
-    }
-    for (i, st) in statements.iter().enumerate() {
-        if let Err(e) = db.execute(st.text(&p.script.sql)).await {
-            let fail = failure(p, Some(i), &e, StepOutcome::Dirty);
-            let elapsed = start.elapsed().as_millis() as i64;
-            let msg = clip(&fail.message, MAX_ERROR_LEN);
-            if let Err(e) = db
-                .finish_row(id, false, elapsed, Some(&msg), i as i64)
-                .await
-            {
-                tracing::warn!(error = %e, "could not record the failure; the step shows as unfinished");
-            }
-            return Err(fail);
+) -> Result<(), StepError> {
+    let mut tally = Tally::default();
+    for trip in script.round_trips() {
+        let fill = Fill {
+            row_id: None,
+            duration_ms: Some(elapsed_ms(start)),
+        };
+        let Err(f) = send_trip(db, trip, &fill).await else {
+            tally.add(trip);
+            continue;
+        };
+        tally.add(&trip[..f.at]);
+        if tally.committed {
+            // Committed: a failed reset must not make the step look rolled back.
+            tracing::warn!(error = %f.error, "could not reset the session after the step");
+            return Ok(());
         }
-        if let Err(e) = db.record_progress(id, i as i64 + 1).await {
-            let mut fail = failure(p, Some(i), &e, StepOutcome::Dirty);
+        return Err(abort_transaction(db, p, cx, &tally, trip[f.at].role, f.error, start).await);
+    }
+    Ok(())
+}
+
+/// Rolls back a transactional step that failed at a statement of `role`, and records the
+/// failure where the step's own history row did not get written.
+async fn abort_transaction(
+    db: &mut impl Backend,
+    p: &Prepared<'_>,
+    cx: &sent::Context<'_>,
+    tally: &Tally,
+    role: Role,
+    error: DbError,
+    start: Instant,
+) -> StepError {
+    // The transaction is open (perhaps aborted), or the COMMIT never reached it (a failed
+    // lease renewal before it): end it.
+    if tally.began {
+        let _ = db.send(sql::ROLLBACK).await;
+    }
+    if error.kind == DbErrorKind::Lock {
+        return StepError::Lock(error);
+    }
+    match role {
+        Role::HistoryInsert => {
+            let mut fail = failure(p, None, &error, StepOutcome::RolledBack);
+            fail.message = format!("recording the step in the history failed: {}", fail.message);
+            fail.into()
+        }
+        Role::LeaseRenewal | Role::Commit => {
+            // The server refusing the COMMIT (a deferred constraint, say) rolls it back; a
+            // connection lost during COMMIT leaves the outcome to the server.
+            let outcome = if error.kind == DbErrorKind::Statement {
+                StepOutcome::RolledBack
+            } else {
+                StepOutcome::Unknown
+            };
+            let mut fail = failure(p, None, &error, outcome);
+            fail.message = format!("COMMIT failed: {}", fail.message);
+            fail.into()
+        }
+        _ => {
+            // The statement count from the server names the failing statement.
+            let index = (role == Role::Migration).then_some(tally.migration);
+            let fail = failure(p, index, &error, StepOutcome::RolledBack);
+            let msg = clip(&fail.message, MAX_ERROR_LEN);
+            let row = sent::failed_insert(p, cx, tally.migration, elapsed_ms(start), msg);
+            if let Err(f) = send_trip(db, &[row], &Fill::default()).await {
+                tracing::warn!(error = %f.error, "could not record the failed step in the history");
+            }
+            let _ = send_trip(db, &sent::reset(cx), &Fill::default()).await;
+            fail.into()
+        }
+    }
+}
+
+/// A non-transactional step: its running row, each statement followed by its progress
+/// record, its outcome, and the session reset whatever happened.
+async fn run_non_transactional(
+    db: &mut impl Backend,
+    p: &Prepared<'_>,
+    script: &StepScript,
+    cx: &sent::Context<'_>,
+    start: Instant,
+) -> Result<(), StepError> {
+    let mut id = None;
+    let mut ran = 0usize;
+    let mut outcome = Ok(());
+    for trip in script.round_trips() {
+        let role = trip[0].role;
+        if role == Role::Reset {
+            break;
+        }
+        let fill = Fill {
+            row_id: id,
+            duration_ms: Some(elapsed_ms(start)),
+        };
+        match send_trip(db, trip, &fill).await {
+            Ok(done) => match role {
+                Role::HistoryInsert => id = done.first().and_then(sent::row_id),
+                Role::Migration => ran += 1,
+                _ => {}
+            },
+            Err(f) => {
+                outcome =
+                    Err(abort_non_transactional(db, p, cx, role, f.error, id, ran, start).await);
+                break;
+            }
+        }
+    }
+    for trip in script.round_trips().filter(|t| t[0].role == Role::Reset) {
+        if let Err(f) = send_trip(db, trip, &Fill::default()).await {
+            tracing::warn!(error = %f.error, "could not reset the session after the step");
+        }
+    }
+    outcome
+}
+
+/// Records how a non-transactional step failed at a statement of `role`, after `ran` of
+/// its statements ran: it is dirty from then on, unless nothing ran.
+#[allow(clippy::too_many_arguments)]
+async fn abort_non_transactional(
+    db: &mut impl Backend,
+    p: &Prepared<'_>,
+    cx: &sent::Context<'_>,
+    role: Role,
+    error: DbError,
+    id: Option<i64>,
+    ran: usize,
+    start: Instant,
+) -> StepError {
+    let (index, duration, message) = match role {
+        // Claiming the step (its running row) is what the lock guards: if the claim is
+        // refused, nothing ran.
+        Role::HistoryInsert if error.kind == DbErrorKind::Lock => return StepError::Lock(error),
+        Role::HistoryInsert => {
+            return failure(p, None, &error, StepOutcome::RolledBack).into();
+        }
+        Role::Setting => (None, 0, None),
+        Role::Migration => (Some(ran), elapsed_ms(start), None),
+        Role::HistoryProgress => {
+            let mut fail = failure(p, ran.checked_sub(1), &error, StepOutcome::Dirty);
             fail.statement = None;
             fail.message = format!(
-                "statement {} ran, but recording progress failed: {}",
-                i + 1,
+                "statement {ran} ran, but recording progress failed: {}",
                 fail.message
             );
-            return Err(fail);
+            return fail.into();
+        }
+        _ => (
+            None,
+            elapsed_ms(start),
+            Some("all statements ran, but recording success failed"),
+        ),
+    };
+    let mut fail = failure(p, index, &error, StepOutcome::Dirty);
+    if let Some(what) = message {
+        fail.message = format!("{what}: {}", fail.message);
+        return fail.into();
+    }
+    let msg = clip(&fail.message, MAX_ERROR_LEN);
+    if let Some(id) = id {
+        let finish = sent::failed_finish(cx, id, duration, &msg, ran);
+        if let Err(f) = send_trip(db, &[finish], &Fill::default()).await {
+            tracing::warn!(error = %f.error, "could not record the failure; the step shows as unfinished");
         }
     }
-    let elapsed = start.elapsed().as_millis() as i64;
-    db.finish_row(id, true, elapsed, None, statements.len() as i64)
-        .await
-        .map_err(|e| {
-            let mut fail = failure(p, None, &e, StepOutcome::Dirty);
-            fail.message = format!(
-                "all statements ran, but recording success failed: {}",
-                fail.message
-            );
-            fail
-        })
+    fail.into()
 }
 
 /// A history row that records a decision (stamp, resolve) rather than a run.
@@ -877,7 +1086,7 @@ fn record_row(
         statements_total: None,
         statements_done: None,
         applied_by: runner_id.to_string(),
-        duration_ms: Some(0),
+        duration_ms: Some(0.into()),
         error: None,
         note: Some(note),
     }
@@ -908,7 +1117,7 @@ pub async fn stamp(
         settings.lock_timeout,
     )
     .await?;
-    let result = stamp_locked(db, set, target, settings).await;
+    let result = stamp_locked(db, set, target, settings, &held.guard).await;
     lock::release(db, held).await;
     result
 }
@@ -918,6 +1127,7 @@ async fn stamp_locked(
     set: &MigrationSet,
     target: &Target,
     settings: &RunSettings,
+    guard: &Guard,
 ) -> Result<StampReport, RunError> {
     let state = read_state(db).await?;
     let version = match target {
@@ -971,6 +1181,7 @@ async fn stamp_locked(
     if !todo.is_empty() {
         record_baselines(
             db,
+            guard,
             state.initialized,
             &todo,
             &settings.runner_id,
@@ -1021,6 +1232,7 @@ impl Recording {
 /// the database has none.
 async fn record_baselines(
     db: &mut impl Backend,
+    guard: &Guard,
     initialized: bool,
     todo: &[&Migration],
     runner_id: &str,
@@ -1028,35 +1240,58 @@ async fn record_baselines(
     what: Recording,
 ) -> Result<(), RunError> {
     let [opening, recording, committing] = what.during();
+    let session = db.session().await.map_err(RunError::db(opening))?;
+    let table = db.table().clone();
+    let cx = sent::Context {
+        session: &session,
+        table: &table,
+        guard,
+        runner_id,
+    };
     if !initialized {
         db.create_history_table()
             .await
             .map_err(RunError::db("creating the history table"))?;
     }
-    db.begin_and_run(&StepTimeouts::default(), "")
-        .await
-        .map_err(|f| RunError::Db {
-            during: opening,
-            source: f.error,
-        })?;
-    for m in todo {
-        let row = record_row(
-            m.version.to_string(),
-            m.description.clone(),
-            Kind::Baseline,
-            Some(&m.up.checksums),
-            runner_id,
-            note.to_string(),
-        );
-        if let Err(e) = db.insert_row(&row).await {
-            let _ = db.rollback().await;
-            return Err(RunError::Db {
-                during: recording,
-                source: e,
-            });
+    let rows: Vec<NewRow> = todo
+        .iter()
+        .map(|m| {
+            record_row(
+                m.version.to_string(),
+                m.description.clone(),
+                Kind::Baseline,
+                Some(&m.up.checksums),
+                runner_id,
+                note.to_string(),
+            )
+        })
+        .collect();
+    let script = sent::record(&rows, &cx);
+    let mut tally = Tally::default();
+    for trip in script.round_trips() {
+        let Err(f) = send_trip(db, trip, &Fill::default()).await else {
+            tally.add(trip);
+            continue;
+        };
+        tally.add(&trip[..f.at]);
+        if tally.committed {
+            tracing::warn!(error = %f.error, "could not reset the session after recording");
+            return Ok(());
         }
+        if tally.began {
+            let _ = db.send(sql::ROLLBACK).await;
+        }
+        let during = match trip[f.at].role {
+            Role::HistoryInsert => recording,
+            Role::LeaseRenewal | Role::Commit => committing,
+            _ => opening,
+        };
+        return Err(RunError::Db {
+            during,
+            source: f.error,
+        });
     }
-    db.commit().await.map_err(RunError::db(committing))
+    Ok(())
 }
 
 /// What `import` recorded (or would record).
@@ -1115,6 +1350,7 @@ pub async fn import(
         }
         record_baselines(
             db,
+            &held.guard,
             state.initialized,
             &todo,
             &settings.runner_id,
@@ -1194,9 +1430,23 @@ pub async fn resolve(
             &settings.runner_id,
             note,
         );
-        db.insert_row(&row)
+        let session = db
+            .session()
             .await
             .map_err(RunError::db("recording the resolution"))?;
+        let table = db.table().clone();
+        let cx = sent::Context {
+            session: &session,
+            table: &table,
+            guard: &held.guard,
+            runner_id: &settings.runner_id,
+        };
+        send_trip(db, &[sent::insert(&row, &cx)], &Fill::default())
+            .await
+            .map_err(|f| RunError::Db {
+                during: "recording the resolution",
+                source: f.error,
+            })?;
         let after = read_state(db).await?;
         Ok(ResolveReport {
             version: u.version.clone(),

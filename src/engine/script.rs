@@ -596,10 +596,14 @@ pub struct Directives {
     pub statement_timeout: Option<std::time::Duration>,
     /// `-- schemagate:allow-destructive <reason>`: this migration may lose data on purpose.
     pub allow_destructive: Option<String>,
+    /// `-- schemagate:empty <reason>`: this script has no statement on purpose. Without
+    /// it, a script of only comments is refused: running it would record a step that
+    /// changed nothing (and filling it in later would be drift).
+    pub empty: Option<String>,
 }
 
 /// The directives, for messages.
-pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, statement-timeout <duration>, allow-destructive <reason>";
+pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>";
 
 /// A malformed or misplaced directive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -665,6 +669,14 @@ pub fn parse_directives(text: &str) -> Result<Directives, DirectiveError> {
                 ));
             }
             ("allow-destructive", reason) => d.allow_destructive = Some(reason.to_string()),
+            ("empty", "") => {
+                return Err(err(
+                    "`empty` needs a reason, e.g. `-- schemagate:empty nothing to undo: the up \
+                     script only fills a cache`"
+                        .into(),
+                ));
+            }
+            ("empty", reason) => d.empty = Some(reason.to_string()),
             (other, _) => {
                 return Err(err(format!(
                     "unknown directive `{DIRECTIVE_PREFIX}{other}`; known: {KNOWN_DIRECTIVES}"
@@ -895,6 +907,14 @@ mod tests {
             Some("old column, unused since v2")
         );
         assert!(parse_directives("-- schemagate:allow-destructive\n").is_err());
+        assert_eq!(
+            parse_directives("-- schemagate:EMPTY  data fix ran by hand in 2024\n")
+                .unwrap()
+                .empty
+                .as_deref(),
+            Some("data fix ran by hand in 2024")
+        );
+        assert!(parse_directives("-- schemagate:empty\n").is_err());
         assert!(parse_directives("-- schemagate:lock-timeout soon\n").is_err());
     }
 

@@ -154,9 +154,10 @@ impl SourceError {
                 "add the matching .up.sql file or remove the down script".into()
             }
             SourceError::DbmateNoUp { .. } => "add a `-- migrate:up` line before the SQL".into(),
-            SourceError::Directive { .. } => {
-                "fix the `-- schemagate:` line (known: no-transaction)".into()
-            }
+            SourceError::Directive { .. } => format!(
+                "fix the `-- schemagate:` line (known: {})",
+                super::script::KNOWN_DIRECTIVES
+            ),
         }
     }
 }

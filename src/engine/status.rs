@@ -4,7 +4,8 @@ use serde::Serialize;
 
 use super::dialect::LockHolder;
 use super::history::{DbState, Unfinished};
-use super::plan::{self, Drift, PlanOptions};
+use super::plan::{self, Drift, EmptyScript, PlanOptions};
+use super::script::Dialect;
 use super::source::MigrationSet;
 
 /// The overall verdict, which decides `status`'s exit code.
@@ -47,6 +48,9 @@ pub struct StatusReport {
     pub applied_count: usize,
     pub pending: Vec<PendingMigration>,
     pub drift: Drift,
+    /// Scripts `upgrade`/`downgrade` would refuse: no statement, and no
+    /// `-- schemagate:empty <reason>` (pending up scripts and down scripts).
+    pub empty_scripts: Vec<EmptyScript>,
     pub unfinished: Option<Unfinished>,
     /// True when the unfinished step's runner still holds the lock (it is running now).
     pub running: bool,
@@ -59,7 +63,7 @@ pub fn status(
     state: &DbState,
     opts: &PlanOptions,
     database: String,
-    dialect: &'static str,
+    dialect: Dialect,
     lock_holder: Option<LockHolder>,
 ) -> StatusReport {
     let current = state.current().cloned();
@@ -92,13 +96,14 @@ pub fn status(
     StatusReport {
         verdict,
         database,
-        dialect,
+        dialect: dialect.name(),
         initialized: state.initialized,
         current: current.map(|v| v.to_string()),
         head: set.head().map(|m| m.version.to_string()),
         applied_count: state.applied.len(),
         pending,
         drift,
+        empty_scripts: plan::empty_scripts(set, state, dialect),
         unfinished: state.unfinished.clone(),
         running,
         lock_holder,
@@ -140,7 +145,7 @@ mod tests {
             &DbState::from_rows(rows),
             &PlanOptions::default(),
             "db".into(),
-            "sqlite",
+            Dialect::Sqlite,
             holder,
         )
         .verdict
@@ -155,7 +160,7 @@ mod tests {
                 &DbState::default(),
                 &PlanOptions::default(),
                 "db".into(),
-                "sqlite",
+                Dialect::Sqlite,
                 None
             )
             .verdict,
@@ -189,7 +194,7 @@ mod tests {
             &st,
             &PlanOptions::default(),
             "db".into(),
-            "sqlite",
+            Dialect::Sqlite,
             None,
         );
         assert_eq!(r.pending.len(), 1);

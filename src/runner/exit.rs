@@ -24,7 +24,8 @@ pub enum Exit {
     Pending = 3,
     /// `status`/`verify`: applied migrations differ from the files, or a step is dirty.
     Drift = 4,
-    /// The migration files are invalid (names, duplicates, directives, empty).
+    /// The migration files are invalid (names, duplicates, directives, an empty directory,
+    /// scripts without statements).
     Source = 10,
     /// The database cannot be reached or refuses the credentials, or the URL is wrong.
     Connect = 11,
@@ -180,8 +181,10 @@ impl From<RunError> for CliError {
                 .hint("`schemagate migrate status` shows the unfinished step, if any"),
             RunError::StampBelowCurrent { .. } => CliError::new(Exit::Refused, "refused", message)
                 .hint("to go back, use `schemagate migrate downgrade`"),
-            RunError::Directive { .. } => CliError::new(Exit::Source, "invalid_script", message)
-                .hint("fix the `-- schemagate:` line"),
+            RunError::Directive { hint, .. } => {
+                CliError::new(Exit::Source, "invalid_script", message)
+                    .hint(hint.unwrap_or("fix the `-- schemagate:` line"))
+            }
             RunError::Destructive(ref steps) => {
                 let details = steps.clone();
                 CliError::new(Exit::Refused, "destructive", message)

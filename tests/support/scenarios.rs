@@ -701,3 +701,212 @@ pub fn destructive_guard(k: &dyn DbKind) {
     assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
     assert_eq!(count(&url, "SELECT count(*) FROM people"), 0);
 }
+
+/// Every history row, as `history -o json` shows it.
+fn history_entries(url: &str, dir: &MigDir) -> Vec<serde_json::Value> {
+    let o = cmd(url, dir, &["history", "-o", "json"]);
+    assert_code(&o, 0);
+    stdout_json(&o)["entries"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// An empty script is not a migration. `new` writes files holding only comments that say
+/// what to write; `upgrade` refuses such an up script before anything runs (also when it
+/// is the 2nd of 3 pending steps: the 1st is not applied either), `downgrade` refuses such
+/// a down script the same way, and `plan`, `status` and `verify` name them. A
+/// `-- schemagate:empty <reason>` line lets one through, with the reason in its history row.
+pub fn empty_scripts_are_refused(k: &dyn DbKind) {
+    let url = k.fresh();
+    let dir = MigDir::new();
+    dir.pair(
+        "1",
+        "base",
+        "CREATE TABLE base (id INTEGER PRIMARY KEY);\n",
+        Some("DROP TABLE base;\n"),
+    );
+    assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
+    let rows_before = history_entries(&url, &dir);
+
+    dir.pair(
+        "2",
+        "create_widgets",
+        "CREATE TABLE widgets (id INTEGER PRIMARY KEY, name VARCHAR(50));\n",
+        Some("DROP TABLE widgets;\n"),
+    );
+    let o = cmd(&url, &dir, &["new", "-m", "fill widgets", "-o", "json"]);
+    assert_code(&o, 0);
+    assert_eq!(stdout_json(&o)["version"], "3");
+    let up = std::fs::read_to_string(dir.path().join("3_fill_widgets.up.sql")).unwrap();
+    assert!(
+        up.contains("Write this migration's SQL") && up.contains("`-- schemagate:empty <reason>`"),
+        "new says what to write: {up}"
+    );
+    dir.pair(
+        "4",
+        "create_gadgets",
+        "CREATE TABLE gadgets (id INTEGER PRIMARY KEY);\n",
+        Some("DROP TABLE gadgets;\n"),
+    );
+
+    // The empty step is the 2nd of 3 pending: nothing at all runs.
+    let o = cmd(&url, &dir, &["upgrade", "-o", "json"]);
+    assert_code(&o, 10);
+    let err = &stdout_json(&o)["error"];
+    assert_eq!(err["exitCode"], 10, "{err}");
+    assert_eq!(err["kind"], "invalid_script", "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("3_fill_widgets.up.sql: has no SQL statement")
+            && message.contains("nothing was run"),
+        "{message}"
+    );
+    assert!(
+        err["hint"]
+            .as_str()
+            .unwrap()
+            .contains("`-- schemagate:empty <reason>`"),
+        "{err}"
+    );
+    let o = cmd(&url, &dir, &["upgrade"]);
+    assert_code(&o, 10);
+    assert!(
+        text(&o).contains("error: 3_fill_widgets.up.sql: has no SQL statement"),
+        "{}",
+        text(&o)
+    );
+    assert!(!table_exists(k, &url, "widgets"), "step 2 must not run");
+    assert!(!table_exists(k, &url, "gadgets"));
+    assert_eq!(current(&url, &dir).as_deref(), Some("1"));
+    assert_eq!(
+        history_entries(&url, &dir),
+        rows_before,
+        "history untouched"
+    );
+
+    // plan refuses the same way; status and verify name both of new's files.
+    let o = cmd(&url, &dir, &["plan"]);
+    assert_code(&o, 10);
+    assert!(text(&o).contains("3_fill_widgets.up.sql"), "{}", text(&o));
+    let o = cmd(&url, &dir, &["status", "-o", "json"]);
+    assert_code(&o, 3);
+    let files = |v: &serde_json::Value| -> Vec<(String, String)> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["file"].as_str().unwrap().to_string(),
+                    e["direction"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let expected = vec![
+        ("3_fill_widgets.up.sql".to_string(), "up".to_string()),
+        ("3_fill_widgets.down.sql".to_string(), "down".to_string()),
+    ];
+    assert_eq!(files(&stdout_json(&o)["emptyScripts"]), expected);
+    let o = cmd(&url, &dir, &["status"]);
+    assert!(
+        text(&o).contains("3_fill_widgets.down.sql: no SQL statement; downgrade refuses it"),
+        "{}",
+        text(&o)
+    );
+    let o = cmd(&url, &dir, &["verify", "-o", "json"]);
+    assert_code(&o, 10);
+    let v = stdout_json(&o);
+    assert_eq!(v["ok"], false);
+    assert_eq!(files(&v["emptyScripts"]), expected);
+
+    // Filled in, the up script runs; its down script still only holds new's comment.
+    dir.file(
+        "3_fill_widgets.up.sql",
+        &format!("{up}INSERT INTO widgets (id, name) VALUES (1, 'w');\n"),
+    );
+    assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
+    assert_eq!(current(&url, &dir).as_deref(), Some("4"));
+    let rows_before = history_entries(&url, &dir);
+    let o = cmd(&url, &dir, &["downgrade", "-2", "-o", "json"]);
+    assert_code(&o, 10);
+    let err = &stdout_json(&o)["error"];
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("3_fill_widgets.down.sql: has no SQL statement"),
+        "{err}"
+    );
+    assert!(err["hint"].as_str().unwrap().contains("undoes"), "{err}");
+    assert!(
+        table_exists(k, &url, "gadgets"),
+        "step 4's down script must not run either"
+    );
+    assert_eq!(current(&url, &dir).as_deref(), Some("4"));
+    assert_eq!(
+        history_entries(&url, &dir),
+        rows_before,
+        "history untouched"
+    );
+
+    // Empty on purpose: both directions go through, with the reason recorded.
+    dir.file(
+        "3_fill_widgets.down.sql",
+        "-- schemagate:empty the sample rows are harmless; 2's down drops the table\n\
+         -- revert: fill widgets\n",
+    );
+    dir.pair(
+        "5",
+        "hotfix_placeholder",
+        "-- schemagate:empty hotfix 1234 was applied by hand; this records it\n",
+        Some("-- schemagate:empty the hotfix stays\n"),
+    );
+    dir.file(
+        "6_contradiction.up.sql",
+        "-- schemagate:empty nothing here\nSELECT 1;\n",
+    );
+    let o = cmd(&url, &dir, &["upgrade", "5"]);
+    assert_code(&o, 0);
+    let o = cmd(&url, &dir, &["upgrade"]);
+    assert_code(&o, 10);
+    assert!(
+        text(&o).contains("6_contradiction.up.sql: `-- schemagate:empty` says the script has no statement, but it has 1"),
+        "{}",
+        text(&o)
+    );
+    std::fs::remove_file(dir.path().join("6_contradiction.up.sql")).unwrap();
+    assert_code(&cmd(&url, &dir, &["downgrade", "2"]), 0);
+    assert_eq!(current(&url, &dir).as_deref(), Some("2"));
+    assert!(table_exists(k, &url, "widgets") && !table_exists(k, &url, "gadgets"));
+    let notes: Vec<(String, String, String)> = history_entries(&url, &dir)
+        .iter()
+        .filter_map(|e| {
+            Some((
+                e["version"].as_str()?.to_string(),
+                e["kind"].as_str()?.to_string(),
+                e["note"].as_str()?.to_string(),
+            ))
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        vec![
+            (
+                "5".to_string(),
+                "up".to_string(),
+                "empty: hotfix 1234 was applied by hand; this records it".to_string()
+            ),
+            (
+                "5".to_string(),
+                "down".to_string(),
+                "empty: the hotfix stays".to_string()
+            ),
+            (
+                "3".to_string(),
+                "down".to_string(),
+                "empty: the sample rows are harmless; 2's down drops the table".to_string()
+            ),
+        ]
+    );
+}

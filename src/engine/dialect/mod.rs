@@ -2,8 +2,9 @@
 //! runs a migration and its history row in one transaction.
 //!
 //! Every dialect implements [`Backend`]; [`Db`] picks one from the URL's scheme. The SQL
-//! text the runner sends is built here by pure functions, so `plan` prints exactly what
-//! `upgrade` runs.
+//! text is built by the pure functions of [`sql`] and assembled per step by
+//! [`crate::engine::sent`], so `plan` prints exactly what `upgrade` sends; a backend only
+//! sends it ([`Backend::send`]) and says what it needs to know about its session.
 
 pub mod mysql;
 pub mod postgres;
@@ -13,7 +14,8 @@ pub mod sqlite;
 use std::future::Future;
 use std::time::Duration;
 
-use sqlx::{ColumnIndex, Decode, Row, Type};
+use futures_util::StreamExt;
+use sqlx::{ColumnIndex, Decode, Either, Row, Type};
 
 use super::guard::ColumnType;
 use super::history::{HistoryRow, Kind};
@@ -109,7 +111,7 @@ pub struct NewRow {
     pub statements_total: Option<i64>,
     pub statements_done: Option<i64>,
     pub applied_by: String,
-    pub duration_ms: Option<i64>,
+    pub duration_ms: Option<sql::Int>,
     pub error: Option<String>,
     pub note: Option<String>,
 }
@@ -296,14 +298,64 @@ impl From<sqlx::Error> for DbError {
     }
 }
 
-/// A step's SQL failed.
+/// Which server the SQL is for: the dialect and, for MySQL, the flavour (MariaDB names
+/// the statement timeout differently).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    Postgres,
+    Sqlite,
+    MySql,
+    MariaDb,
+}
+
+impl Flavor {
+    /// The server's product name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Flavor::Postgres => "PostgreSQL",
+            Flavor::Sqlite => "SQLite",
+            Flavor::MySql => "MySQL",
+            Flavor::MariaDb => "MariaDB",
+        }
+    }
+
+    pub fn dialect(self) -> Dialect {
+        match self {
+            Flavor::Postgres => Dialect::Postgres,
+            Flavor::Sqlite => Dialect::Sqlite,
+            Flavor::MySql | Flavor::MariaDb => Dialect::MySql,
+        }
+    }
+}
+
+/// What a step's SQL depends on besides the step: the server's flavour and the session
+/// state each step's reset restores.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Session {
+    pub flavor: Flavor,
+    /// MySQL: the URL's database, selected again after each step.
+    pub database: Option<String>,
+    /// SQLite: the busy timeout restored after each step.
+    pub busy_timeout: Duration,
+}
+
+/// The result of one statement of a round trip.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Done {
+    /// Rows it changed (or returned).
+    pub rows: u64,
+    /// The first column of its first row, when that is an integer (`RETURNING id`, a fence
+    /// query's answer).
+    pub value: Option<i64>,
+    /// MySQL: the id of the row it inserted.
+    pub insert_id: Option<i64>,
+}
+
+/// A round trip that failed: the statements before the failing one completed.
 #[derive(Debug)]
-pub struct ExecFailure {
-    /// True once BEGIN ran: the transaction is open (perhaps aborted) and must be rolled back.
-    pub began: bool,
-    /// How many statements of the body completed; `None` when the failure came before the
-    /// body (the fence or a timeout setting).
-    pub completed: Option<usize>,
+pub struct SendFailure {
+    pub done: Vec<Done>,
     pub error: DbError,
 }
 
@@ -381,56 +433,14 @@ pub trait Backend: Send {
     /// The live lease's holder, if any.
     fn lease_holder(&mut self) -> impl Future<Output = Result<Option<LockHolder>, DbError>> + Send;
 
-    /// Makes every following history write (and each step's transaction) conditional on
-    /// `guard`, so only the lock holder can record a step.
-    fn set_guard(&mut self, guard: sql::Guard);
+    /// What the SQL of a step depends on besides the step ([`Session`]); MySQL asks the
+    /// server its flavour once (never on the no-op path).
+    fn session(&mut self) -> impl Future<Output = Result<Session, DbError>> + Send;
 
-    /// Opens the engine's transaction and runs `body` in it (one round trip where the
-    /// protocol allows), after the guard's fence and the step's timeouts. On failure the
-    /// transaction is still open: call `rollback`.
-    fn begin_and_run(
-        &mut self,
-        timeouts: &StepTimeouts,
-        body: &str,
-    ) -> impl Future<Output = Result<(), ExecFailure>> + Send;
-
-    /// Commits the step (extending a lease in the same transaction).
-    fn commit(&mut self) -> impl Future<Output = Result<(), DbError>> + Send;
-
-    fn rollback(&mut self) -> impl Future<Output = Result<(), DbError>> + Send;
-
-    /// Sets the step's timeouts for the session (non-transactional steps).
-    fn set_timeouts(
-        &mut self,
-        timeouts: &StepTimeouts,
-    ) -> impl Future<Output = Result<(), DbError>> + Send;
-
-    /// Runs one statement outside any transaction (non-transactional steps).
-    fn execute(&mut self, statement: &str) -> impl Future<Output = Result<(), DbError>> + Send;
-
-    /// Inserts a history row (inside the open transaction, if any) and returns its id.
-    /// Fails with kind `Lock` when the guard does not hold.
-    fn insert_row(&mut self, row: &NewRow) -> impl Future<Output = Result<i64, DbError>> + Send;
-
-    fn record_progress(
-        &mut self,
-        id: i64,
-        done: i64,
-    ) -> impl Future<Output = Result<(), DbError>> + Send;
-
-    fn finish_row(
-        &mut self,
-        id: i64,
-        success: bool,
-        duration_ms: i64,
-        error: Option<&str>,
-        done: i64,
-    ) -> impl Future<Output = Result<(), DbError>> + Send;
-
-    /// Restores session settings a migration may have changed (role, search path,
-    /// timeouts), so each step starts from the same state whether it runs alone or after
-    /// others.
-    fn reset_session(&mut self) -> impl Future<Output = Result<(), DbError>> + Send;
+    /// Sends `text` (one statement or several separated by `;`) in one round trip, as
+    /// plain text (no prepared statement), and reports each statement's result. The
+    /// statements run in order and stop at the first error.
+    fn send(&mut self, text: &str) -> impl Future<Output = Result<Vec<Done>, SendFailure>> + Send;
 
     /// The current type of `table.column` (`table` as written: `[schema,] name`), if the
     /// database can tell; for the destructive-change guard.
@@ -602,46 +612,11 @@ impl Backend for Db {
     async fn lease_holder(&mut self) -> Result<Option<LockHolder>, DbError> {
         dispatch!(self, b => b.lease_holder().await)
     }
-    fn set_guard(&mut self, guard: sql::Guard) {
-        dispatch!(self, b => b.set_guard(guard))
+    async fn session(&mut self) -> Result<Session, DbError> {
+        dispatch!(self, b => b.session().await)
     }
-    async fn begin_and_run(
-        &mut self,
-        timeouts: &StepTimeouts,
-        body: &str,
-    ) -> Result<(), ExecFailure> {
-        dispatch!(self, b => b.begin_and_run(timeouts, body).await)
-    }
-    async fn commit(&mut self) -> Result<(), DbError> {
-        dispatch!(self, b => b.commit().await)
-    }
-    async fn rollback(&mut self) -> Result<(), DbError> {
-        dispatch!(self, b => b.rollback().await)
-    }
-    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
-        dispatch!(self, b => b.set_timeouts(timeouts).await)
-    }
-    async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
-        dispatch!(self, b => b.execute(statement).await)
-    }
-    async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
-        dispatch!(self, b => b.insert_row(row).await)
-    }
-    async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        dispatch!(self, b => b.record_progress(id, done).await)
-    }
-    async fn finish_row(
-        &mut self,
-        id: i64,
-        success: bool,
-        duration_ms: i64,
-        error: Option<&str>,
-        done: i64,
-    ) -> Result<(), DbError> {
-        dispatch!(self, b => b.finish_row(id, success, duration_ms, error, done).await)
-    }
-    async fn reset_session(&mut self) -> Result<(), DbError> {
-        dispatch!(self, b => b.reset_session().await)
+    async fn send(&mut self, text: &str) -> Result<Vec<Done>, SendFailure> {
+        dispatch!(self, b => b.send(text).await)
     }
     async fn column_type(
         &mut self,
@@ -735,17 +710,8 @@ fn lease_busy() -> DbError {
 /// Message of [`lease_busy`].
 pub const LEASE_BUSY: &str = "the lease row is locked by a running step";
 
-/// Checks a guarded progress/finish update: under a lease, no row updated means the lease
-/// is no longer ours.
-fn guarded_rows(rows: u64, guard: &sql::Guard) -> Result<(), DbError> {
-    if rows == 0 && matches!(guard, sql::Guard::Lease { .. }) {
-        return Err(lock_lost());
-    }
-    Ok(())
-}
-
 /// The error a guarded history write reports when the guard did not hold.
-fn lock_lost() -> DbError {
+pub fn lock_lost() -> DbError {
     DbError::new(
         DbErrorKind::Lock,
         "the history write was refused: this runner's server session does not hold the \
@@ -754,41 +720,45 @@ fn lock_lost() -> DbError {
     )
 }
 
-/// The text a step sends: `BEGIN`, the `prelude` (fence, timeouts) and the body as one
-/// multi-statement string.
-fn begin_with(dialect: Dialect, prelude: &[String], body: &str) -> sqlx::RawSql {
-    let mut text = format!("{};\n", sql::begin(dialect));
-    for p in prelude {
-        text.push_str(p);
-        text.push_str(";\n");
-    }
-    text.push_str(body);
-    text.push_str("\n;");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(text))
-}
-
-/// Counts the statements of [`begin_with`]'s text that completed (the driver reports one
-/// result per statement), so a failure can name the statement. `prefix` is the number of
-/// statements before the body (BEGIN and the prelude).
-async fn count_results<R>(
-    mut results: futures_util::stream::BoxStream<'_, Result<R, sqlx::Error>>,
-    prefix: usize,
-) -> Result<(), ExecFailure> {
-    use futures_util::StreamExt;
-    let mut done = 0usize;
-    while let Some(r) = results.next().await {
-        match r {
-            Ok(_) => done += 1,
+/// Collects the results of a round trip: one [`Done`] per statement (the driver reports
+/// each statement's result after its rows), or the failure with those that completed.
+/// `result` reads (rows affected, inserted id) from a statement's result.
+async fn collect<Q, R>(
+    mut results: futures_util::stream::BoxStream<'_, Result<Either<Q, R>, sqlx::Error>>,
+    result: impl Fn(&Q) -> (u64, Option<i64>),
+) -> Result<Vec<Done>, SendFailure>
+where
+    R: Row,
+    usize: ColumnIndex<R>,
+    for<'r> Option<i64>: Decode<'r, R::Database> + Type<R::Database>,
+{
+    let mut done = Vec::new();
+    // The first row's first column of the statement running now.
+    let mut value: Option<Option<i64>> = None;
+    while let Some(item) = results.next().await {
+        match item {
+            Ok(Either::Right(row)) => {
+                if value.is_none() {
+                    value = Some(row.try_get::<Option<i64>, _>(0).ok().flatten());
+                }
+            }
+            Ok(Either::Left(r)) => {
+                let (rows, insert_id) = result(&r);
+                done.push(Done {
+                    rows,
+                    value: value.take().flatten(),
+                    insert_id,
+                });
+            }
             Err(e) => {
-                return Err(ExecFailure {
-                    began: done >= 1,
-                    completed: done.checked_sub(prefix),
+                return Err(SendFailure {
+                    done,
                     error: e.into(),
                 });
             }
         }
     }
-    Ok(())
+    Ok(done)
 }
 
 #[cfg(test)]

@@ -1,7 +1,8 @@
 //! MySQL and MariaDB: `GET_LOCK`/`RELEASE_LOCK` on the runner's dedicated connection (or a
 //! lease row, where `GET_LOCK` is node-local). MySQL commits DDL implicitly, so only steps
 //! made entirely of data statements run in a transaction with their history row; the rest
-//! run statement by statement with their progress recorded (see `runner::prepare`).
+//! run statement by statement with their progress recorded (see `runner::prepare` and
+//! `engine::sent`).
 //!
 //! schemagate leaves the session's `sql_mode` and `time_zone` as the server has them
 //! (sqlx would otherwise add `PIPES_AS_CONCAT` and switch to UTC, changing what a
@@ -15,9 +16,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use super::sql::{self, Guard, SessionKey};
 use super::{
-    Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    StepTimeouts, column_type_of, column_type_sql, count_results, decode_row, guarded_rows,
-    lease_busy, lock_lost,
+    Backend, ConnectConfig, DbError, DbErrorKind, Done, Flavor, HistoryTable, LockHolder,
+    SendFailure, Session, collect, column_type_of, column_type_sql, decode_row, lease_busy,
 };
 use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
@@ -31,9 +31,8 @@ pub struct MySqlBackend {
     /// Qualified with the URL's database, so a migration's `USE other` cannot redirect it.
     table: HistoryTable,
     database: Option<String>,
-    guard: Guard,
-    /// MariaDB (vs MySQL), once asked: they name the statement timeout differently.
-    mariadb: Option<bool>,
+    /// MariaDB or MySQL, once asked: they name the statement timeout differently.
+    flavor: Option<Flavor>,
     /// The lease connection waits at most a second for a row lock.
     lease_session_set: bool,
 }
@@ -96,8 +95,7 @@ impl MySqlBackend {
             conn,
             table,
             database,
-            guard: Guard::None,
-            mariadb: None,
+            flavor: None,
             lease_session_set: false,
         })
     }
@@ -106,17 +104,21 @@ impl MySqlBackend {
         sql::mysql_lock_name(&self.table)
     }
 
-    async fn is_mariadb(&mut self) -> Result<bool, DbError> {
-        if let Some(m) = self.mariadb {
-            return Ok(m);
+    async fn flavor(&mut self) -> Result<Flavor, DbError> {
+        if let Some(f) = self.flavor {
+            return Ok(f);
         }
         let version: String = sqlx::raw_sql("SELECT VERSION()")
             .fetch_one(&mut self.conn)
             .await?
             .try_get(0)?;
-        let m = version.to_ascii_lowercase().contains("mariadb");
-        self.mariadb = Some(m);
-        Ok(m)
+        let f = if version.to_ascii_lowercase().contains("mariadb") {
+            Flavor::MariaDb
+        } else {
+            Flavor::MySql
+        };
+        self.flavor = Some(f);
+        Ok(f)
     }
 
     async fn fetch_int(&mut self, text: String) -> Result<Option<i64>, DbError> {
@@ -137,23 +139,6 @@ impl MySqlBackend {
             self.lease_session_set = true;
         }
         Ok(())
-    }
-
-    async fn reset_statements(&mut self) -> Result<String, DbError> {
-        let timeout = if self.is_mariadb().await? {
-            "max_statement_time"
-        } else {
-            "max_execution_time"
-        };
-        let mut text = format!(
-            "SET SESSION autocommit = 1, foreign_key_checks = DEFAULT, unique_checks = DEFAULT, \
-             sql_mode = DEFAULT, time_zone = DEFAULT, lock_wait_timeout = DEFAULT, \
-             innodb_lock_wait_timeout = DEFAULT, {timeout} = DEFAULT;\nSET NAMES utf8mb4"
-        );
-        if let Some(db) = &self.database {
-            text.push_str(&format!(";\nUSE `{}`", db.replace('`', "``")));
-        }
-        Ok(text)
     }
 }
 
@@ -329,123 +314,23 @@ impl Backend for MySqlBackend {
         }
     }
 
-    fn set_guard(&mut self, guard: Guard) {
-        self.guard = guard;
+    async fn session(&mut self) -> Result<Session, DbError> {
+        Ok(Session {
+            flavor: self.flavor().await?,
+            database: self.database.clone(),
+            busy_timeout: Duration::ZERO,
+        })
     }
 
-    async fn begin_and_run(
-        &mut self,
-        timeouts: &StepTimeouts,
-        body: &str,
-    ) -> Result<(), ExecFailure> {
-        let not_begun = |error| ExecFailure {
-            began: false,
-            completed: None,
-            error,
-        };
-        self.set_timeouts(timeouts).await.map_err(not_begun)?;
-        sqlx::raw_sql("START TRANSACTION")
-            .execute(&mut self.conn)
-            .await
-            .map_err(|e| not_begun(e.into()))?;
-        if let Some(fence) = sql::fence_query(D, &self.guard) {
-            let held = self.fetch_int(fence).await.map_err(|error| ExecFailure {
-                began: true,
-                completed: None,
-                error,
-            })?;
-            if held != Some(1) {
-                return Err(ExecFailure {
-                    began: true,
-                    completed: None,
-                    error: lock_lost(),
-                });
-            }
-        }
-        if body.trim().is_empty() {
-            return Ok(());
-        }
-        count_results(raw(body.to_string()).execute_many(&mut self.conn), 0)
-            .await
-            .map_err(|f| ExecFailure { began: true, ..f })
-    }
-
-    async fn commit(&mut self) -> Result<(), DbError> {
-        if let Guard::Lease { table, token, ttl } = &self.guard {
-            let text = sql::lease_renew(D, table, token, *ttl);
-            raw(text).execute(&mut self.conn).await?;
-        }
-        sqlx::raw_sql("COMMIT").execute(&mut self.conn).await?;
-        // Committed: a failed reset must not make the step look rolled back.
-        if let Err(e) = self.reset_session().await {
-            tracing::warn!(error = %e, "could not reset the session after the step");
-        }
-        Ok(())
-    }
-
-    async fn rollback(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await?;
-        Ok(())
-    }
-
-    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
-        if timeouts.is_empty() {
-            return Ok(());
-        }
-        let mariadb = self.is_mariadb().await?;
-        let statements = sql::timeouts(D, timeouts, false, mariadb);
-        raw(statements.join(";\n")).execute(&mut self.conn).await?;
-        Ok(())
-    }
-
-    async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
-        raw(statement.to_string()).execute(&mut self.conn).await?;
-        Ok(())
-    }
-
-    async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
-        let text = sql::insert_row(D, &self.table, row, &self.guard);
-        let done = raw(text).execute(&mut self.conn).await?;
-        if done.rows_affected() != 1 {
-            return Err(lock_lost());
-        }
-        i64::try_from(done.last_insert_id())
-            .map_err(|_| DbError::new(DbErrorKind::Other, "history row id out of range"))
-    }
-
-    async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        let r = raw(sql::progress(D, &self.table, id, done, &self.guard))
-            .execute(&mut self.conn)
-            .await?;
-        guarded_rows(r.rows_affected(), &self.guard)
-    }
-
-    async fn finish_row(
-        &mut self,
-        id: i64,
-        success: bool,
-        duration_ms: i64,
-        error: Option<&str>,
-        done: i64,
-    ) -> Result<(), DbError> {
-        let text = sql::finish(
-            D,
-            &self.table,
-            id,
-            success,
-            duration_ms,
-            error,
-            done,
-            &self.guard,
-        );
-        let r = raw(text).execute(&mut self.conn).await?;
-        guarded_rows(r.rows_affected(), &self.guard)
-    }
-
-    async fn reset_session(&mut self) -> Result<(), DbError> {
-        let text = self.reset_statements().await?;
-        raw(text).execute(&mut self.conn).await?;
-        Ok(())
+    async fn send(&mut self, text: &str) -> Result<Vec<Done>, SendFailure> {
+        collect(raw(text.to_string()).fetch_many(&mut self.conn), |r| {
+            let id = r.last_insert_id();
+            (
+                r.rows_affected(),
+                (id > 0).then(|| i64::try_from(id).ok()).flatten(),
+            )
+        })
+        .await
     }
 
     async fn column_type(

@@ -1,7 +1,8 @@
 //! PostgreSQL: session advisory lock polled with `pg_try_advisory_lock` on the runner's one
 //! dedicated connection (or a lease row, behind poolers); a step's BEGIN, fence, timeouts
-//! and body go to the server as one simple-query message; no prepared statements anywhere,
-//! so every statement also works through PgBouncer in transaction mode.
+//! and statements go to the server as one simple-query message (see `engine::sent`); no
+//! prepared statements anywhere, so every statement also works through PgBouncer in
+//! transaction mode.
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -12,20 +13,14 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Either, Row};
 
 use super::sql::{self, Guard, SessionKey};
 use super::{
-    Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    StepTimeouts, begin_with, column_type_of, column_type_sql, count_results, decode_row,
-    guarded_rows, lease_busy, lock_lost,
+    Backend, ConnectConfig, DbError, DbErrorKind, Done, Flavor, HistoryTable, LockHolder,
+    SendFailure, Session, collect, column_type_of, column_type_sql, decode_row, lease_busy,
 };
 use crate::engine::guard::ColumnType;
 use crate::engine::history::HistoryRow;
 use crate::engine::script::Dialect;
 
 const D: Dialect = Dialect::Postgres;
-
-/// Restores what a migration may have changed for the session.
-/// (`RESET ALL` keeps what the connection's startup set, such as `application_name`; none
-/// of these release advisory locks.)
-const RESET_SESSION: &str = "RESET ALL; RESET ROLE; RESET SESSION AUTHORIZATION";
 
 /// A PostgreSQL connection dedicated to one run.
 pub struct PgBackend {
@@ -35,7 +30,6 @@ pub struct PgBackend {
     /// `schemagate_history` and `public.schemagate_history` share one lock.
     table: HistoryTable,
     resolved: bool,
-    guard: Guard,
 }
 
 fn raw(text: String) -> sqlx::RawSql {
@@ -69,7 +63,6 @@ impl PgBackend {
             conn,
             resolved: cfg.table.is_qualified(),
             table: cfg.table.clone(),
-            guard: Guard::None,
         })
     }
 
@@ -350,98 +343,20 @@ impl Backend for PgBackend {
         }
     }
 
-    fn set_guard(&mut self, guard: Guard) {
-        self.guard = guard;
+    async fn session(&mut self) -> Result<Session, DbError> {
+        Ok(Session {
+            flavor: Flavor::Postgres,
+            database: None,
+            busy_timeout: Duration::ZERO,
+        })
     }
 
-    async fn begin_and_run(
-        &mut self,
-        timeouts: &StepTimeouts,
-        body: &str,
-    ) -> Result<(), ExecFailure> {
-        let mut prelude: Vec<String> = sql::fence(D, &self.guard).into_iter().collect();
-        prelude.extend(sql::timeouts(D, timeouts, true, false));
-        let prefix = 1 + prelude.len();
-        count_results(
-            begin_with(D, &prelude, body).execute_many(&mut self.conn),
-            prefix,
-        )
+    async fn send(&mut self, text: &str) -> Result<Vec<Done>, SendFailure> {
+        // PostgreSQL reports no inserted id: `RETURNING id` carries it.
+        collect(raw(text.to_string()).fetch_many(&mut self.conn), |r| {
+            (r.rows_affected(), None)
+        })
         .await
-    }
-
-    async fn commit(&mut self) -> Result<(), DbError> {
-        // One message: extend the lease inside the step's transaction (so it cannot lapse
-        // between the commit and the next heartbeat), COMMIT, then reset the session (the
-        // reset is skipped if the COMMIT fails).
-        let mut text = String::new();
-        if let Guard::Lease { table, token, ttl } = &self.guard {
-            text.push_str(&sql::lease_renew(D, table, token, *ttl));
-            text.push_str(";\n");
-        }
-        text.push_str("COMMIT;\n");
-        text.push_str(RESET_SESSION);
-        raw(text).execute(&mut self.conn).await?;
-        Ok(())
-    }
-
-    async fn rollback(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql("ROLLBACK").execute(&mut self.conn).await?;
-        Ok(())
-    }
-
-    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
-        let statements = sql::timeouts(D, timeouts, false, false);
-        if !statements.is_empty() {
-            raw(statements.join(";\n")).execute(&mut self.conn).await?;
-        }
-        Ok(())
-    }
-
-    async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
-        raw(statement.to_string()).execute(&mut self.conn).await?;
-        Ok(())
-    }
-
-    async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
-        let text = sql::insert_row(D, &self.table, row, &self.guard);
-        match raw(text).fetch_optional(&mut self.conn).await? {
-            Some(r) => Ok(r.try_get(0)?),
-            None => Err(lock_lost()),
-        }
-    }
-
-    async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        let r = raw(sql::progress(D, &self.table, id, done, &self.guard))
-            .execute(&mut self.conn)
-            .await?;
-        guarded_rows(r.rows_affected(), &self.guard)
-    }
-
-    async fn finish_row(
-        &mut self,
-        id: i64,
-        success: bool,
-        duration_ms: i64,
-        error: Option<&str>,
-        done: i64,
-    ) -> Result<(), DbError> {
-        let text = sql::finish(
-            D,
-            &self.table,
-            id,
-            success,
-            duration_ms,
-            error,
-            done,
-            &self.guard,
-        );
-        let r = raw(text).execute(&mut self.conn).await?;
-        guarded_rows(r.rows_affected(), &self.guard)
-    }
-
-    async fn reset_session(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql(RESET_SESSION).execute(&mut self.conn).await?;
-        Ok(())
     }
 
     async fn column_type(

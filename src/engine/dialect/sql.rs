@@ -7,14 +7,90 @@
 
 use std::time::Duration;
 
-use super::{HistoryTable, NewRow};
+use super::{Flavor, HistoryTable, NewRow, Session};
 use crate::engine::script::Dialect;
 
 /// The one row of the lease table.
 pub const LEASE_NAME: &str = "migrate";
 
-/// A string as an SQL literal that means exactly `s` under any server setting.
+/// A value in a step's SQL that is only known while the step runs (or, for `plan`, not
+/// known at all): the SQL text carries a marker in its place until the value is filled in
+/// (see [`crate::engine::sent`]), and `plan` shows it as `<name>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The id of the history row a non-transactional step inserted.
+    RowId,
+    /// How long the step ran, in milliseconds.
+    DurationMs,
+    /// The runner's identity (`plan` knows it only from `--runner-id`).
+    RunnerId,
+    /// The lease token (random per run).
+    LeaseToken,
+}
+
+impl Slot {
+    pub const ALL: [Slot; 4] = [
+        Slot::RowId,
+        Slot::DurationMs,
+        Slot::RunnerId,
+        Slot::LeaseToken,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Slot::RowId => "row_id",
+            Slot::DurationMs => "duration_ms",
+            Slot::RunnerId => "runner_id",
+            Slot::LeaseToken => "lease_token",
+        }
+    }
+
+    /// The marker standing for the slot in SQL text: NUL-delimited, which no text the
+    /// engine builds otherwise contains (PostgreSQL refuses NUL in queries; file names,
+    /// command-line values and directive lines cannot hold one).
+    pub fn marker(self) -> &'static str {
+        match self {
+            Slot::RowId => "\0row_id\0",
+            Slot::DurationMs => "\0duration_ms\0",
+            Slot::RunnerId => "\0runner_id\0",
+            Slot::LeaseToken => "\0lease_token\0",
+        }
+    }
+
+    /// The slot whose marker is exactly `s`.
+    pub fn of_marker(s: &str) -> Option<Slot> {
+        Slot::ALL.into_iter().find(|slot| slot.marker() == s)
+    }
+}
+
+/// An integer in the SQL: known, or a [`Slot`] filled in when the step runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Int {
+    Value(i64),
+    Slot(Slot),
+}
+
+impl From<i64> for Int {
+    fn from(v: i64) -> Self {
+        Int::Value(v)
+    }
+}
+
+impl std::fmt::Display for Int {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Int::Value(v) => write!(f, "{v}"),
+            Int::Slot(s) => f.write_str(s.marker()),
+        }
+    }
+}
+
+/// A string as an SQL literal that means exactly `s` under any server setting. A
+/// [`Slot`]'s marker stays a marker: the literal is written when the slot is filled in.
 pub fn literal(d: Dialect, s: &str) -> String {
+    if Slot::of_marker(s).is_some() {
+        return s.to_string();
+    }
     match d {
         // E'' strings read backslash escapes whatever standard_conforming_strings says.
         Dialect::Postgres if s.contains('\\') => {
@@ -35,7 +111,7 @@ fn opt_literal(d: Dialect, s: &Option<String>) -> String {
         .unwrap_or_else(|| "NULL".into())
 }
 
-fn opt_int(v: Option<i64>) -> String {
+fn opt_int(v: Option<impl std::fmt::Display>) -> String {
     v.map(|n| n.to_string()).unwrap_or_else(|| "NULL".into())
 }
 
@@ -107,6 +183,12 @@ pub fn select_history(d: Dialect, table: &HistoryTable) -> String {
         table.quoted(d)
     )
 }
+
+/// Ends a transaction without its changes (the failure path of a step).
+pub const ROLLBACK: &str = "ROLLBACK";
+
+/// Ends a step's transaction with its changes.
+pub const COMMIT: &str = "COMMIT";
 
 /// The statement that opens the engine's transaction for a step.
 pub fn begin(d: Dialect) -> &'static str {
@@ -284,15 +366,15 @@ pub fn fence_query(d: Dialect, guard: &Guard) -> Option<String> {
 pub const LEASE_LOST: &str = "schemagate: this runner no longer holds the migration lease";
 
 /// Statements that set a step's timeouts: `local` for the step's transaction only
-/// (PostgreSQL), else for the session (reset after the step). `mariadb` picks MariaDB's
-/// statement timeout over MySQL's.
-pub fn timeouts(d: Dialect, t: &super::StepTimeouts, local: bool, mariadb: bool) -> Vec<String> {
+/// (PostgreSQL), else for the session (reset after the step). MariaDB and MySQL name the
+/// statement timeout differently (and measure it in different units).
+pub fn timeouts(f: Flavor, t: &super::StepTimeouts, local: bool) -> Vec<String> {
     // A zero duration means "no limit"; PostgreSQL takes at most 2^31-1 ms.
     let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
     let mut out = Vec::new();
     let scope = if local { "LOCAL" } else { "SESSION" };
-    match d {
-        Dialect::Postgres => {
+    match f {
+        Flavor::Postgres => {
             if let Some(l) = t.lock {
                 out.push(format!("SET {scope} lock_timeout = '{}ms'", ms(l)));
             }
@@ -300,7 +382,7 @@ pub fn timeouts(d: Dialect, t: &super::StepTimeouts, local: bool, mariadb: bool)
                 out.push(format!("SET {scope} statement_timeout = '{}ms'", ms(s)));
             }
         }
-        Dialect::MySql => {
+        Flavor::MySql | Flavor::MariaDb => {
             // Metadata locks (DDL queued behind open transactions) and row locks, in whole
             // seconds (at least one: MySQL has no "no limit" for these).
             if let Some(l) = t.lock.filter(|l| !l.is_zero()) {
@@ -312,14 +394,14 @@ pub fn timeouts(d: Dialect, t: &super::StepTimeouts, local: bool, mariadb: bool)
                 ));
             }
             if let Some(s) = t.statement {
-                out.push(if mariadb {
+                out.push(if f == Flavor::MariaDb {
                     format!("SET SESSION max_statement_time = {:.3}", s.as_secs_f64())
                 } else {
                     format!("SET SESSION max_execution_time = {}", ms(s))
                 });
             }
         }
-        Dialect::Sqlite => {
+        Flavor::Sqlite => {
             if let Some(l) = t.lock {
                 out.push(format!("PRAGMA busy_timeout = {}", ms(l)));
             }
@@ -328,11 +410,52 @@ pub fn timeouts(d: Dialect, t: &super::StepTimeouts, local: bool, mariadb: bool)
     out
 }
 
+/// Statements that restore what a migration may have changed for the session (role,
+/// search path, timeouts, SQL mode, the current database), so each step starts from the
+/// same state whether it runs alone or after others.
+pub fn reset(session: &Session) -> Vec<String> {
+    match session.flavor {
+        // `RESET ALL` keeps what the connection's startup set, such as `application_name`;
+        // none of these release advisory locks.
+        Flavor::Postgres => vec![
+            "RESET ALL".into(),
+            "RESET ROLE".into(),
+            "RESET SESSION AUTHORIZATION".into(),
+        ],
+        Flavor::MySql | Flavor::MariaDb => {
+            let timeout = if session.flavor == Flavor::MariaDb {
+                "max_statement_time"
+            } else {
+                "max_execution_time"
+            };
+            let mut out = vec![
+                format!(
+                    "SET SESSION autocommit = 1, foreign_key_checks = DEFAULT, unique_checks = \
+                     DEFAULT, sql_mode = DEFAULT, time_zone = DEFAULT, lock_wait_timeout = \
+                     DEFAULT, innodb_lock_wait_timeout = DEFAULT, {timeout} = DEFAULT"
+                ),
+                "SET NAMES utf8mb4".into(),
+            ];
+            // A migration's `USE other` must not redirect the next step.
+            if let Some(db) = &session.database {
+                out.push(format!("USE `{}`", db.replace('`', "``")));
+            }
+            out
+        }
+        // SQLite has no roles or search path: undo a step's busy timeout, and foreign keys
+        // a migration switched on (a later table rebuild would cascade into child rows).
+        Flavor::Sqlite => vec![
+            format!("PRAGMA busy_timeout = {}", session.busy_timeout.as_millis()),
+            "PRAGMA foreign_keys = OFF".into(),
+        ],
+    }
+}
+
 /// `UPDATE <history> SET <set> WHERE id = <id>`, only while this runner holds its lease (a
 /// runner whose lease was taken over must not rewrite a step the new holder may already
 /// have judged dirty). The session lock needs no such condition: it cannot change hands
 /// while its session lives.
-fn guarded_update(d: Dialect, table: &HistoryTable, set: &str, id: i64, guard: &Guard) -> String {
+fn guarded_update(d: Dialect, table: &HistoryTable, set: &str, id: Int, guard: &Guard) -> String {
     let t = table.quoted(d);
     match (guard, d) {
         (
@@ -365,7 +488,7 @@ fn guarded_update(d: Dialect, table: &HistoryTable, set: &str, id: i64, guard: &
 }
 
 /// Records the progress of a running non-transactional step.
-pub fn progress(d: Dialect, table: &HistoryTable, id: i64, done: i64, guard: &Guard) -> String {
+pub fn progress(d: Dialect, table: &HistoryTable, id: Int, done: i64, guard: &Guard) -> String {
     guarded_update(d, table, &format!("statements_done = {done}"), id, guard)
 }
 
@@ -374,9 +497,9 @@ pub fn progress(d: Dialect, table: &HistoryTable, id: i64, done: i64, guard: &Gu
 pub fn finish(
     d: Dialect,
     table: &HistoryTable,
-    id: i64,
+    id: Int,
     success: bool,
-    duration_ms: i64,
+    duration_ms: Int,
     error: Option<&str>,
     done: i64,
     guard: &Guard,
@@ -537,7 +660,7 @@ mod tests {
             statements_total: Some(2),
             statements_done: None,
             applied_by: "h/1".into(),
-            duration_ms: Some(5),
+            duration_ms: Some(5.into()),
             error: None,
             note: None,
         }

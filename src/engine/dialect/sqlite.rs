@@ -16,8 +16,8 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection};
 
 use super::sql::{self, Guard};
 use super::{
-    Backend, ConnectConfig, DbError, DbErrorKind, ExecFailure, HistoryTable, LockHolder, NewRow,
-    StepTimeouts, begin_with, count_results, decode_row,
+    Backend, ConnectConfig, DbError, DbErrorKind, Done, Flavor, HistoryTable, LockHolder,
+    SendFailure, Session, collect, decode_row,
 };
 use crate::engine::clock;
 use crate::engine::guard::ColumnType;
@@ -167,8 +167,6 @@ impl Backend for SqliteBackend {
         Ok(None)
     }
 
-    fn set_guard(&mut self, _: Guard) {}
-
     async fn read_history(&mut self) -> Result<Option<Vec<HistoryRow>>, DbError> {
         let sql = sql::select_history(D, &self.table);
         // Another runner may have created the file since we looked: look again.
@@ -282,91 +280,25 @@ impl Backend for SqliteBackend {
         }))
     }
 
-    async fn begin_and_run(
-        &mut self,
-        timeouts: &StepTimeouts,
-        body: &str,
-    ) -> Result<(), ExecFailure> {
-        let not_begun = |error| ExecFailure {
-            began: false,
-            completed: None,
+    async fn session(&mut self) -> Result<Session, DbError> {
+        Ok(Session {
+            flavor: Flavor::Sqlite,
+            database: None,
+            busy_timeout: self.busy_timeout,
+        })
+    }
+
+    async fn send(&mut self, text: &str) -> Result<Vec<Done>, SendFailure> {
+        let conn = self.conn().map_err(|error| SendFailure {
+            done: Vec::new(),
             error,
-        };
-        // The busy timeout must be in place before BEGIN IMMEDIATE waits on it.
-        self.set_timeouts(timeouts).await.map_err(not_begun)?;
-        let conn = self.conn().map_err(not_begun)?;
-        count_results(begin_with(D, &[], body).execute_many(conn), 1).await
-    }
-
-    async fn commit(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql("COMMIT").execute(self.conn()?).await?;
-        if let Err(e) = self.reset_session().await {
-            tracing::warn!(error = %e, "could not reset the connection after the step");
-        }
-        Ok(())
-    }
-
-    async fn rollback(&mut self) -> Result<(), DbError> {
-        sqlx::raw_sql("ROLLBACK").execute(self.conn()?).await?;
-        Ok(())
-    }
-
-    async fn set_timeouts(&mut self, timeouts: &StepTimeouts) -> Result<(), DbError> {
-        for statement in sql::timeouts(D, timeouts, false, false) {
-            self.execute(&statement).await?;
-        }
-        Ok(())
-    }
-
-    async fn execute(&mut self, statement: &str) -> Result<(), DbError> {
-        sqlx::raw_sql(AssertSqlSafe(statement.to_string()))
-            .execute(self.conn()?)
-            .await?;
-        Ok(())
-    }
-
-    async fn insert_row(&mut self, row: &NewRow) -> Result<i64, DbError> {
-        let text = sql::insert_row(D, &self.table, row, &Guard::None);
-        let r = sqlx::raw_sql(AssertSqlSafe(text))
-            .fetch_one(self.conn()?)
-            .await?;
-        Ok(sqlx::Row::try_get(&r, 0)?)
-    }
-
-    async fn record_progress(&mut self, id: i64, done: i64) -> Result<(), DbError> {
-        let text = sql::progress(D, &self.table, id, done, &Guard::None);
-        self.execute(&text).await
-    }
-
-    async fn finish_row(
-        &mut self,
-        id: i64,
-        success: bool,
-        duration_ms: i64,
-        error: Option<&str>,
-        done: i64,
-    ) -> Result<(), DbError> {
-        let text = sql::finish(
-            D,
-            &self.table,
-            id,
-            success,
-            duration_ms,
-            error,
-            done,
-            &Guard::None,
-        );
-        self.execute(&text).await
-    }
-
-    async fn reset_session(&mut self) -> Result<(), DbError> {
-        // SQLite has no roles or search path: undo a step's busy timeout, and foreign keys
-        // a migration switched on (a later table rebuild would cascade into child rows).
-        let text = format!(
-            "PRAGMA busy_timeout = {}; PRAGMA foreign_keys = OFF",
-            self.busy_timeout.as_millis()
-        );
-        self.execute(&text).await
+        })?;
+        // `RETURNING id` carries inserted ids.
+        collect(
+            sqlx::raw_sql(AssertSqlSafe(text.to_string())).fetch_many(conn),
+            |r| (r.rows_affected(), None),
+        )
+        .await
     }
 
     async fn column_type(&mut self, _: &[String], _: &str) -> Result<Option<ColumnType>, DbError> {
