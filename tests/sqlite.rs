@@ -275,7 +275,8 @@ fn foreign_keys_switched_on_by_a_migration_do_not_leak_into_the_next() {
     dir.pair(
         "3",
         "rebuild_parent",
-        "CREATE TABLE parent_new (id INTEGER PRIMARY KEY, name TEXT);\n\
+        "-- schemagate:allow-destructive the rebuild keeps every row\n\
+         CREATE TABLE parent_new (id INTEGER PRIMARY KEY, name TEXT);\n\
          INSERT INTO parent_new (id) SELECT id FROM parent;\n\
          DROP TABLE parent;\nALTER TABLE parent_new RENAME TO parent;\n",
         None,

@@ -359,6 +359,16 @@ pub struct RunnerSpec {
     pub ttl_seconds_after_finished: Option<i32>,
 }
 
+/// What runners do with migrations that lose data.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DestructivePolicy {
+    /// Refuse them unless their file records a permission (`allow-destructive <reason>`).
+    #[default]
+    Deny,
+    /// Run them.
+    Allow,
+}
+
 /// Engine settings passed to the runner (see the CLI reference).
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -366,8 +376,13 @@ pub struct MigrationOptions {
     /// Session (default) or Lease; use Lease behind PgBouncer in transaction mode.
     #[serde(default)]
     pub lock: LockKind,
-    /// Refuse migrations that lose data unless they say allow-destructive.
+    /// Deny (default): a migration that loses data (DROP, TRUNCATE, narrowing type
+    /// changes) runs only if its file says `-- schemagate:allow-destructive <reason>`.
+    /// Allow: such migrations run without a recorded permission.
     #[serde(default)]
+    pub destructive: DestructivePolicy,
+    /// Deprecated and ignored: refusing is the default now (see `destructive`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deny_destructive: bool,
     /// The history table (`name` or `schema.name`). Default: schemagate_history.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -275,7 +275,7 @@ impl Ctx {
                 lock: self.common.migration_lock_timeout,
                 statement: self.common.migration_statement_timeout,
             },
-            deny_destructive: self.common.deny_destructive,
+            deny_destructive: self.common.destructive == super::DestructiveArg::Deny,
             plan: PlanOptions {
                 out_of_order: self.common.out_of_order,
                 ignore_missing: self.common.ignore_missing,

@@ -166,10 +166,22 @@ pub struct Common {
     #[arg(long, env = "SCHEMAGATE_MIGRATION_STATEMENT_TIMEOUT", value_parser = parse_duration, global = true)]
     pub migration_statement_timeout: Option<Duration>,
 
-    /// Refuse to upgrade when a pending migration loses data (DROP TABLE/COLUMN/SCHEMA,
-    /// TRUNCATE, DELETE/UPDATE without WHERE, narrowing type changes) unless the migration
-    /// says `-- schemagate:allow-destructive <reason>`.
-    #[arg(long, env = "SCHEMAGATE_DENY_DESTRUCTIVE", global = true)]
+    /// Migrations that lose data (DROP TABLE/COLUMN/SCHEMA, TRUNCATE, DELETE/UPDATE without
+    /// WHERE, narrowing type changes): `deny` refuses an upgrade with one unless its file
+    /// says `-- schemagate:allow-destructive <reason>` (the reason is recorded in the
+    /// history); `allow` runs them without a recorded permission (the behaviour before
+    /// schemagate 0.2). Downgrades are explicit already and never refused for this.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_DESTRUCTIVE",
+        value_enum,
+        default_value = "deny",
+        global = true
+    )]
+    pub destructive: DestructiveArg,
+
+    /// Deprecated and ignored: refusing is the default now (see --destructive).
+    #[arg(long, env = "SCHEMAGATE_DENY_DESTRUCTIVE", hide = true, global = true)]
     pub deny_destructive: bool,
 
     /// Who is running, as recorded in the history and shown to waiting runners
@@ -194,6 +206,14 @@ pub enum OutputFormat {
 pub enum LockArg {
     Session,
     Lease,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DestructiveArg {
+    /// Refuse data-losing migrations without `allow-destructive <reason>`.
+    Deny,
+    /// Run them.
+    Allow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

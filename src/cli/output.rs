@@ -540,7 +540,7 @@ pub fn render_plan(
                         .unwrap_or_default(),
                     match &f.allowed {
                         Some(reason) => format!("allowed: {reason}"),
-                        None => "NOT allowed: --deny-destructive would refuse this plan".into(),
+                        None => "NOT allowed: upgrade refuses it without `-- schemagate:allow-destructive <reason>` (or --destructive allow)".into(),
                     }
                 ));
             }

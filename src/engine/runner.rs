@@ -258,7 +258,7 @@ fn destructive_text(steps: &[StepFindings]) -> String {
         }
     }
     format!(
-        "the plan loses data and --deny-destructive is set: {}",
+        "the plan loses data without a recorded permission: {}",
         parts.join("; ")
     )
 }
@@ -323,7 +323,8 @@ pub async fn destructive(db: &mut impl Backend, prepared: &[Prepared<'_>]) -> Ve
     out
 }
 
-/// With --deny-destructive, refuses an upgrade whose steps lose data without permission.
+/// Refuses (unless the run allows it: `--destructive allow`) an upgrade whose steps lose
+/// data without `allow-destructive <reason>`.
 async fn check_destructive(
     db: &mut impl Backend,
     prepared: &[Prepared<'_>],

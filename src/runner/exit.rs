@@ -191,7 +191,8 @@ impl From<RunError> for CliError {
                     .hint(
                         "if losing this data is intended, add `-- schemagate:allow-destructive \
                          <reason>` at the top of the migration (the reason is recorded in the \
-                         history); `schemagate migrate plan` lists every flagged statement",
+                         history), or run with --destructive allow; `schemagate migrate plan` \
+                         lists every flagged statement",
                     )
                     .details(details)
             }

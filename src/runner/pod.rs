@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::api::{LockKind, SchemaMigration};
+use crate::api::{DestructivePolicy, LockKind, SchemaMigration};
 
 /// Where the runner finds the migration files.
 pub const MIGRATIONS_DIR: &str = "/migrations";
@@ -98,8 +98,8 @@ pub fn runner_env(sm: &SchemaMigration) -> Vec<EnvVar> {
     if o.lock == LockKind::Lease {
         out.push(env("SCHEMAGATE_LOCK", "lease"));
     }
-    if o.deny_destructive {
-        out.push(env("SCHEMAGATE_DENY_DESTRUCTIVE", "true"));
+    if o.destructive == DestructivePolicy::Allow {
+        out.push(env("SCHEMAGATE_DESTRUCTIVE", "allow"));
     }
     if let Some(t) = &o.history_table {
         out.push(env("SCHEMAGATE_HISTORY_TABLE", t));

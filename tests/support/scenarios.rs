@@ -624,8 +624,9 @@ pub fn foreign_formats(k: &dyn DbKind) {
     assert_code(&cmd(&url, &dir, &["downgrade", "20240101000000"]), 16);
 }
 
-/// `--deny-destructive` refuses data-losing migrations unless they say why; comments and
-/// strings that merely contain the words are not statements; the permission is recorded.
+/// Data-losing migrations are refused by default unless they say why; comments and strings
+/// that merely contain the words are not statements; the permission is recorded;
+/// `--destructive allow` is the explicit way back to running them unrecorded.
 pub fn destructive_guard(k: &dyn DbKind) {
     let url = k.fresh();
     let dir = MigDir::new();
@@ -649,7 +650,7 @@ pub fn destructive_guard(k: &dyn DbKind) {
         "SELECT 1;\nALTER TABLE people DROP COLUMN nick;\n",
         None,
     );
-    let o = cmd(&url, &dir, &["upgrade", "--deny-destructive"]);
+    let o = cmd(&url, &dir, &["upgrade"]);
     assert_code(&o, 16);
     let t = text(&o);
     assert!(
@@ -672,7 +673,7 @@ pub fn destructive_guard(k: &dyn DbKind) {
         "3_drop_nick.up.sql",
         "-- schemagate:allow-destructive nick is unused since v2\nSELECT 1;\nALTER TABLE people DROP COLUMN nick;\n",
     );
-    assert_code(&cmd(&url, &dir, &["upgrade", "--deny-destructive"]), 0);
+    assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
     assert_eq!(
         history_count(
             &url,
@@ -685,7 +686,7 @@ pub fn destructive_guard(k: &dyn DbKind) {
 
     if let Some(narrow) = k.change_type("people", "name", "VARCHAR(20)") {
         dir.pair("4", "narrow", &format!("{narrow};\n"), None);
-        let o = cmd(&url, &dir, &["upgrade", "--deny-destructive"]);
+        let o = cmd(&url, &dir, &["upgrade"]);
         assert_code(&o, 16);
         let t = text(&o);
         assert!(
@@ -694,11 +695,15 @@ pub fn destructive_guard(k: &dyn DbKind) {
         );
         let wide = k.change_type("people", "name", "VARCHAR(200)").unwrap();
         dir.file("4_narrow.up.sql", &format!("{wide};\n"));
-        assert_code(&cmd(&url, &dir, &["upgrade", "--deny-destructive"]), 0);
+        assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
     }
-    // Without the flag, a destructive migration simply runs (it is versioned and audited).
+    // Refused by default; `--destructive allow` (or its environment variable) runs it.
     dir.pair("5", "truncate_free", "DELETE FROM people;\n", None);
-    assert_code(&cmd(&url, &dir, &["upgrade"]), 0);
+    assert_code(&cmd(&url, &dir, &["upgrade"]), 16);
+    assert_eq!(count(&url, "SELECT count(*) FROM people"), 3, "nothing ran");
+    // The old flag is accepted (and changes nothing: refusing is the default).
+    assert_code(&cmd(&url, &dir, &["upgrade", "--deny-destructive"]), 16);
+    assert_code(&cmd(&url, &dir, &["upgrade", "--destructive", "allow"]), 0);
     assert_eq!(count(&url, "SELECT count(*) FROM people"), 0);
 }
 

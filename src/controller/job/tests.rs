@@ -234,7 +234,7 @@ fn image_sources_are_copied_by_a_hardened_init_container() {
 fn engine_options_reach_the_runner() {
     let mut s = sm(cm_source());
     s.spec.options.lock = crate::api::LockKind::Lease;
-    s.spec.options.deny_destructive = true;
+    s.spec.options.destructive = crate::api::DestructivePolicy::Allow;
     s.spec.options.migration_lock_timeout = Some("5s".into());
     let env = runner_env(&s);
     let get = |n: &str| {
@@ -243,7 +243,7 @@ fn engine_options_reach_the_runner() {
             .and_then(|e| e.value.clone())
     };
     assert_eq!(get("SCHEMAGATE_LOCK").as_deref(), Some("lease"));
-    assert_eq!(get("SCHEMAGATE_DENY_DESTRUCTIVE").as_deref(), Some("true"));
+    assert_eq!(get("SCHEMAGATE_DESTRUCTIVE").as_deref(), Some("allow"));
     assert_eq!(
         get("SCHEMAGATE_MIGRATION_LOCK_TIMEOUT").as_deref(),
         Some("5s")
