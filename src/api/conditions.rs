@@ -40,6 +40,9 @@ pub mod reason {
     pub const MIGRATED: &str = "Migrated";
     /// The last migration run failed.
     pub const MIGRATION_FAILED: &str = "MigrationFailed";
+    /// The last run kept waiting for table locks held by other sessions until its retry
+    /// budget was spent (nothing applied; the migration itself is fine).
+    pub const LOCK_BUSY: &str = "LockBusy";
     /// A step did not finish (a non-transactional migration stopped part-way).
     pub const DIRTY: &str = "Dirty";
     /// A tool source's history needs repair first (golang-migrate dirty, a failed Flyway

@@ -394,10 +394,17 @@ pub struct MigrationOptions {
         }])
     )]
     pub history_table: Option<String>,
-    /// How long each migration statement may wait for locks, e.g. "10s".
+    /// How long each migration statement may wait for table locks held by other sessions
+    /// (the app's queries wait behind it meanwhile), e.g. "2s" (the default); "0" waits
+    /// forever. A step that times out is rolled back and retried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"), length(max = 16))]
     pub migration_lock_timeout: Option<String>,
+    /// How long a step that timed out on a table lock is retried before the run fails
+    /// (reason LockBusy), e.g. "5m" (the default); "0" does not retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"), length(max = 16))]
+    pub lock_retry_budget: Option<String>,
     /// How long each migration statement may run, e.g. "10m".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(ms|s|m|h)?$"), length(max = 16))]

@@ -272,10 +272,14 @@ impl Ctx {
             lock_timeout: self.common.lock_timeout,
             lock: self.lock_mode()?,
             timeouts: StepTimeouts {
-                lock: self.common.migration_lock_timeout,
+                lock: Some(self.common.migration_lock_timeout),
                 statement: self.common.migration_statement_timeout,
             },
             deny_destructive: self.common.destructive == super::DestructiveArg::Deny,
+            lock_retry: crate::engine::lockwait::LockRetry {
+                budget: self.common.lock_retry_budget,
+                ..Default::default()
+            },
             plan: PlanOptions {
                 out_of_order: self.common.out_of_order,
                 ignore_missing: self.common.ignore_missing,

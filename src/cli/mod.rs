@@ -156,10 +156,20 @@ pub struct Common {
     #[arg(long, env = "SCHEMAGATE_LEASE_TTL", value_parser = parse_duration, global = true)]
     pub lease_ttl: Option<Duration>,
 
-    /// How long each migration's statements may wait for locks held by other sessions,
-    /// unless the file sets `-- schemagate:lock-timeout` [default: the server's].
-    #[arg(long, env = "SCHEMAGATE_MIGRATION_LOCK_TIMEOUT", value_parser = parse_duration, global = true)]
-    pub migration_lock_timeout: Option<Duration>,
+    /// How long each migration statement may wait for table locks held by other sessions
+    /// (PostgreSQL lock_timeout, MySQL/MariaDB lock_wait_timeout), unless the file sets
+    /// `-- schemagate:lock-timeout`. While a DDL statement waits, the app's queries on that
+    /// table wait behind it: this bounds how long a migration can stall them. A step that
+    /// times out is rolled back and retried (--lock-retry-budget). `0`: wait forever.
+    #[arg(long, env = "SCHEMAGATE_MIGRATION_LOCK_TIMEOUT", default_value = "2s", value_parser = parse_duration, global = true)]
+    pub migration_lock_timeout: Duration,
+
+    /// How long a step that timed out waiting for a table lock is retried (rolled back,
+    /// then tried again after 1 s, 2 s, 4 s ... up to 30 s, with jitter) before the run
+    /// fails with exit 19; `-- schemagate:lock-retry-budget` sets it per file. `0`: no
+    /// retries.
+    #[arg(long, env = "SCHEMAGATE_LOCK_RETRY_BUDGET", default_value = "5m", value_parser = parse_duration, global = true)]
+    pub lock_retry_budget: Duration,
 
     /// How long each migration statement may run, unless the file sets
     /// `-- schemagate:statement-timeout` [default: the server's].

@@ -530,11 +530,16 @@ fn init_container_verdict(i: &Inputs<'_>, f: &Facts<'_>) -> Verdict {
     {
         return Verdict::new(
             Phase::Failed,
-            reason::MIGRATION_FAILED,
+            failed_reason(run),
             format!(
-                "the init container of pod {} failed: {}",
+                "the init container of pod {} failed: {}{}",
                 run.name,
-                last_run(run).message.unwrap_or_else(|| "no message".into())
+                last_run(run).message.unwrap_or_else(|| "no message".into()),
+                if failed_reason(run) == reason::LOCK_BUSY {
+                    "; the kubelet retries it"
+                } else {
+                    ""
+                }
             ),
         );
     }
@@ -558,6 +563,14 @@ fn init_container_verdict(i: &Inputs<'_>, f: &Facts<'_>) -> Verdict {
             f.describe_target
         ),
     )
+}
+
+/// Why a run failed, as a condition reason: the runner's own kind where it has one.
+fn failed_reason(run: &JobView) -> &'static str {
+    match run.summary.as_ref().and_then(|s| s.error.as_ref()) {
+        Some(e) if e.kind == "lock_busy" => reason::LOCK_BUSY,
+        _ => reason::MIGRATION_FAILED,
+    }
 }
 
 /// Job mode: the Job for this target and command, found (running, failed, succeeded) or
@@ -585,12 +598,18 @@ fn job_verdict(
     match planned {
         Some(job) if job.state == JobState::Failed => Verdict::new(
             Phase::Failed,
-            reason::MIGRATION_FAILED,
+            failed_reason(job),
             format!(
-                "Job {} failed: {}; fix the migration (a changed source or target runs a \
-                 new Job), or delete the Job to retry",
+                "Job {} failed: {}; {}",
                 job.name,
-                last_run(job).message.unwrap_or_else(|| "no message".into())
+                last_run(job).message.unwrap_or_else(|| "no message".into()),
+                if failed_reason(job) == reason::LOCK_BUSY {
+                    "delete the Job to retry once those sessions are gone (or raise \
+                     spec.options.lockRetryBudget)"
+                } else {
+                    "fix the migration (a changed source or target runs a new Job), or \
+                     delete the Job to retry"
+                }
             ),
         ),
         // Succeeded. Without a known target (an image source), that is the goal; with one,

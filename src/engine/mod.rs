@@ -10,6 +10,7 @@ pub mod dialect;
 pub mod guard;
 pub mod history;
 pub mod lock;
+pub mod lockwait;
 pub mod plan;
 pub mod runner;
 pub mod script;

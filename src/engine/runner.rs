@@ -16,6 +16,7 @@ use super::dialect::{Backend, DbError, DbErrorKind, Done, LockHolder, NewRow, St
 use super::guard;
 use super::history::{DbState, Kind};
 use super::lock::{self, Held, LockError, LockMode};
+use super::lockwait::{self, Blocker, LockRetry};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
 use super::redact;
 use super::script::{self, Dialect, Statement, TxControlError};
@@ -37,6 +38,8 @@ pub struct RunSettings {
     /// Refuse an upgrade with data-losing statements in migrations that do not carry
     /// `-- schemagate:allow-destructive <reason>`.
     pub deny_destructive: bool,
+    /// How a step that timed out waiting for a table lock is retried (see `lockwait`).
+    pub lock_retry: LockRetry,
     pub plan: PlanOptions,
     /// Asked from outside (SIGTERM, Ctrl-C) to stop: checked before each step.
     pub stop: Option<Arc<StopRequest>>,
@@ -206,6 +209,18 @@ pub enum RunError {
     },
     #[error("{0}")]
     StepFailed(Box<StepFailure>),
+    #[error(
+        "{failure}; retried for {}s ({attempts} attempts), but other sessions kept holding the \
+         lock: {}",
+        .spent.as_secs(),
+        lockwait::describe(.blockers)
+    )]
+    LockRetriesExhausted {
+        failure: Box<StepFailure>,
+        attempts: u32,
+        spent: Duration,
+        blockers: Vec<Blocker>,
+    },
     #[error("{0} is not an unfinished step; nothing to resolve{1}")]
     NothingToResolve(String, String),
     #[error("the database is at {current}, above {target}: stamp only records versions forward")]
@@ -706,7 +721,19 @@ async fn run_locked(
                 done.len()
             )));
         }
-        match run_step(db, p, script, &cx).await {
+        let mut retries = Retries::new(p, settings);
+        let outcome = loop {
+            match run_step(db, p, script, &cx).await {
+                Err(StepError::Failed(failure)) if retries.applies(db.dialect(), &failure) => {
+                    match retries.after(db, set, p, &cx, failure, settings).await {
+                        Ok(()) => continue,
+                        Err(e) => break Err(e),
+                    }
+                }
+                other => break other,
+            }
+        };
+        match outcome {
             Ok(report) => {
                 if let Some(stop) = &settings.stop {
                     stop.record(&p.step.migration.version);
@@ -716,6 +743,12 @@ async fn run_locked(
             Err(StepError::Failed(mut failure)) => {
                 failure.completed_steps = done;
                 return Err(RunError::StepFailed(failure));
+            }
+            Err(StepError::Exhausted(mut e)) => {
+                if let RunError::LockRetriesExhausted { failure, .. } = &mut e {
+                    failure.completed_steps = done;
+                }
+                return Err(e);
             }
             Err(StepError::Lock(e)) => {
                 return Err(RunError::LockLost(format!(
@@ -737,6 +770,235 @@ async fn run_locked(
         lock_wait_ms: waited.as_millis() as u64,
         duration_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// The retries of one step that timed out waiting for table locks.
+struct Retries {
+    retry: LockRetry,
+    started: Instant,
+    attempts: u32,
+    key: String,
+}
+
+impl Retries {
+    fn new(p: &Prepared<'_>, settings: &RunSettings) -> Self {
+        Retries {
+            retry: p
+                .script
+                .directives
+                .lock_retry_budget
+                .map(|budget| LockRetry {
+                    budget,
+                    ..settings.lock_retry
+                })
+                .unwrap_or(settings.lock_retry),
+            started: Instant::now(),
+            attempts: 0,
+            key: format!("{}/{}", settings.runner_id, p.step.migration.version),
+        }
+    }
+
+    /// The failure is a lock wait running out (retried, or reported as such).
+    fn applies(&self, dialect: Dialect, f: &StepFailure) -> bool {
+        lockwait::is_lock_wait_timeout(dialect, f.code.as_deref(), &f.message)
+    }
+
+    /// After a step timed out on a lock: who holds it; then either a pause and `Ok` (try
+    /// again), or the error that ends the run (unsafe to retry, budget spent, stopped).
+    async fn after(
+        &mut self,
+        db: &mut impl Backend,
+        set: &MigrationSet,
+        p: &Prepared<'_>,
+        cx: &sent::Context<'_>,
+        failure: Box<StepFailure>,
+        settings: &RunSettings,
+    ) -> Result<(), StepError> {
+        let statements = p.work.statements();
+        let index = failure.statement_number.map(|n| n.saturating_sub(1));
+        let text = index
+            .and_then(|i| statements.get(i))
+            .map(|st| st.text(&p.script.sql).to_string())
+            .unwrap_or_default();
+        let lock_timeout = step_timeouts(p.script, &settings.timeouts).lock;
+        loop {
+            self.attempts += 1;
+            let blockers = lockwait::blockers(db, &lockwait::tables_named(&text)).await;
+            if let Err(why) = self
+                .make_retryable(db, set, p, cx, &failure, index, &text)
+                .await
+            {
+                let mut failure = failure;
+                failure.message = format!(
+                    "{}; held by: {}; not retried: {why}",
+                    failure.message,
+                    lockwait::describe(&blockers)
+                );
+                return Err(StepError::Failed(failure));
+            }
+            let delay = self.retry.delay(self.attempts, &self.key);
+            let spent = self.started.elapsed();
+            if spent + delay > self.retry.budget {
+                return Err(StepError::Exhausted(RunError::LockRetriesExhausted {
+                    failure,
+                    attempts: self.attempts,
+                    spent,
+                    blockers,
+                }));
+            }
+            tracing::warn!(
+                version = %p.step.migration.version,
+                file = %p.script.file,
+                attempt = self.attempts,
+                retry_in_ms = delay.as_millis() as u64,
+                budget_left_s = (self.retry.budget - spent).as_secs(),
+                held_by = %lockwait::describe(&blockers),
+                "the step waited too long for a table lock and was rolled back; retrying"
+            );
+            // Stop requests are honoured during the pause (nothing of the step is applied).
+            let deadline = Instant::now() + delay;
+            while Instant::now() < deadline {
+                if settings.stop.as_ref().is_some_and(|s| s.requested()) {
+                    let mut failure = failure;
+                    failure.message =
+                        format!("{}; stopped on request before retrying", failure.message);
+                    return Err(StepError::Failed(failure));
+                }
+                tokio::time::sleep((deadline - Instant::now()).min(Duration::from_millis(100)))
+                    .await;
+            }
+            // What a failed CREATE INDEX CONCURRENTLY left must go before the next attempt;
+            // the drop waits for locks no longer than the step would.
+            match drop_invalid_index(db, &text, lock_timeout).await {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if lockwait::is_lock_wait_timeout(
+                        db.dialect(),
+                        e.code.as_deref(),
+                        &e.message,
+                    ) =>
+                {
+                    continue;
+                }
+                Err(e) => {
+                    let mut failure = failure;
+                    failure.message = format!(
+                        "{}; not retried: cannot drop the INVALID index it left: {e}",
+                        failure.message
+                    );
+                    return Err(StepError::Failed(failure));
+                }
+            }
+        }
+    }
+
+    /// Makes the timed-out step safe to run again, or says why it is not: a transactional
+    /// step rolled back is; a non-transactional one only when its first statement timed
+    /// out (nothing applied), after its failed row is resolved as reverted (an INVALID
+    /// index left by `CREATE INDEX CONCURRENTLY` is dropped before the next attempt).
+    #[allow(clippy::too_many_arguments)]
+    async fn make_retryable(
+        &self,
+        db: &mut impl Backend,
+        set: &MigrationSet,
+        p: &Prepared<'_>,
+        cx: &sent::Context<'_>,
+        failure: &StepFailure,
+        index: Option<usize>,
+        statement: &str,
+    ) -> Result<(), String> {
+        if self.retry.budget.is_zero() {
+            return Err("lock retries are off (--lock-retry-budget 0)".into());
+        }
+        match (&p.work, failure.outcome) {
+            (Work::Transactional { .. }, StepOutcome::RolledBack) => return Ok(()),
+            (Work::Transactional { .. }, _) => {
+                return Err("the step's outcome is not known".into());
+            }
+            (Work::NonTransactional { .. }, _) if index != Some(0) => {
+                return Err(format!(
+                    "statement {} of a non-transactional step timed out after the ones \
+                     before it were applied; resolve the step, then run again",
+                    failure.statement_number.unwrap_or(0)
+                ));
+            }
+            _ => {}
+        }
+        if lockwait::concurrent_index(statement).is_none()
+            && statement
+                .to_ascii_uppercase()
+                .split_whitespace()
+                .any(|w| w == "CONCURRENTLY")
+        {
+            return Err(
+                "a CREATE INDEX CONCURRENTLY without an index name may have left an INVALID \
+                 index; name the index so it can be dropped and retried"
+                    .into(),
+            );
+        }
+        // The failed row would make the step unfinished: record that nothing of it stays.
+        let state = read_state(db).await.map_err(|e| e.to_string())?;
+        let Some(u) = state.unfinished.filter(|u| {
+            Version::parse(&u.version).ok().as_ref() == Some(&p.step.migration.version)
+        }) else {
+            return Ok(());
+        };
+        let row = record_row(
+            u.version.clone(),
+            u.description.clone(),
+            Kind::MarkReverted,
+            set.get(&p.step.migration.version).map(|m| &m.up.checksums),
+            cx.runner_id,
+            format!(
+                "resolved row {}: its first statement timed out waiting for a lock; nothing \
+                 applied; retried",
+                u.row_id
+            ),
+        );
+        send_trip(db, &[sent::insert(&row, cx)], &Fill::default())
+            .await
+            .map_err(|f| format!("cannot record that nothing was applied: {}", f.error))?;
+        Ok(())
+    }
+}
+
+/// Drops the INVALID index a timed-out `CREATE INDEX CONCURRENTLY <name>` (`statement`)
+/// left, if any, waiting for locks at most `lock_timeout`.
+async fn drop_invalid_index(
+    db: &mut impl Backend,
+    statement: &str,
+    lock_timeout: Option<Duration>,
+) -> Result<(), DbError> {
+    let Some(name) = lockwait::concurrent_index(statement) else {
+        return Ok(());
+    };
+    let q = format!(
+        "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE NOT i.indisvalid AND c.oid = to_regclass('{}')",
+        name.replace('\'', "''")
+    );
+    let invalid = db
+        .query_text(&q)
+        .await?
+        .is_some_and(|rows| !rows.is_empty());
+    if !invalid {
+        return Ok(());
+    }
+    if let Some(t) = lock_timeout {
+        let set = format!(
+            "SET lock_timeout = '{}ms'",
+            t.as_millis().min(i32::MAX as u128)
+        );
+        db.send(&set).await.map_err(|f| f.error)?;
+    }
+    let dropped = db
+        .send(&format!("DROP INDEX CONCURRENTLY IF EXISTS {name}"))
+        .await
+        .map_err(|f| f.error);
+    let _ = db.send("RESET lock_timeout").await;
+    dropped?;
+    tracing::warn!(index = %name, "dropped the INVALID index a timed-out CREATE INDEX CONCURRENTLY left");
+    Ok(())
 }
 
 /// Longest error text kept in a history row.
@@ -806,6 +1068,8 @@ enum StepError {
     /// The lock turned out not to be ours: nothing of the step was recorded, its
     /// transaction (if any) rolled back.
     Lock(DbError),
+    /// It kept timing out on table locks until the retry budget ran out (rolled back).
+    Exhausted(RunError),
 }
 
 impl From<Box<StepFailure>> for StepError {

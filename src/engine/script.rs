@@ -594,6 +594,9 @@ pub struct Directives {
     pub lock_timeout: Option<std::time::Duration>,
     /// `-- schemagate:statement-timeout 10m`: how long a statement may run.
     pub statement_timeout: Option<std::time::Duration>,
+    /// `-- schemagate:lock-retry-budget 15m`: how long this step is retried when a
+    /// statement times out waiting for a lock (`0`: not retried).
+    pub lock_retry_budget: Option<std::time::Duration>,
     /// `-- schemagate:allow-destructive <reason>`: this migration may lose data on purpose.
     pub allow_destructive: Option<String>,
     /// `-- schemagate:empty <reason>`: this script has no statement on purpose. Without
@@ -603,7 +606,7 @@ pub struct Directives {
 }
 
 /// The directives, for messages.
-pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>";
+pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, lock-retry-budget <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>";
 
 /// A malformed or misplaced directive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -661,6 +664,9 @@ pub fn parse_directives(text: &str) -> Result<Directives, DirectiveError> {
             }
             ("lock-timeout", _) => d.lock_timeout = Some(duration("lock-timeout")?),
             ("statement-timeout", _) => d.statement_timeout = Some(duration("statement-timeout")?),
+            ("lock-retry-budget", _) => {
+                d.lock_retry_budget = Some(duration("lock-retry-budget")?);
+            }
             ("allow-destructive", "") => {
                 return Err(err(
                     "`allow-destructive` needs a reason, e.g. `-- schemagate:allow-destructive \

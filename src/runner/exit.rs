@@ -46,6 +46,10 @@ pub enum Exit {
     /// Stopped on request (SIGTERM, Ctrl-C): between steps (the running one was finished
     /// and recorded), or before anything started. Nothing is half-applied.
     Stopped = 18,
+    /// A step kept waiting for table locks held by other sessions (long transactions,
+    /// reports) for longer than --lock-retry-budget; it was rolled back each time and
+    /// nothing of it is applied. The message names the sessions holding the lock.
+    LockBusy = 19,
 }
 
 impl Exit {
@@ -147,6 +151,17 @@ impl From<RunError> for CliError {
                         "another runner is migrating this database: wait for it, or raise \
                          --lock-timeout; if its process is gone, its session ends and the lock \
                          with it (PostgreSQL frees it when the server notices the dead connection)",
+                    )
+                    .details(details)
+            }
+            RunError::LockRetriesExhausted { ref failure, .. } => {
+                let details = (**failure).clone();
+                CliError::new(Exit::LockBusy, "lock_busy", message)
+                    .hint(
+                        "the migration is fine: other sessions hold locks on its tables (see \
+                         above). Run it when they end, end or shorten those transactions, or \
+                         give it longer (--lock-retry-budget, or --migration-lock-timeout: \
+                         each second of lock wait stalls the app's queries on that table)",
                     )
                     .details(details)
             }

@@ -107,6 +107,9 @@ pub fn runner_env(sm: &SchemaMigration) -> Vec<EnvVar> {
     if let Some(t) = &o.migration_lock_timeout {
         out.push(env("SCHEMAGATE_MIGRATION_LOCK_TIMEOUT", t));
     }
+    if let Some(t) = &o.lock_retry_budget {
+        out.push(env("SCHEMAGATE_LOCK_RETRY_BUDGET", t));
+    }
     if let Some(t) = &o.migration_statement_timeout {
         out.push(env("SCHEMAGATE_MIGRATION_STATEMENT_TIMEOUT", t));
     }

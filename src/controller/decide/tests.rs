@@ -538,3 +538,34 @@ fn a_dirty_step_names_the_resolve_command_for_its_version() {
         cond(&d, cond::STALLED)
     );
 }
+
+#[test]
+fn a_run_that_found_its_tables_locked_says_lock_busy() {
+    for mode in [MigrationMode::Job, MigrationMode::InitContainer] {
+        let sm = sm(mode);
+        let mut i = inputs(&sm);
+        let busy = RunSummary {
+            result: RunResult::Failed,
+            error: Some(SummaryError {
+                kind: "lock_busy".into(),
+                message: "migration 3 ... retried for 300s (12 attempts), but other sessions \
+                          kept holding the lock: pid 42 (report-job, idle in transaction)"
+                    .into(),
+            }),
+            ..Default::default()
+        };
+        let mut run = job("orders-1a2b3c4d", JobState::Failed, Some(busy));
+        if mode == MigrationMode::InitContainer {
+            run.kind = RunKind::Pod;
+        }
+        i.jobs = vec![run];
+        let d = decide(&i);
+        let stalled = cond(&d, cond::STALLED);
+        assert_eq!(stalled.reason, reason::LOCK_BUSY, "{mode:?}");
+        assert!(
+            stalled.message.contains("report-job"),
+            "{}",
+            stalled.message
+        );
+    }
+}
