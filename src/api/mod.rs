@@ -359,6 +359,15 @@ pub struct RunnerSpec {
     pub ttl_seconds_after_finished: Option<i32>,
 }
 
+/// What runners do with lint findings.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum LintPolicy {
+    #[default]
+    Warn,
+    Deny,
+    Off,
+}
+
 /// What runners do with migrations that lose data.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 pub enum DestructivePolicy {
@@ -381,6 +390,11 @@ pub struct MigrationOptions {
     /// Allow: such migrations run without a recorded permission.
     #[serde(default)]
     pub destructive: DestructivePolicy,
+    /// What lint findings of the migrations about to run do: Warn (default: logged),
+    /// Deny (the run is refused until each is fixed or silenced with
+    /// `-- schemagate:lint-ignore <rule> <reason>`), or Off.
+    #[serde(default)]
+    pub lint: LintPolicy,
     /// Deprecated and ignored: refusing is the default now (see `destructive`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub deny_destructive: bool,
@@ -438,6 +452,10 @@ pub struct SchemaMigrationStatus {
     /// Migrations not applied yet (the first 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pending: Vec<String>,
+    /// Lint findings of the pending migrations (`schemagate migrate lint`), at most 20:
+    /// `file:line rule: risk`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lint_findings: Vec<String>,
     /// The last applied migrations (at most 20, newest last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub applied: Vec<AppliedMigration>,

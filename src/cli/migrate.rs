@@ -105,6 +105,7 @@ fn command_name(c: &MigrateCommand) -> &'static str {
         MigrateCommand::Stamp { .. } => "stamp",
         MigrateCommand::Resolve { .. } => "resolve",
         MigrateCommand::Wait { .. } => "wait",
+        MigrateCommand::Lint { .. } => "lint",
         MigrateCommand::Exec { .. } => "exec",
         MigrateCommand::Import { .. } => "import",
     }
@@ -276,6 +277,11 @@ impl Ctx {
                 statement: self.common.migration_statement_timeout,
             },
             deny_destructive: self.common.destructive == super::DestructiveArg::Deny,
+            lint: match self.common.lint {
+                super::LintPolicyArg::Warn => crate::engine::runner::LintPolicy::Warn,
+                super::LintPolicyArg::Deny => crate::engine::runner::LintPolicy::Deny,
+                super::LintPolicyArg::Off => crate::engine::runner::LintPolicy::Off,
+            },
             lock_retry: crate::engine::lockwait::LockRetry {
                 budget: self.common.lock_retry_budget,
                 ..Default::default()
@@ -348,6 +354,11 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
             no_down,
         } => new(ctx, &message, version.as_deref(), format, no_down),
         MigrateCommand::Plan { target } => plan_cmd(ctx, &target).await,
+        MigrateCommand::Lint {
+            format,
+            all,
+            dialect,
+        } => lint_cmd(ctx, format, all, dialect).await,
         MigrateCommand::Verify => verify(ctx).await,
         MigrateCommand::Stamp { version } => stamp(ctx, &version).await,
         MigrateCommand::Resolve {
@@ -1057,7 +1068,82 @@ async fn plan_with(
             destructive: &destructive,
         },
     );
-    Ok(Outcome::ok(rendered.json, rendered.human))
+    // The lint findings of the steps this plan would run (see `migrate lint`).
+    let ups: Vec<_> = prepared
+        .iter()
+        .filter(|p| p.step.direction == plan::Direction::Up)
+        .map(|p| p.step.migration)
+        .collect();
+    let findings =
+        crate::engine::lint::lint(dialect, &ups, crate::engine::lint::NewTables::SameRun);
+    let mut json = rendered.json;
+    let mut human = rendered.human;
+    for f in findings.iter().filter(|f| f.ignored.is_none()) {
+        human.push_str(&format!(
+            "lint: {}:{} [{}] {}{}\n",
+            f.file,
+            f.line,
+            f.rule,
+            f.message,
+            f.help
+                .as_deref()
+                .map(|h| format!(" (help: {h})"))
+                .unwrap_or_default()
+        ));
+    }
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert(
+            "lint".into(),
+            serde_json::to_value(&findings).unwrap_or_default(),
+        );
+    }
+    Ok(Outcome::ok(json, human))
+}
+
+/// `lint`: every migration (no database, or --all) or those not applied yet.
+async fn lint_cmd(
+    ctx: &Ctx,
+    format: Option<super::LintFormat>,
+    all: bool,
+    dialect: super::DialectArg,
+) -> Result<Outcome, CliError> {
+    let set = ctx.load()?;
+    let (dialect, pending) = match (&ctx.url, all) {
+        (Some(url), false) => {
+            let dialect = dialect::dialect_of(url)?;
+            let mut db = ctx.connect().await?;
+            let state = runner::read_state(&mut db).await;
+            db.close().await;
+            let state = state?;
+            let pending: Vec<_> = plan::pending(&set, &state)
+                .into_iter()
+                .map(|m| m.version.clone())
+                .collect();
+            (dialect, Some(pending))
+        }
+        (Some(url), true) => (dialect::dialect_of(url)?, None),
+        (None, _) => (super::lint::dialect_of(dialect), None),
+    };
+    let migrations: Vec<_> = set
+        .migrations
+        .iter()
+        .filter(|m| pending.as_ref().is_none_or(|p| p.contains(&m.version)))
+        .collect();
+    // With a database the pending set runs together; without one each file is judged as
+    // if the earlier ones were applied.
+    let scope = if pending.is_some() {
+        crate::engine::lint::NewTables::SameRun
+    } else {
+        crate::engine::lint::NewTables::SameFile
+    };
+    let findings = crate::engine::lint::lint(dialect, &migrations, scope);
+    Ok(super::lint::outcome(
+        findings,
+        migrations.len(),
+        format,
+        ctx.common.output,
+        &ctx.common.dir.display().to_string(),
+    ))
 }
 
 /// Polls the database until it reaches `target` (or passes it, unless `exact`).

@@ -1,5 +1,6 @@
 //! The command line: `schemagate migrate ...` (Flask-Migrate/Alembic-like).
 
+mod lint;
 mod migrate;
 mod output;
 pub mod status;
@@ -190,6 +191,18 @@ pub struct Common {
     )]
     pub destructive: DestructiveArg,
 
+    /// Before an upgrade, lint the steps about to run (see `migrate lint`): `warn` logs
+    /// each finding, `deny` refuses the upgrade (exit 20) while a finding is not silenced
+    /// by `-- schemagate:lint-ignore <rule> <reason>`, `off` skips it.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_LINT",
+        value_enum,
+        default_value = "warn",
+        global = true
+    )]
+    pub lint: LintPolicyArg,
+
     /// Deprecated and ignored: refusing is the default now (see --destructive).
     #[arg(long, env = "SCHEMAGATE_DENY_DESTRUCTIVE", hide = true, global = true)]
     pub deny_destructive: bool,
@@ -216,6 +229,31 @@ pub enum OutputFormat {
 pub enum LockArg {
     Session,
     Lease,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LintFormat {
+    Human,
+    Json,
+    Sarif,
+    Github,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DialectArg {
+    Postgres,
+    Mysql,
+    Sqlite,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LintPolicyArg {
+    /// Log the findings of the steps about to run; run them.
+    Warn,
+    /// Refuse to start an upgrade with a finding not silenced by `lint-ignore` (exit 20).
+    Deny,
+    /// Do not lint before running.
+    Off,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -353,6 +391,23 @@ pub enum MigrateCommand {
         /// Write the history rows (default: only show what would be recorded).
         #[arg(long)]
         apply: bool,
+    },
+    /// Find statements that are correct but risky on a live database (locks on busy
+    /// tables, table rewrites, renames and drops that break the running app), with the
+    /// file, line, risk and safe alternative of each. Without a database URL (or with
+    /// --all) every migration in --dir; with one, those not applied yet. Exit 20 when a
+    /// finding is not silenced by `-- schemagate:lint-ignore <rule> <reason>`.
+    Lint {
+        /// Output: human, json, sarif (SARIF 2.1.0, for code scanning), or github (GitHub
+        /// Actions annotations) [default: --output].
+        #[arg(long, value_enum)]
+        format: Option<LintFormat>,
+        /// Lint every migration in --dir, applied or not.
+        #[arg(long)]
+        all: bool,
+        /// The SQL dialect, when no database URL says it.
+        #[arg(long, value_enum, default_value = "postgres")]
+        dialect: DialectArg,
     },
     /// Block until the database reaches a version (for init containers in Job mode).
     Wait {

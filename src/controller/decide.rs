@@ -50,7 +50,7 @@ pub enum DbView {
     NotObserved,
     /// It tried and could not.
     Failed(DbFailure),
-    Read(DbRead),
+    Read(Box<DbRead>),
 }
 
 /// Why the controller could not read a database: transient (it may pass by itself) or
@@ -125,6 +125,8 @@ pub struct DbRead {
     pub drift: Option<Drifted>,
     /// Another tool's history needs a person (golang-migrate dirty, a failed Flyway row).
     pub tool_problem: Option<String>,
+    /// Lint findings of the pending migrations, one line each.
+    pub lint: Vec<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -314,7 +316,7 @@ struct Facts<'a> {
 fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
     let previous = i.sm.status.as_ref();
     let read = match &i.database {
-        DbView::Read(r) => Some(r),
+        DbView::Read(r) => Some(r.as_ref()),
         _ => None,
     };
     let last_success = i
@@ -801,6 +803,10 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             .read
             .map(|r| r.pending.iter().take(STATUS_LIST_MAX).cloned().collect())
             .unwrap_or_else(|| previous.pending.clone()),
+        lint_findings: f
+            .read
+            .map(|r| r.lint.iter().take(STATUS_LIST_MAX).cloned().collect())
+            .unwrap_or_else(|| previous.lint_findings.clone()),
         applied: f
             .read
             .map(|r| {

@@ -326,6 +326,10 @@ async fn read_database(
     if let Some(tool) = &sm.spec.source.tool {
         return read_tool(&cfg, crate::runner::source::tool(tool.name), timeout).await;
     }
+    let state_dialect = match engine::dialect::dialect_of(&cfg.url) {
+        Ok(d) => d,
+        Err(e) => return DbView::Failed(db_failure(&e)),
+    };
     let read = async {
         let mut db = Db::connect(&cfg).await?;
         let state = runner::read_state(&mut db).await;
@@ -354,12 +358,23 @@ async fn read_database(
         })
         .collect();
     let skip = applied.len().saturating_sub(STATUS_LIST_MAX);
+    let mut lint = Vec::new();
     let (pending, drift) = match &set {
         Some(set) => {
             let pending = engine::plan::pending(set, &state)
                 .into_iter()
                 .map(|m| m.version.to_string())
                 .collect();
+            let pending_set = engine::plan::pending(set, &state);
+            lint = engine::lint::lint(
+                state_dialect,
+                &pending_set,
+                engine::lint::NewTables::SameRun,
+            )
+            .into_iter()
+            .filter(|f| f.ignored.is_none())
+            .map(|f| format!("{}:{} {}: {}", f.file, f.line, f.rule, f.message))
+            .collect();
             let d = engine::plan::drift(set, &state, ChecksumMode::Strict);
             let drift = (!d.is_empty()).then(|| Drifted {
                 changed: d.changed.iter().map(|c| c.version.to_string()).collect(),
@@ -370,7 +385,7 @@ async fn read_database(
         }
         None => (Vec::new(), None),
     };
-    DbView::Read(DbRead {
+    DbView::Read(Box::new(DbRead {
         current: state.current().map(|v| v.to_string()),
         applied: applied[skip..].to_vec(),
         pending,
@@ -381,7 +396,8 @@ async fn read_database(
         }),
         drift,
         tool_problem: None,
-    })
+        lint,
+    }))
 }
 
 /// A database error as a fact for the decision: what kind, and the message (scrubbed).
@@ -416,7 +432,7 @@ async fn read_tool(cfg: &ConnectConfig, tool: engine::tools::Tool, timeout: Dura
         Err(_) => return DbView::Failed(no_answer(timeout * 2)),
     };
     let skip = state.applied.len().saturating_sub(STATUS_LIST_MAX);
-    DbView::Read(DbRead {
+    DbView::Read(Box::new(DbRead {
         current: state.current.clone(),
         applied: state.applied[skip..]
             .iter()
@@ -432,7 +448,7 @@ async fn read_tool(cfg: &ConnectConfig, tool: engine::tools::Tool, timeout: Dura
             .collect(),
         tool_problem: state.problem.map(|p| format!("{tool}: {p}")),
         ..Default::default()
-    })
+    }))
 }
 
 fn job_view(job: &Job) -> JobView {

@@ -9,6 +9,7 @@ pub use crate::model::{clock, redact, version};
 pub mod dialect;
 pub mod guard;
 pub mod history;
+pub mod lint;
 pub mod lock;
 pub mod lockwait;
 pub mod plan;

@@ -15,6 +15,7 @@ use super::dialect::sql::{self, Guard};
 use super::dialect::{Backend, DbError, DbErrorKind, Done, LockHolder, NewRow, StepTimeouts};
 use super::guard;
 use super::history::{DbState, Kind};
+use super::lint;
 use super::lock::{self, Held, LockError, LockMode};
 use super::lockwait::{self, Blocker, LockRetry};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
@@ -40,6 +41,8 @@ pub struct RunSettings {
     pub deny_destructive: bool,
     /// How a step that timed out waiting for a table lock is retried (see `lockwait`).
     pub lock_retry: LockRetry,
+    /// What lint findings of the steps about to run do (see `lint`).
+    pub lint: LintPolicy,
     pub plan: PlanOptions,
     /// Asked from outside (SIGTERM, Ctrl-C) to stop: checked before each step.
     pub stop: Option<Arc<StopRequest>>,
@@ -242,6 +245,12 @@ pub enum RunError {
     #[error("refused: {}", destructive_text(.0))]
     Destructive(Vec<StepFindings>),
     #[error(
+        "refused: {} lint finding(s) and --lint deny: {}",
+        .0.len(),
+        .0.iter().map(|f| format!("{}:{} {} ({})", f.file, f.line, f.rule, f.message)).collect::<Vec<_>>().join("; ")
+    )]
+    Lint(Vec<lint::Finding>),
+    #[error(
         "refused: the history table already records {count} applied version(s); import \
          adopts a database schemagate has not migrated yet"
     )]
@@ -336,6 +345,52 @@ pub async fn destructive(db: &mut impl Backend, prepared: &[Prepared<'_>]) -> Ve
         }
     }
     out
+}
+
+/// What lint findings do to a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LintPolicy {
+    /// Each finding of the steps about to run is logged; they run.
+    #[default]
+    Warn,
+    /// A finding not silenced by `lint-ignore` refuses the run before anything starts.
+    Deny,
+    /// Not linted.
+    Off,
+}
+
+/// Lints the up steps about to run: logs the findings (warn) or refuses (deny).
+fn check_lint(
+    dialect: Dialect,
+    prepared: &[Prepared<'_>],
+    settings: &RunSettings,
+) -> Result<(), RunError> {
+    if settings.lint == LintPolicy::Off {
+        return Ok(());
+    }
+    let migrations: Vec<&Migration> = prepared
+        .iter()
+        .filter(|p| p.step.direction == Direction::Up)
+        .map(|p| p.step.migration)
+        .collect();
+    let findings: Vec<lint::Finding> = lint::lint(dialect, &migrations, lint::NewTables::SameRun)
+        .into_iter()
+        .filter(|f| f.ignored.is_none())
+        .collect();
+    if findings.is_empty() {
+        return Ok(());
+    }
+    if settings.lint == LintPolicy::Deny {
+        return Err(RunError::Lint(findings));
+    }
+    for f in &findings {
+        tracing::warn!(
+            rule = %f.rule, file = %f.file, line = f.line,
+            help = f.help.as_deref().unwrap_or_default(),
+            "lint: {}", f.message
+        );
+    }
+    Ok(())
 }
 
 /// Refuses (unless the run allows it: `--destructive allow`) an upgrade whose steps lose
@@ -600,7 +655,7 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
 /// the audit trail (losing data, being empty on purpose).
 fn step_note(script: &Script) -> Option<String> {
     let d = &script.directives;
-    let notes: Vec<String> = [
+    let mut notes: Vec<String> = [
         d.allow_destructive
             .as_ref()
             .map(|r| format!("allow-destructive: {r}")),
@@ -609,6 +664,11 @@ fn step_note(script: &Script) -> Option<String> {
     .into_iter()
     .flatten()
     .collect();
+    notes.extend(
+        lint::ignores(&script.sql)
+            .into_iter()
+            .map(|i| format!("lint-ignore {}: {}", i.rule, i.reason)),
+    );
     (!notes.is_empty()).then(|| notes.join("; "))
 }
 
@@ -652,6 +712,7 @@ pub async fn run(
         // Refuse early (before waiting for the lock) what will be refused anyway.
         let prepared = prepare(&plan, db.dialect())?;
         check_destructive(db, &prepared, settings).await?;
+        check_lint(db.dialect(), &prepared, settings)?;
     }
     let held = lock::acquire(
         db,
@@ -683,6 +744,7 @@ async fn run_locked(
     }
     let prepared = prepare(&plan, db.dialect())?;
     check_destructive(db, &prepared, settings).await?;
+    check_lint(db.dialect(), &prepared, settings)?;
     let session = db
         .session()
         .await

@@ -606,7 +606,7 @@ pub struct Directives {
 }
 
 /// The directives, for messages.
-pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, lock-retry-budget <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>";
+pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, lock-retry-budget <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>, lint-ignore <rule> <reason>";
 
 /// A malformed or misplaced directive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -643,14 +643,27 @@ pub fn parse_directives(text: &str) -> Result<Directives, DirectiveError> {
             line: n + 1,
             message,
         };
+        let mut parts = body.trim().splitn(2, char::is_whitespace);
+        let name = parts.next().unwrap_or_default();
+        if name.eq_ignore_ascii_case("lint-ignore") {
+            // Anywhere: before a statement it silences a lint rule for that statement (read
+            // by `lint::ignores`); it needs a rule and a reason.
+            let rest = parts.next().map(str::trim).unwrap_or_default();
+            if rest.split_whitespace().count() < 2 {
+                return Err(err(
+                    "`lint-ignore` needs a rule and a reason, e.g. `-- schemagate:lint-ignore \
+                     require-concurrent-index-creation the table has 40 rows`"
+                        .into(),
+                ));
+            }
+            continue;
+        }
         if !in_header {
             return Err(err(format!(
                 "`-- {DIRECTIVE_PREFIX}{body}` comes after SQL; directives must be at the top of \
                  the file, before the first statement"
             )));
         }
-        let mut parts = body.trim().splitn(2, char::is_whitespace);
-        let name = parts.next().unwrap_or_default();
         let arg = parts.next().map(str::trim).unwrap_or_default();
         let duration = |what: &str| {
             super::clock::parse_duration(arg).map_err(|e| err(format!("`{what}`: {e}")))

@@ -50,6 +50,9 @@ pub enum Exit {
     /// reports) for longer than --lock-retry-budget; it was rolled back each time and
     /// nothing of it is applied. The message names the sessions holding the lock.
     LockBusy = 19,
+    /// `lint`: findings not silenced by `lint-ignore`; `upgrade --lint deny`: refused
+    /// because of them (nothing ran).
+    LintFindings = 20,
 }
 
 impl Exit {
@@ -151,6 +154,17 @@ impl From<RunError> for CliError {
                         "another runner is migrating this database: wait for it, or raise \
                          --lock-timeout; if its process is gone, its session ends and the lock \
                          with it (PostgreSQL frees it when the server notices the dead connection)",
+                    )
+                    .details(details)
+            }
+            RunError::Lint(ref findings) => {
+                let details = findings.clone();
+                CliError::new(Exit::LintFindings, "lint", message)
+                    .hint(
+                        "`schemagate migrate lint` shows each finding with the safe way to do it; \
+                         fix it, or silence one with `-- schemagate:lint-ignore <rule> <reason>` \
+                         right above its statement (recorded in the history), or run with \
+                         --lint warn",
                     )
                     .details(details)
             }

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 
-use crate::api::{DestructivePolicy, LockKind, SchemaMigration};
+use crate::api::{DestructivePolicy, LintPolicy, LockKind, SchemaMigration};
 
 /// Where the runner finds the migration files.
 pub const MIGRATIONS_DIR: &str = "/migrations";
@@ -97,6 +97,11 @@ pub fn runner_env(sm: &SchemaMigration) -> Vec<EnvVar> {
     let o = &spec.options;
     if o.lock == LockKind::Lease {
         out.push(env("SCHEMAGATE_LOCK", "lease"));
+    }
+    match o.lint {
+        LintPolicy::Warn => {}
+        LintPolicy::Deny => out.push(env("SCHEMAGATE_LINT", "deny")),
+        LintPolicy::Off => out.push(env("SCHEMAGATE_LINT", "off")),
     }
     if o.destructive == DestructivePolicy::Allow {
         out.push(env("SCHEMAGATE_DESTRUCTIVE", "allow"));

@@ -38,10 +38,10 @@ fn source(versions: &[&str]) -> SourceState {
 }
 
 fn db(current: Option<&str>) -> DbView {
-    DbView::Read(DbRead {
+    DbView::Read(Box::new(DbRead {
         current: current.map(str::to_string),
         ..Default::default()
-    })
+    }))
 }
 
 fn namer(_target: Option<&str>, command: RunCommand) -> (String, String) {
@@ -378,7 +378,7 @@ fn invalid_source_unknown_target_and_disallowed_images_block() {
 fn dirty_and_drifted_databases_fail() {
     let sm = sm(MigrationMode::Job);
     let mut i = inputs(&sm);
-    i.database = DbView::Read(DbRead {
+    i.database = DbView::Read(Box::new(DbRead {
         current: Some("2".into()),
         unfinished: Some(DirtyStep {
             version: "3".into(),
@@ -386,13 +386,13 @@ fn dirty_and_drifted_databases_fail() {
             message: "step 3 (up) did not finish".into(),
         }),
         ..Default::default()
-    });
+    }));
     let d = decide(&i);
     assert_eq!(phase(&d), Phase::Failed);
     assert_eq!(cond(&d, cond::STALLED).reason, reason::DIRTY);
     assert_eq!(d.action, Action::Nothing);
 
-    i.database = DbView::Read(DbRead {
+    i.database = DbView::Read(Box::new(DbRead {
         current: Some("2".into()),
         drift: Some(Drifted {
             changed: vec!["1".into()],
@@ -400,14 +400,14 @@ fn dirty_and_drifted_databases_fail() {
             ..Default::default()
         }),
         ..Default::default()
-    });
+    }));
     assert_eq!(cond(&decide(&i), cond::STALLED).reason, reason::DRIFT);
 
-    i.database = DbView::Read(DbRead {
+    i.database = DbView::Read(Box::new(DbRead {
         current: Some("3".into()),
         tool_problem: Some("golang-migrate: version 3 is dirty; `migrate force 3`".into()),
         ..Default::default()
-    });
+    }));
     let d = decide(&i);
     assert_eq!(phase(&d), Phase::Failed);
     let stalled = cond(&d, cond::STALLED);
@@ -520,7 +520,7 @@ fn a_database_that_refuses_the_controller_for_good_stalls_in_both_modes() {
 fn a_dirty_step_names_the_resolve_command_for_its_version() {
     let sm = sm(MigrationMode::Job);
     let mut i = inputs(&sm);
-    i.database = DbView::Read(DbRead {
+    i.database = DbView::Read(Box::new(DbRead {
         current: Some("2".into()),
         unfinished: Some(DirtyStep {
             version: "3".into(),
@@ -528,7 +528,7 @@ fn a_dirty_step_names_the_resolve_command_for_its_version() {
             message: "step 3 failed at statement 2 of 3".into(),
         }),
         ..Default::default()
-    });
+    }));
     let d = decide(&i);
     assert!(
         cond(&d, cond::STALLED)
@@ -568,4 +568,21 @@ fn a_run_that_found_its_tables_locked_says_lock_busy() {
             stalled.message
         );
     }
+}
+
+#[test]
+fn lint_findings_of_the_pending_migrations_reach_the_status_bounded() {
+    let sm = sm(MigrationMode::Job);
+    let mut i = inputs(&sm);
+    i.database = DbView::Read(Box::new(DbRead {
+        current: Some("2".into()),
+        pending: vec!["3".into()],
+        lint: (0..30)
+            .map(|n| format!("3_x.up.sql:{n} require-concurrent-index-creation: ..."))
+            .collect(),
+        ..Default::default()
+    }));
+    let d = decide(&i);
+    assert_eq!(d.status.lint_findings.len(), crate::api::STATUS_LIST_MAX);
+    assert!(d.status.lint_findings[0].starts_with("3_x.up.sql:0 require-concurrent"));
 }
