@@ -149,6 +149,10 @@ impl Ctx {
         let (url, lock_param) = match raw {
             Some(u) => {
                 let (u, lock) = dialect::split_url_params(&u);
+                // The forms SQLAlchemy, Django, Rails, sqlx and JDBC write, relative SQLite
+                // paths resolved against the working directory.
+                let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+                let u = dialect::url::normalize(&u, &cwd).map_err(CliError::from)?;
                 (Some(u), lock)
             }
             None => (None, None),
@@ -200,6 +204,30 @@ impl Ctx {
         })
     }
 
+    /// Reading commands on a SQLite file that does not exist: say so, naming the file
+    /// (never "connected" to nothing); `upgrade` creates it.
+    fn require_sqlite_file(&self) -> Result<(), CliError> {
+        let Some(path) = self.url.as_deref().and_then(dialect::url::sqlite_file) else {
+            return Ok(());
+        };
+        if path.exists() {
+            return Ok(());
+        }
+        let cwd = std::env::current_dir()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        Err(CliError::new(
+            Exit::Connect,
+            "connect",
+            format!("the SQLite database {} does not exist", path.display()),
+        )
+        .hint(format!(
+            "`schemagate migrate upgrade` creates it; a relative path in the URL is relative \
+             to the working directory ({cwd}): sqlite:///instance/app.db is \
+             {cwd}/instance/app.db, sqlite:////srv/app.db is /srv/app.db"
+        )))
+    }
+
     async fn connect(&self) -> Result<Db, CliError> {
         let cfg = self.connect_config()?;
         Db::connect(&cfg).await.map_err(|e| {
@@ -231,7 +259,9 @@ impl Ctx {
                 db.close().await;
                 Err(e)
             }
-            (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(e),
+            // Without a URL that is the first thing to fix, whatever the directory says.
+            (Err(e), Err(c)) => Err(if self.url.is_none() { c } else { e }),
+            (Ok(_), Err(e)) => Err(e),
         }
     }
 
@@ -837,6 +867,7 @@ async fn import(ctx: &Ctx, from: Tool, apply: bool) -> Result<Outcome, CliError>
 }
 
 async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
+    ctx.require_sqlite_file()?;
     let mut db = ctx.connect().await?;
     let state = runner::read_state(&mut db).await;
     db.close().await;
@@ -855,6 +886,7 @@ async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn history(ctx: &Ctx, limit: Option<usize>) -> Result<Outcome, CliError> {
+    ctx.require_sqlite_file()?;
     let mut db = ctx.connect().await?;
     let rows = db.read_history().await;
     db.close().await;
@@ -892,6 +924,7 @@ fn heads(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
+    ctx.require_sqlite_file()?;
     let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
@@ -920,6 +953,7 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
+    ctx.require_sqlite_file()?;
     let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;

@@ -316,6 +316,10 @@ async fn read_database(
         ));
     };
     let (url, _) = engine::dialect::split_url_params(url);
+    let url = match engine::dialect::url::normalize(&url, std::path::Path::new("/")) {
+        Ok(u) => u,
+        Err(e) => return DbView::Failed(db_failure(&e)),
+    };
     let cfg = ConnectConfig {
         url,
         table,

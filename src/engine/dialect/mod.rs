@@ -10,6 +10,7 @@ pub mod mysql;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
+pub mod url;
 
 use std::future::Future;
 use std::time::Duration;
