@@ -258,3 +258,20 @@ fn defaults_and_round_trip() {
     let back: SchemaMigration = serde_json::from_value(serde_json::to_value(&sm).unwrap()).unwrap();
     assert_eq!(back.spec, sm.spec);
 }
+
+#[test]
+fn crd_descriptions_are_paragraphs_not_source_lines() {
+    assert_eq!(
+        super::unwrap_text(
+            "one runner at a time, every\nstep versioned.\n\nSecond - no list\n- item a\n- item b"
+        ),
+        "one runner at a time, every step versioned.\n\nSecond - no list\n- item a\n- item b"
+    );
+    let yaml = super::crd_yaml();
+    let crd: serde_json::Value = serde_yaml::from_str(&yaml).unwrap();
+    let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let d = spec["properties"]["targetVersion"]["description"]
+        .as_str()
+        .unwrap();
+    assert!(!d.contains('\n') || d.contains("\n\n"), "{d:?}");
+}

@@ -1328,6 +1328,10 @@ fn next_version(set: Option<&MigrationSet>, now_ms: i64) -> String {
     }
     if Version::parse(&stamp).is_ok_and(|s| s > head.version) {
         stamp
+    } else if let Some(next) = next_second(text) {
+        // A timestamp head in this second (or the future): one real second later, never
+        // `...59` + 1 = `...60`.
+        next
     } else if head.version.is_single_segment() {
         bump(text)
     } else {
@@ -1335,6 +1339,39 @@ fn next_version(set: Option<&MigrationSet>, now_ms: i64) -> String {
         let first = text.split('.').next().unwrap_or("0");
         bump(first)
     }
+}
+
+/// `YYYYMMDDHHMMSS` one second later, if `text` is such a timestamp.
+fn next_second(text: &str) -> Option<String> {
+    if text.len() != 14 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let iso = format!(
+        "{}-{}-{}T{}:{}:{}Z",
+        &text[0..4],
+        &text[4..6],
+        &text[6..8],
+        &text[8..10],
+        &text[10..12],
+        &text[12..14]
+    );
+    let ms = clock::millis_from_iso(&iso)?;
+    // Round-trips only for a real time (month 13 or second 60 would not).
+    let back: String = clock::iso_from_millis(ms)
+        .chars()
+        .filter(char::is_ascii_digit)
+        .take(14)
+        .collect();
+    if back != text {
+        return None;
+    }
+    Some(
+        clock::iso_from_millis(ms + 1000)
+            .chars()
+            .filter(char::is_ascii_digit)
+            .take(14)
+            .collect(),
+    )
 }
 
 fn slug(message: &str) -> String {
@@ -1513,6 +1550,15 @@ mod tests {
         assert_eq!(
             next_version(Some(&set(&["29990101000000_a.sql"])), NOW),
             "29990101000001"
+        );
+        // Twice in one second: a real timestamp one second later, across minute and year.
+        assert_eq!(
+            next_version(Some(&set(&["20261125073240_a.sql"])), NOW),
+            "20261125073241"
+        );
+        assert_eq!(
+            next_version(Some(&set(&["29991231235959_a.sql"])), NOW),
+            "30000101000000"
         );
         assert_eq!(
             next_version(Some(&set(&["V1.2__a.sql"])), NOW),

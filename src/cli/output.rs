@@ -278,8 +278,16 @@ pub fn human_history(rows: &[HistoryRow], initialized: bool) -> String {
 fn human_drift(d: &Drift, s: &mut String) {
     for c in &d.changed {
         s.push_str(&format!(
-            "  changed: {} ({}) checksum {} but {} was recorded when it was applied\n",
-            c.version, c.file, c.actual, c.recorded
+            "  changed: {} ({}) checksum {} but {} was recorded when it was applied{}\n",
+            c.version,
+            c.file,
+            c.actual,
+            c.recorded,
+            if c.whitespace_only {
+                " (only line endings or whitespace differ)"
+            } else {
+                ""
+            }
         ));
     }
     for m in &d.missing {
@@ -288,6 +296,33 @@ fn human_drift(d: &Drift, s: &mut String) {
             m.version, m.description
         ));
     }
+    for hint in drift_hints(d) {
+        s.push_str(&format!("hint: {hint}\n"));
+    }
+}
+
+/// What to do about drift.
+pub fn drift_hints(d: &Drift) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    if d.changed.iter().any(|c| c.whitespace_only) {
+        out.push(
+            "only line endings or whitespace changed (an editor, git's autocrlf): restore the \
+             file, or compare with --checksum normalized (SCHEMAGATE_CHECKSUM=normalized)",
+        );
+    }
+    if d.changed.iter().any(|c| !c.whitespace_only) {
+        out.push(
+            "an applied migration must not change: restore it from version control (`git \
+             diff` shows what changed) and put the new change in a new migration",
+        );
+    }
+    if !d.missing.is_empty() {
+        out.push(
+            "restore the missing files, or pass --ignore-missing if they were removed on \
+             purpose (their history stays)",
+        );
+    }
+    out
 }
 
 pub fn human_status(r: &StatusReport) -> String {

@@ -93,6 +93,9 @@ pub struct ChecksumMismatch {
     pub file: String,
     pub recorded: String,
     pub actual: String,
+    /// Only line endings, trailing whitespace or a byte-order mark differ (the normalized
+    /// checksums match): `--checksum normalized` accepts it.
+    pub whitespace_only: bool,
 }
 
 /// An applied migration with no file in the source.
@@ -136,11 +139,14 @@ pub fn drift(set: &MigrationSet, state: &DbState, mode: ChecksumMode) -> Drift {
         if let Some(recorded) = recorded
             && recorded != actual
         {
+            let whitespace_only = mode == ChecksumMode::Strict
+                && applied.checksum_normalized.as_ref() == Some(&m.up.checksums.normalized);
             d.changed.push(ChecksumMismatch {
                 version: applied.version.clone(),
                 file: m.up.file.clone(),
                 recorded: recorded.clone(),
                 actual: actual.clone(),
+                whitespace_only,
             });
         }
     }

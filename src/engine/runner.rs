@@ -175,8 +175,11 @@ impl std::fmt::Display for StepFailure {
             write!(f, ": `{s}`")?;
         }
         write!(f, ": {}", self.message)?;
-        if let Some(code) = &self.code {
-            write!(f, " [SQLSTATE {code}]")?;
+        match &self.code {
+            // SQLSTATE codes have five characters; SQLite reports its own result codes.
+            Some(code) if code.len() == 5 => write!(f, " [SQLSTATE {code}]")?,
+            Some(code) => write!(f, " [SQLite result code {code}]")?,
+            None => {}
         }
         f.write_str(match self.outcome {
             StepOutcome::RolledBack => "; its transaction was rolled back",
@@ -1119,7 +1122,7 @@ fn step_report(p: &Prepared<'_>, elapsed: Duration) -> StepReport {
         direction: p.step.direction,
         file: p.script.file.clone(),
         transactional: matches!(p.work, Work::Transactional { .. }),
-        duration_ms: elapsed.as_millis() as u64,
+        duration_ms: elapsed.as_micros().div_ceil(1000) as u64,
     }
 }
 
@@ -1214,8 +1217,10 @@ impl Tally {
     }
 }
 
+/// Milliseconds since `start`, rounded up: a step that took 0.4 ms is recorded as 1 ms,
+/// not 0 (the history's `ms` column then agrees with what the run printed).
 fn elapsed_ms(start: Instant) -> i64 {
-    start.elapsed().as_millis() as i64
+    start.elapsed().as_micros().div_ceil(1000) as i64
 }
 
 /// A transactional step: everything up to COMMIT, or nothing.

@@ -97,6 +97,8 @@ pub enum SourceError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{} is a file, not a directory", .path.display())]
+    NotADirectory { path: std::path::PathBuf },
     #[error("{file} is not valid UTF-8 text")]
     NotUtf8 { file: String },
     #[error("no migrations found in {origin}")]
@@ -133,6 +135,11 @@ impl SourceError {
                     .into()
             }
             SourceError::Read { .. } => "check the file's permissions".into(),
+            SourceError::NotADirectory { .. } => {
+                "--dir (SCHEMAGATE_DIR) names the directory that holds the migration files, \
+                 not a file: pass its parent directory"
+                    .into()
+            }
             SourceError::NotUtf8 { .. } => "save the file as UTF-8".into(),
             SourceError::Empty { .. } => {
                 "add a migration with `schemagate migrate new -m \"init\"`, or point --dir at the \
@@ -192,7 +199,10 @@ fn description_of(raw: &str) -> String {
 }
 
 fn parse_name(name: &str) -> Result<Option<Parsed>, NameError> {
-    let Some(stem) = name.strip_suffix(".sql") else {
+    let Some(stem) = name
+        .strip_suffix(".sql")
+        .or_else(|| name.strip_suffix(".SQL"))
+    else {
         return Ok(None);
     };
     // Flyway: V1__x.sql, U1__x.sql (version segments separated by `.` or `_`).
@@ -237,10 +247,12 @@ fn parse_name(name: &str) -> Result<Option<Parsed>, NameError> {
             }));
         }
     }
-    let (stem, direction) = if let Some(s) = stem.strip_suffix(".up") {
-        (s, Some(true))
-    } else if let Some(s) = stem.strip_suffix(".down") {
-        (s, Some(false))
+    // `.up`/`.down` in any case: `1_x.UP.sql` is an up script, not a one-way `x.UP`.
+    let lower = stem.to_ascii_lowercase();
+    let (stem, direction) = if lower.ends_with(".up") {
+        (&stem[..stem.len() - 3], Some(true))
+    } else if lower.ends_with(".down") {
+        (&stem[..stem.len() - 5], Some(false))
     } else {
         (stem, None)
     };
@@ -451,6 +463,11 @@ where
 
 /// Reads the migrations in `dir` (not recursive).
 pub fn load_dir(dir: &Path) -> Result<MigrationSet, SourceError> {
+    if dir.exists() && !dir.is_dir() {
+        return Err(SourceError::NotADirectory {
+            path: dir.to_path_buf(),
+        });
+    }
     let entries = std::fs::read_dir(dir).map_err(|source| {
         if source.kind() == std::io::ErrorKind::NotFound {
             SourceError::DirMissing {
@@ -473,7 +490,8 @@ pub fn load_dir(dir: &Path) -> Result<MigrationSet, SourceError> {
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        if !name.ends_with(".sql") || name.starts_with('.') || !path.is_file() {
+        if !name.to_ascii_lowercase().ends_with(".sql") || name.starts_with('.') || !path.is_file()
+        {
             continue;
         }
         let bytes = std::fs::read(&path).map_err(|source| SourceError::Read {

@@ -92,6 +92,8 @@ SWITCHES = {
     "dashboard and alerts": ({"metrics": {"grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Platform"}},
                                           "prometheusRule": {"enabled": True, "labels": {"release": "prom"}}}},
                              ("monitoring.coreos.com/v1",)),
+    "locally built image (kind, minikube)": ({"image": {"repository": "schemagate", "tag": "dev",
+                                                        "pullPolicy": "Never"}}, ()),
     "single replica": ({"replicaCount": 1, "leaderElection": {"enabled": False},
                         "podDisruptionBudget": {"enabled": False}}, ()),
     "image digest, allowed images": ({"image": {"repository": "registry.example/schemagate",

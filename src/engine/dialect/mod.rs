@@ -287,16 +287,66 @@ impl From<sqlx::Error> for DbError {
                 DbErrorKind::Unreachable,
                 format!("cannot talk to the database server: {io}"),
             ),
-            sqlx::Error::Tls(tls) => DbError::new(
-                DbErrorKind::Unreachable,
-                format!("TLS handshake with the database server failed: {tls}"),
-            ),
+            sqlx::Error::Tls(tls) => {
+                let text = without_source_locations(&tls.to_string());
+                if text.contains("does not support TLS") {
+                    // The URL asks for TLS the server does not offer: the URL must change.
+                    DbError::new(
+                        DbErrorKind::Config,
+                        format!(
+                            "the database server does not accept TLS, but the URL requires it \
+                             (sslmode=require or stricter); use sslmode=prefer or \
+                             sslmode=disable, or turn TLS on in the server ({text})"
+                        ),
+                    )
+                } else {
+                    DbError::new(
+                        DbErrorKind::Unreachable,
+                        format!("TLS handshake with the database server failed: {text}"),
+                    )
+                }
+            }
             sqlx::Error::Configuration(c) => {
                 DbError::new(DbErrorKind::Config, format!("invalid database URL: {c}"))
             }
-            other => DbError::new(DbErrorKind::Other, other.to_string()),
+            other => DbError::new(
+                DbErrorKind::Other,
+                without_source_locations(&other.to_string()),
+            ),
         }
     }
+}
+
+/// Drops the driver's own source locations (`(sqlx_postgres::connection::tls:95)`) from
+/// a message: they mean nothing to a user.
+pub fn without_source_locations(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("sqlx_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .unwrap_or(tail.len());
+        let token = &tail[..end];
+        if token.contains("::")
+            && token
+                .rsplit(':')
+                .next()
+                .is_some_and(|n| n.chars().all(|c| c.is_ascii_digit()) && !n.is_empty())
+        {
+            out.push_str(
+                rest[..i]
+                    .trim_end_matches(['(', ' ', '@'])
+                    .trim_end_matches(" at"),
+            );
+            rest = tail[end..].trim_start_matches(')');
+        } else {
+            out.push_str(&rest[..i + end.max(1)]);
+            rest = &tail[end.max(1)..];
+        }
+    }
+    out.push_str(rest);
+    out.trim().to_string()
 }
 
 /// Which server the SQL is for: the dialect and, for MySQL, the flavour (MariaDB names
@@ -764,6 +814,24 @@ where
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn driver_source_locations_never_reach_a_message() {
+        assert_eq!(
+            without_source_locations(
+                "server does not support TLS (sqlx_postgres::connection::tls:95)"
+            ),
+            "server does not support TLS"
+        );
+        assert_eq!(
+            without_source_locations("error at sqlx_core::pool::inner:123"),
+            "error"
+        );
+        assert_eq!(
+            without_source_locations("sqlx_history is a table"),
+            "sqlx_history is a table"
+        );
+    }
     use super::*;
 
     #[test]
