@@ -56,10 +56,23 @@ fn a_flask_env_sqlite_url_is_relative_to_the_working_directory() {
     std::fs::create_dir(work.path().join("instance")).unwrap();
     let url = "sqlite:///instance/app.db";
     let dir = migrations();
-    // Before the first upgrade, reading commands say the file is missing and where.
+    // Before the first upgrade, reading commands say the file is missing and where:
+    // `status` (pending, exit 3) ...
     let o = sg(url, work.path(), dir.path(), &["status"]);
-    assert_code(&o, 11);
+    assert_code(&o, 3);
     let expected = work.path().join("instance/app.db");
+    assert!(
+        text(&o).contains(&format!(
+            "{} (sqlite): the file does not exist yet",
+            expected.display()
+        )),
+        "{}",
+        text(&o)
+    );
+    assert!(!text(&o).contains("connected"), "{}", text(&o));
+    // ... and `current`, without creating anything.
+    let o = sg(url, work.path(), dir.path(), &["current"]);
+    assert_code(&o, 0);
     assert!(
         text(&o).contains(&format!("{} does not exist", expected.display())),
         "{}",

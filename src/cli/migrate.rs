@@ -204,28 +204,12 @@ impl Ctx {
         })
     }
 
-    /// Reading commands on a SQLite file that does not exist: say so, naming the file
-    /// (never "connected" to nothing); `upgrade` creates it.
-    fn require_sqlite_file(&self) -> Result<(), CliError> {
-        let Some(path) = self.url.as_deref().and_then(dialect::url::sqlite_file) else {
-            return Ok(());
-        };
-        if path.exists() {
-            return Ok(());
-        }
-        let cwd = std::env::current_dir()
-            .map(|d| d.display().to_string())
-            .unwrap_or_default();
-        Err(CliError::new(
-            Exit::Connect,
-            "connect",
-            format!("the SQLite database {} does not exist", path.display()),
-        )
-        .hint(format!(
-            "`schemagate migrate upgrade` creates it; a relative path in the URL is relative \
-             to the working directory ({cwd}): sqlite:///instance/app.db is \
-             {cwd}/instance/app.db, sqlite:////srv/app.db is /srv/app.db"
-        )))
+    /// The SQLite file the URL names, when it does not exist.
+    fn missing_sqlite_file(&self) -> Option<PathBuf> {
+        self.url
+            .as_deref()
+            .and_then(dialect::url::sqlite_file)
+            .filter(|p| !p.exists())
     }
 
     async fn connect(&self) -> Result<Db, CliError> {
@@ -866,8 +850,35 @@ async fn import(ctx: &Ctx, from: Tool, apply: bool) -> Result<Outcome, CliError>
     Ok(Outcome::ok(json, human))
 }
 
+/// A reading command on a SQLite file that does not exist: it says so, naming the file it
+/// looked for (never "connected"), and creates nothing.
+fn missing_file_outcome(path: &Path, mut json: serde_json::Value) -> Outcome {
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert(
+            "databaseFile".into(),
+            json!({ "path": path.display().to_string(), "exists": false }),
+        );
+    }
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    Outcome::ok(
+        json,
+        format!(
+            "The SQLite database {} does not exist yet; `schemagate migrate upgrade` creates it \
+             (a relative path in the URL is relative to the working directory, {cwd}).\n",
+            path.display()
+        ),
+    )
+}
+
 async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
-    ctx.require_sqlite_file()?;
+    if let Some(path) = ctx.missing_sqlite_file() {
+        return Ok(missing_file_outcome(
+            &path,
+            json!({ "current": null, "initialized": false }),
+        ));
+    }
     let mut db = ctx.connect().await?;
     let state = runner::read_state(&mut db).await;
     db.close().await;
@@ -886,7 +897,12 @@ async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn history(ctx: &Ctx, limit: Option<usize>) -> Result<Outcome, CliError> {
-    ctx.require_sqlite_file()?;
+    if let Some(path) = ctx.missing_sqlite_file() {
+        return Ok(missing_file_outcome(
+            &path,
+            json!({ "initialized": false, "entries": [] }),
+        ));
+    }
     let mut db = ctx.connect().await?;
     let rows = db.read_history().await;
     db.close().await;
@@ -924,8 +940,9 @@ fn heads(ctx: &Ctx) -> Result<Outcome, CliError> {
 }
 
 async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
-    ctx.require_sqlite_file()?;
     let (set, mut db) = ctx.load_and_connect().await?;
+    // A SQLite file that does not exist is said so (never "connected"), naming the path.
+    let missing = ctx.missing_sqlite_file();
     let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
     let mode = ctx.lock_mode()?;
@@ -945,15 +962,29 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
         status::Verdict::Pending => Exit::Pending,
         status::Verdict::Drift | status::Verdict::Dirty => Exit::Drift,
     };
-    Ok(Outcome {
-        exit,
-        json: to_json(&report),
-        human: output::human_status(&report),
-    })
+    let mut json = to_json(&report);
+    let mut human = output::human_status(&report);
+    if let Some(path) = missing {
+        if let Some(obj) = json.as_object_mut() {
+            obj.insert(
+                "databaseFile".into(),
+                json!({ "path": path.display().to_string(), "exists": false }),
+            );
+        }
+        let first = human.find('\n').map(|i| i + 1).unwrap_or(0);
+        human.replace_range(
+            ..first,
+            &format!(
+                "database: {} (sqlite): the file does not exist yet; `upgrade` creates it \
+                 (relative paths in the URL are relative to the working directory)\n",
+                path.display()
+            ),
+        );
+    }
+    Ok(Outcome { exit, json, human })
 }
 
 async fn verify(ctx: &Ctx) -> Result<Outcome, CliError> {
-    ctx.require_sqlite_file()?;
     let (set, mut db) = ctx.load_and_connect().await?;
     let dialect = db.dialect();
     let state = runner::read_state(&mut db).await;
