@@ -323,11 +323,16 @@ fn per_migration_timeouts_stop_queueing_and_runaway_statements() {
         "-- schemagate:lock-timeout 1s\nALTER TABLE busy ADD COLUMN y INTEGER;\n",
         None,
     );
+    // Retries off: the timed-out step fails at once (exit 12); with a short budget it is
+    // retried, then ends with exit 19 naming the holder (tests/lockwait.rs has the rest).
     let started = Instant::now();
-    let o = cmd(&url, &dir, &["upgrade"]);
+    let o = cmd(&url, &dir, &["upgrade", "--lock-retry-budget", "0"]);
     assert_code(&o, 12);
     assert!(text(&o).contains("lock timeout"), "{}", text(&o));
     assert!(started.elapsed() < Duration::from_secs(30));
+    let o = cmd(&url, &dir, &["upgrade", "--lock-retry-budget", "3s"]);
+    assert_code(&o, 19);
+    assert!(text(&o).contains("psql"), "the holder is named: {}", text(&o));
     drop(_held);
 
     let url = server().fresh_db();
