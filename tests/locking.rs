@@ -332,7 +332,11 @@ fn per_migration_timeouts_stop_queueing_and_runaway_statements() {
     assert!(started.elapsed() < Duration::from_secs(30));
     let o = cmd(&url, &dir, &["upgrade", "--lock-retry-budget", "3s"]);
     assert_code(&o, 19);
-    assert!(text(&o).contains("psql"), "the holder is named: {}", text(&o));
+    assert!(
+        text(&o).contains("psql"),
+        "the holder is named: {}",
+        text(&o)
+    );
     drop(_held);
 
     let url = server().fresh_db();

@@ -223,20 +223,15 @@ impl Ctx {
         })
     }
 
-    /// Loads the migrations on a blocking thread while the connection is being made.
+    /// Loads the migrations while the connection is being made, on this thread (a second
+    /// one would cost more than reading them): the reading steps aside every few files.
     async fn load_and_connect(&self) -> Result<(MigrationSet, Db), CliError> {
-        let dir = self.common.dir.clone();
-        let load = tokio::task::spawn_blocking(move || source::load_dir(&dir));
-        let (set, db) = tokio::join!(load, self.connect());
-        let set = set
-            .map_err(|e| {
-                CliError::new(
-                    Exit::Internal,
-                    "internal",
-                    format!("loading migrations: {e}"),
-                )
-            })?
-            .map_err(CliError::from);
+        let load = async {
+            source::load_dir_async(&self.common.dir)
+                .await
+                .map_err(CliError::from)
+        };
+        let (db, set) = tokio::join!(biased; self.connect(), load);
         match (set, db) {
             (Ok(set), Ok(db)) => Ok((set, db)),
             (Err(e), Ok(db)) => {

@@ -132,20 +132,20 @@ pub fn drift(set: &MigrationSet, state: &DbState, mode: ChecksumMode) -> Drift {
             continue;
         };
         let (recorded, actual) = match (mode, &applied.checksum_normalized) {
-            (ChecksumMode::Normalized, Some(n)) => (Some(n), &m.up.checksums.normalized),
-            _ => (applied.checksum.as_ref(), &m.up.checksums.strict),
+            (ChecksumMode::Normalized, Some(n)) => (Some(n), m.up.checksum_normalized()),
+            _ => (applied.checksum.as_ref(), m.up.checksum()),
         };
         // Baselines of versions whose file did not exist when stamped carry no checksum.
         if let Some(recorded) = recorded
             && recorded != actual
         {
             let whitespace_only = mode == ChecksumMode::Strict
-                && applied.checksum_normalized.as_ref() == Some(&m.up.checksums.normalized);
+                && applied.checksum_normalized.as_deref() == Some(m.up.checksum_normalized());
             d.changed.push(ChecksumMismatch {
                 version: applied.version.clone(),
                 file: m.up.file.clone(),
                 recorded: recorded.clone(),
-                actual: actual.clone(),
+                actual: actual.to_string(),
                 whitespace_only,
             });
         }
@@ -536,8 +536,8 @@ mod tests {
             .map(|(i, v)| {
                 let mut r = row(i as i64 + 1, v, Kind::Up, Some(true), true);
                 if let Some(m) = set.get(&Version::parse(v).unwrap()) {
-                    r.checksum = Some(m.up.checksums.strict.clone());
-                    r.checksum_normalized = Some(m.up.checksums.normalized.clone());
+                    r.checksum = Some(m.up.checksum().to_string());
+                    r.checksum_normalized = Some(m.up.checksum_normalized().to_string());
                 }
                 r
             })

@@ -642,8 +642,8 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
         description: m.description.clone(),
         kind: if up { Kind::Up } else { Kind::Down },
         success: Some(true),
-        checksum: Some(p.script.checksums.strict.clone()),
-        checksum_normalized: Some(p.script.checksums.normalized.clone()),
+        checksum: Some(p.script.checksum().to_string()),
+        checksum_normalized: Some(p.script.checksum_normalized().to_string()),
         transactional: matches!(p.work, Work::Transactional { .. }),
         statements_total: Some(p.work.statements().len() as i64),
         statements_done: Some(p.work.statements().len() as i64),
@@ -1012,7 +1012,9 @@ impl Retries {
             u.version.clone(),
             u.description.clone(),
             Kind::MarkReverted,
-            set.get(&p.step.migration.version).map(|m| &m.up.checksums),
+            set.get(&p.step.migration.version)
+                .map(|m| m.up.checksums())
+                .as_ref(),
             cx.runner_id,
             format!(
                 "resolved row {}: its first statement timed out waiting for a lock; nothing \
@@ -1592,7 +1594,7 @@ async fn record_baselines(
                 m.version.to_string(),
                 m.description.clone(),
                 Kind::Baseline,
-                Some(&m.up.checksums),
+                Some(&m.up.checksums()),
                 runner_id,
                 note.to_string(),
             )
@@ -1753,12 +1755,12 @@ pub async fn resolve(
             Some(r) => format!("resolved row {}: {r}", u.row_id),
             None => format!("resolved row {}", u.row_id),
         };
-        let checksums = set.get(version).map(|m| &m.up.checksums);
+        let checksums = set.get(version).map(|m| m.up.checksums());
         let row = record_row(
             u.version.clone(),
             u.description.clone(),
             kind,
-            checksums,
+            checksums.as_ref(),
             &settings.runner_id,
             note,
         );

@@ -14,8 +14,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use super::script::{Checksums, DirectiveError, Directives, parse_directives};
+use super::script::{
+    Checksums, DirectiveError, Directives, normalize, parse_directives, sha256_hex,
+};
 use super::version::Version;
 
 /// Which naming convention a migration came from.
@@ -42,7 +45,43 @@ pub struct Script {
     /// 1-based line of the file where `sql` starts (dbmate sections start below their marker).
     pub first_line: usize,
     pub directives: Directives,
-    pub checksums: Checksums,
+    /// The checksums, each hashed on first use: a run with nothing to do compares only the
+    /// applied migrations' recorded checksums, so it hashes nothing else.
+    strict: OnceLock<String>,
+    normalized: OnceLock<String>,
+}
+
+impl Script {
+    fn new(file: &str, sql: String, first_line: usize, directives: Directives) -> Self {
+        Script {
+            file: file.to_string(),
+            sql,
+            first_line,
+            directives,
+            strict: OnceLock::new(),
+            normalized: OnceLock::new(),
+        }
+    }
+
+    /// The strict checksum ([`Checksums::strict`]): every byte counts.
+    pub fn checksum(&self) -> &str {
+        self.strict.get_or_init(|| sha256_hex(self.sql.as_bytes()))
+    }
+
+    /// The normalized checksum ([`Checksums::normalized`]): line endings, trailing
+    /// whitespace and a byte-order mark do not count.
+    pub fn checksum_normalized(&self) -> &str {
+        self.normalized
+            .get_or_init(|| sha256_hex(normalize(&self.sql).as_bytes()))
+    }
+
+    /// Both checksums, as a history row records them.
+    pub fn checksums(&self) -> Checksums {
+        Checksums {
+            strict: self.checksum().to_string(),
+            normalized: self.checksum_normalized().to_string(),
+        }
+    }
 }
 
 /// A versioned migration with its up script and, when one exists, its down script.
@@ -294,13 +333,7 @@ fn script(file: &str, sql: String, first_line: usize) -> Result<Script, SourceEr
             message: source.message,
         },
     })?;
-    Ok(Script {
-        file: file.to_string(),
-        checksums: Checksums::of(&sql),
-        sql,
-        first_line,
-        directives,
-    })
+    Ok(Script::new(file, sql, first_line, directives))
 }
 
 /// A dbmate section marker: `-- migrate:up` or `-- migrate:down`, with options.
@@ -463,6 +496,44 @@ where
 
 /// Reads the migrations in `dir` (not recursive).
 pub fn load_dir(dir: &Path) -> Result<MigrationSet, SourceError> {
+    let files = sql_files(dir)?
+        .into_iter()
+        .map(|name| read_sql(dir, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    load_files(&dir.display().to_string(), files)
+}
+
+/// How many files [`load_dir_async`] reads before it lets other work on its thread go on.
+const FILES_PER_TURN: usize = 16;
+
+/// [`load_dir`] for a task that shares its thread with a connection being made: it steps
+/// aside every few files, so the connection's messages go out (and the server works on
+/// them) while the files are read and hashed, and the server never waits for the whole
+/// directory.
+pub async fn load_dir_async(dir: &Path) -> Result<MigrationSet, SourceError> {
+    let names = sql_files(dir)?;
+    let mut files = Vec::with_capacity(names.len());
+    for (i, name) in names.into_iter().enumerate() {
+        if i % FILES_PER_TURN == FILES_PER_TURN - 1 {
+            tokio::task::yield_now().await;
+        }
+        files.push(read_sql(dir, name)?);
+    }
+    let set = load_files(&dir.display().to_string(), files)?;
+    // The first thing a command does with the history is compare the applied migrations'
+    // checksums: hashed now, they are ready when the history arrives.
+    for (i, m) in set.migrations.iter().enumerate() {
+        if i % FILES_PER_TURN == FILES_PER_TURN - 1 {
+            tokio::task::yield_now().await;
+        }
+        m.up.checksum();
+    }
+    Ok(set)
+}
+
+/// The names of the files in `dir` that may be migrations (`.sql`, not hidden, a file or a
+/// link to one), sorted: so that "defined twice" always names the same pair first.
+fn sql_files(dir: &Path) -> Result<Vec<String>, SourceError> {
     if dir.exists() && !dir.is_dir() {
         return Err(SourceError::NotADirectory {
             path: dir.to_path_buf(),
@@ -480,31 +551,38 @@ pub fn load_dir(dir: &Path) -> Result<MigrationSet, SourceError> {
             }
         }
     })?;
-    let mut files = Vec::new();
+    let mut names = Vec::new();
     for entry in entries {
         let entry = entry.map_err(|source| SourceError::Read {
             path: dir.to_path_buf(),
             source,
         })?;
-        let path = entry.path();
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
             continue;
         };
-        if !name.to_ascii_lowercase().ends_with(".sql") || name.starts_with('.') || !path.is_file()
-        {
+        if !name.to_ascii_lowercase().ends_with(".sql") || name.starts_with('.') {
             continue;
         }
-        let bytes = std::fs::read(&path).map_err(|source| SourceError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        let text =
-            String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 { file: name.clone() })?;
-        files.push((name, text));
+        // The listing says what a name is, without a lookup per file; only a symbolic
+        // link (how Kubernetes mounts the keys of a ConfigMap) is followed.
+        let is_file = match entry.file_type() {
+            Ok(t) if !t.is_symlink() => t.is_file(),
+            _ => entry.path().is_file(),
+        };
+        if is_file {
+            names.push(name);
+        }
     }
-    // Deterministic order, so that "defined twice" always names the same pair first.
-    files.sort();
-    load_files(&dir.display().to_string(), files)
+    names.sort();
+    Ok(names)
+}
+
+/// The text of `dir/name`, which must be UTF-8.
+fn read_sql(dir: &Path, name: String) -> Result<(String, String), SourceError> {
+    let path = dir.join(&name);
+    let bytes = std::fs::read(&path).map_err(|source| SourceError::Read { path, source })?;
+    let text = String::from_utf8(bytes).map_err(|_| SourceError::NotUtf8 { file: name.clone() })?;
+    Ok((name, text))
 }
 
 #[cfg(test)]
@@ -631,5 +709,72 @@ mod tests {
     fn dominant_format_follows_the_majority() {
         let set = load(&[("V1__a.sql", "x"), ("V2__b.sql", "x"), ("3_c.up.sql", "x")]).unwrap();
         assert_eq!(set.dominant_format(), Some(Format::Flyway));
+    }
+
+    #[test]
+    fn checksums_hashed_on_use_are_the_scripts_checksums() {
+        let text = "\u{feff}create table a(x int);  \r\nselect 1;\r\n\r\n";
+        let set = load(&[
+            ("1_a.up.sql", text),
+            ("1_a.down.sql", "drop table a;\n"),
+            (
+                "2_b.sql",
+                "-- migrate:up\nselect 2;\n-- migrate:down\nselect 3;\n",
+            ),
+        ])
+        .unwrap();
+        let up = &set.migrations[0].up;
+        assert_eq!(up.checksums(), Checksums::of(text));
+        assert_eq!(up.checksum(), Checksums::of(text).strict);
+        assert_eq!(up.checksum_normalized(), Checksums::of(text).normalized);
+        let dbmate = &set.migrations[1];
+        assert_eq!(dbmate.up.checksums(), Checksums::of(&dbmate.up.sql));
+        let down = dbmate.down.as_ref().unwrap();
+        assert_eq!(down.checksums(), Checksums::of(&down.sql));
+    }
+
+    #[test]
+    fn directory_entries_are_files_or_links_to_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("1_a.up.sql"), "select 1;").unwrap();
+        // Kubernetes mounts ConfigMap keys as links into a hidden directory.
+        std::fs::create_dir(d.join("..data")).unwrap();
+        std::fs::write(d.join("..data/2_b.up.sql"), "select 2;").unwrap();
+        std::os::unix::fs::symlink("..data/2_b.up.sql", d.join("2_b.up.sql")).unwrap();
+        // Neither a directory nor a link to one is a migration, whatever its name.
+        std::fs::create_dir(d.join("3_c.up.sql")).unwrap();
+        std::os::unix::fs::symlink("..data", d.join("4_d.up.sql")).unwrap();
+        std::os::unix::fs::symlink("missing.sql", d.join("5_e.up.sql")).unwrap();
+        std::fs::write(d.join("README.md"), "not sql").unwrap();
+        let set = load_dir(d).unwrap();
+        assert_eq!(versions(&set), vec!["1", "2"]);
+        assert_eq!(set.migrations[1].up.sql, "select 2;");
+    }
+
+    #[test]
+    fn the_async_reading_reads_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        // More files than one turn reads, and a problem in the last one.
+        for i in 1..=2 * FILES_PER_TURN + 1 {
+            std::fs::write(
+                dir.path().join(format!("{i}_t.up.sql")),
+                format!("select {i};"),
+            )
+            .unwrap();
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let set = runtime.block_on(load_dir_async(dir.path())).unwrap();
+        let sync = load_dir(dir.path()).unwrap();
+        assert_eq!(versions(&set), versions(&sync));
+        assert_eq!(set.migrations.len(), 2 * FILES_PER_TURN + 1);
+        std::fs::write(dir.path().join("99_t.up.sql"), [0xff, 0xfe]).unwrap();
+        let e = runtime.block_on(load_dir_async(dir.path())).unwrap_err();
+        assert!(
+            matches!(e, SourceError::NotUtf8 { ref file } if file == "99_t.up.sql"),
+            "{e}"
+        );
     }
 }

@@ -132,7 +132,7 @@ mod tests {
             .map(|(i, v)| {
                 let mut r = row(i as i64 + 1, v, Kind::Up, Some(true), true);
                 let m = set.get(&Version::parse(v).unwrap()).unwrap();
-                r.checksum = Some(m.up.checksums.strict.clone());
+                r.checksum = Some(m.up.checksum().to_string());
                 r
             })
             .collect()

@@ -182,7 +182,8 @@ fn non_transactional_steps_send_each_statement_alone_with_its_progress() {
                  checksum_normalized, transactional, statements_total, statements_done, \
                  applied_by, duration_ms, error, note) VALUES ('1', 'a', 'up', NULL, '{}', '{}', \
                  FALSE, 2, 0, <runner_id>, NULL, NULL, NULL) RETURNING id",
-                s.migrations[0].up.checksums.strict, s.migrations[0].up.checksums.normalized
+                s.migrations[0].up.checksum(),
+                s.migrations[0].up.checksum_normalized()
             ),
             "create index concurrently i on a(x)",
             "UPDATE \"h\" SET statements_done = 1 WHERE id = <row_id>",
