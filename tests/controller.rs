@@ -139,6 +139,104 @@ fn answer(world: &World, seen: &Seen) -> Response<Body> {
     }
 }
 
+/// A controller context over the mock API server answering from `world`, kept across
+/// reconciliations (its pod store and its shared database reads live as long as it does).
+struct Cluster {
+    ctx: Arc<Context>,
+    pods: kube::runtime::reflector::store::Writer<Pod>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Cluster {
+    fn new(world: World, settings: Settings) -> Self {
+        // Gated pods reach the controller through its watch (a reflector store), not a list.
+        let (pod_store, pods) = kube::runtime::reflector::store::<Pod>();
+        let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let log = seen.clone();
+        let server = tokio::spawn(async move {
+            while let Some((request, send)) = handle.next_request().await {
+                let (parts, body) = request.into_parts();
+                let bytes = http_body_util::BodyExt::collect(body)
+                    .await
+                    .unwrap()
+                    .to_bytes();
+                let s = Seen {
+                    method: parts.method.to_string(),
+                    path: parts.uri.path().to_string(),
+                    query: parts.uri.query().unwrap_or_default().to_string(),
+                    body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+                };
+                let response = answer(&world, &s);
+                log.lock().unwrap().push(s);
+                send.send_response(response);
+            }
+        });
+        let client = Client::new(service, NS);
+        let ctx = Arc::new(Context {
+            client: client.clone(),
+            settings,
+            metrics: Arc::new(Metrics::new()),
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "schemagate-test".into(),
+                    instance: None,
+                },
+            ),
+            failures: Default::default(),
+            pods: pod_store,
+            reads: Default::default(),
+        });
+        Cluster {
+            ctx,
+            pods,
+            seen,
+            server,
+        }
+    }
+
+    /// The settings every test runs with.
+    fn settings() -> Settings {
+        Settings {
+            runner: RunnerPolicy {
+                image: IMAGE.into(),
+                ..Default::default()
+            },
+            db_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        }
+    }
+
+    /// A gated pod, as its watch delivers it (slimmed).
+    fn pod(&mut self, pod: &Pod) {
+        let mut slim = pod.clone();
+        reconcile::slim_pod(&mut slim);
+        self.pods
+            .apply_watcher_event(&kube::runtime::watcher::Event::Apply(slim));
+    }
+
+    /// Reconciles `sm`; returns what the API server saw meanwhile and the result.
+    async fn reconcile(
+        &self,
+        sm: SchemaMigration,
+    ) -> (
+        Vec<Seen>,
+        Result<kube::runtime::controller::Action, reconcile::Error>,
+    ) {
+        self.seen.lock().unwrap().clear();
+        let result = reconcile::reconcile(Arc::new(sm), self.ctx.clone()).await;
+        (self.seen.lock().unwrap().clone(), result)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
 /// Runs one reconciliation against `world`; returns what the API server saw and the result.
 async fn reconcile_once(
     sm: SchemaMigration,
@@ -148,65 +246,17 @@ async fn reconcile_once(
     Result<kube::runtime::controller::Action, reconcile::Error>,
 ) {
     world.resource = serde_json::to_value(&sm).unwrap();
-    // Gated pods reach the controller through its watch (a reflector store), not a list.
-    let (pod_store, mut writer) = kube::runtime::reflector::store::<Pod>();
-    for pod in world.pods.iter().filter(|p| {
+    let pods = world.pods.clone();
+    let mut cluster = Cluster::new(world, Cluster::settings());
+    for pod in pods.iter().filter(|p| {
         p.metadata
             .labels
             .as_ref()
             .is_some_and(|l| l.contains_key(MIGRATION_LABEL))
     }) {
-        let mut slim = pod.clone();
-        reconcile::slim_pod(&mut slim);
-        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(slim));
+        cluster.pod(pod);
     }
-    let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-    let log = seen.clone();
-    let server = tokio::spawn(async move {
-        while let Some((request, send)) = handle.next_request().await {
-            let (parts, body) = request.into_parts();
-            let bytes = http_body_util::BodyExt::collect(body)
-                .await
-                .unwrap()
-                .to_bytes();
-            let s = Seen {
-                method: parts.method.to_string(),
-                path: parts.uri.path().to_string(),
-                query: parts.uri.query().unwrap_or_default().to_string(),
-                body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            };
-            let response = answer(&world, &s);
-            log.lock().unwrap().push(s);
-            send.send_response(response);
-        }
-    });
-    let client = Client::new(service, NS);
-    let ctx = Arc::new(Context {
-        client: client.clone(),
-        settings: Settings {
-            runner: RunnerPolicy {
-                image: IMAGE.into(),
-                ..Default::default()
-            },
-            db_timeout: Duration::from_secs(5),
-            ..Settings::default()
-        },
-        metrics: Arc::new(Metrics::new()),
-        recorder: Recorder::new(
-            client,
-            Reporter {
-                controller: "schemagate-test".into(),
-                instance: None,
-            },
-        ),
-        failures: Default::default(),
-        pods: pod_store,
-    });
-    let result = reconcile::reconcile(Arc::new(sm), ctx).await;
-    server.abort();
-    let seen = seen.lock().unwrap().clone();
-    (seen, result)
+    cluster.reconcile(sm).await
 }
 
 fn files() -> Vec<(&'static str, &'static str)> {
@@ -693,6 +743,7 @@ fn failing_context(
         ),
         failures: Default::default(),
         pods: kube::runtime::reflector::store::<Pod>().0,
+        reads: Default::default(),
     });
     (ctx, seen, api)
 }
@@ -832,6 +883,78 @@ async fn a_steady_state_writes_nothing() {
         writes.is_empty(),
         "no writes when nothing changed: {writes:#?}"
     );
+}
+
+/// The status a reconciliation wrote (of whichever resource).
+fn written_status(seen: &[Seen]) -> schemagate::api::SchemaMigrationStatus {
+    let p: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.method == "PATCH" && s.path.ends_with("/status"))
+        .collect();
+    assert_eq!(p.len(), 1, "{seen:#?}");
+    serde_json::from_value(p[0].body["status"].clone()).unwrap()
+}
+
+#[tokio::test]
+async fn resources_on_one_database_share_a_read_until_a_run_moves_it() {
+    let (_db, url) = database(Some("2"));
+    let mut w = world(&url);
+    let orders = resource(MigrationMode::InitContainer);
+    w.resource = serde_json::to_value(&orders).unwrap();
+    let mut cluster = Cluster::new(
+        w,
+        Settings {
+            database_read_ttl: Duration::from_secs(3600),
+            ..Cluster::settings()
+        },
+    );
+    let mut billing = orders.clone();
+    billing.metadata.name = Some("billing".into());
+    billing.metadata.uid = Some("uid-billing".into());
+
+    let (seen, result) = cluster.reconcile(orders.clone()).await;
+    result.unwrap();
+    let orders_status = written_status(&seen);
+    assert_eq!(orders_status.current_version.as_deref(), Some("2"));
+
+    // A pod of `orders` migrates the database to 3 (here: the binary, as its init
+    // container would).
+    let mig = MigDir::new();
+    for (n, t) in files() {
+        mig.file(n, t);
+    }
+    let mut c = migrate(&url, mig.path());
+    c.args(["upgrade", "3"]);
+    assert_code(&run(c), 0);
+
+    // `billing` names the same database and source: it takes the read `orders` made.
+    let (seen, result) = cluster.reconcile(billing.clone()).await;
+    result.unwrap();
+    let billing_status = written_status(&seen);
+    assert_eq!(
+        billing_status.current_version.as_deref(),
+        Some("2"),
+        "shared within the time to live"
+    );
+
+    // `orders` sees its pod's run finish: it reads the database afresh...
+    let applied =
+        json!({"result": "applied", "from": "2", "to": "3", "applied": ["3"], "exitCode": 0});
+    cluster.pod(&gated_pod("web-1", "2026-11-25T07:00:05Z", applied, false));
+    let mut settled = orders.clone();
+    settled.status = Some(orders_status);
+    let (seen, result) = cluster.reconcile(settled).await;
+    result.unwrap();
+    let status = written_status(&seen);
+    assert_eq!(status.current_version.as_deref(), Some("3"));
+    assert_eq!(status.phase, Some(schemagate::api::Phase::Ready));
+
+    // ... and `billing` gets that newer read.
+    let mut settled = billing;
+    settled.status = Some(billing_status);
+    let (seen, result) = cluster.reconcile(settled).await;
+    result.unwrap();
+    assert_eq!(written_status(&seen).current_version.as_deref(), Some("3"));
 }
 
 /// An app pod gated by `orders`, its injected init container finished as `summary` says
@@ -1143,6 +1266,7 @@ async fn the_controller_shows_the_database_password_nowhere() {
         ),
         failures: Default::default(),
         pods: kube::runtime::reflector::store::<Pod>().0,
+        reads: Default::default(),
     });
     reconcile::report_failure(&ctx, &sm, &err).await;
     tokio::time::timeout(Duration::from_secs(10), arrived)

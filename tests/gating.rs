@@ -367,6 +367,7 @@ impl Cluster {
             ),
             failures: Default::default(),
             pods,
+            reads: Default::default(),
         });
         let sm = self.store.lock().unwrap().sm.clone().unwrap();
         let result = reconcile::reconcile(Arc::new(sm), ctx).await;

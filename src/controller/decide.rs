@@ -275,12 +275,17 @@ impl Verdict {
     }
 }
 
-fn last_run(job: &JobView) -> LastRun {
-    let result = match job.state {
+/// A run's state as `status.lastRun.result` says it.
+pub fn run_result(state: JobState) -> &'static str {
+    match state {
         JobState::Active => "Running",
         JobState::Succeeded => "Succeeded",
         JobState::Failed => "Failed",
-    };
+    }
+}
+
+fn last_run(job: &JobView) -> LastRun {
+    let result = run_result(job.state);
     let message = match (&job.summary, &job.failure) {
         (Some(s), _) => Some(s.describe()),
         (None, Some(f)) => Some(f.clone()),

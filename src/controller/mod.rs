@@ -8,6 +8,7 @@
 
 pub mod decide;
 pub mod job;
+pub mod reads;
 pub mod reconcile;
 
 use std::sync::Arc;

@@ -21,6 +21,7 @@ use super::decide::{
     JobState, JobView, RunCommand, RunKind, RunSummary, SecretState, SourceState,
 };
 use super::job;
+use super::reads::{ReadKey, SharedReads};
 use crate::api::conditions::{self, reason};
 use crate::api::{
     AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, MIGRATION_LABEL, MigrationMode, Phase,
@@ -42,6 +43,9 @@ pub struct Settings {
     pub observe_database: bool,
     /// How long a database read may take.
     pub db_timeout: Duration,
+    /// How long one database read answers for every resource with the same database,
+    /// history table and source (see `reads`); zero: only reads in flight are shared.
+    pub database_read_ttl: Duration,
     /// Steady-state requeue: picks up Secret changes (Secrets are read, never watched)
     /// and database changes made outside schemagate.
     pub requeue: Duration,
@@ -55,6 +59,7 @@ impl Default for Settings {
             runner: RunnerPolicy::default(),
             observe_database: true,
             db_timeout: Duration::from_secs(5),
+            database_read_ttl: Duration::from_secs(10),
             requeue: Duration::from_secs(300),
             requeue_busy: Duration::from_secs(15),
         }
@@ -73,6 +78,8 @@ pub struct Context {
     /// Pods labelled `schemagate.dev/migration`, slimmed to what `pod_run` reads (see
     /// `slim_pod`), kept by a reflector: init-container runs cost no API reads.
     pub pods: Store<Pod>,
+    /// Database reads shared between resources that name the same database and source.
+    pub reads: SharedReads,
 }
 
 /// A resource's streak of failed reconciliations.
@@ -685,9 +692,28 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
         }
         inline_config_map = Some((cm_name, found.is_some()));
     }
+    // The runs before the database: a read that follows them shows at least what they did
+    // (read the other way round, a run finishing in between looks like a run that
+    // succeeded without moving the version).
+    let jobs = runs(ctx, sm, &ns, &name).await?;
     let database = match (&url, ctx.settings.observe_database) {
         (Some(url), true) => {
-            read_database(sm, url, files.as_deref(), ctx.settings.db_timeout).await
+            let table = sm
+                .spec
+                .options
+                .history_table
+                .as_deref()
+                .unwrap_or(engine::dialect::DEFAULT_HISTORY_TABLE);
+            let key = ReadKey::new(url, table, decide::source_hash(&source));
+            let read = read_database(sm, url, files.as_deref(), ctx.settings.db_timeout);
+            ctx.reads
+                .read(
+                    key,
+                    ctx.settings.database_read_ttl,
+                    runs_moved(sm, &jobs),
+                    read,
+                )
+                .await
         }
         (_, false) => DbView::NotObserved,
         (None, true) => DbView::Failed(DbFailure::new(
@@ -695,21 +721,43 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
             "the database URL is not available",
         )),
     };
+    Ok(Observed {
+        secret,
+        source,
+        database,
+        jobs,
+        inline_config_map,
+    })
+}
+
+/// True when the runs show what the status does not yet: one in progress, or a newest run
+/// it has not reported (finished since). The database must then be read afresh, not taken
+/// from a read shared before the run moved it.
+fn runs_moved(sm: &SchemaMigration, runs: &[JobView]) -> bool {
+    let reported = sm.status.as_ref().and_then(|s| s.last_run.as_ref());
+    runs.iter().any(|r| r.state == JobState::Active)
+        || runs.first().is_some_and(|r| {
+            reported.is_none_or(|l| l.name != r.name || l.result != decide::run_result(r.state))
+        })
+}
+
+/// The resource's runs, newest first: in Job mode its Jobs (with the newest finished one's
+/// summary), in init-container mode its gated pods' init containers (from the pod store).
+async fn runs(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<JobView>, Error> {
     // Jobs exist in Job mode only (a switch to init-container mode while a Job runs is
     // harmless: the runner holds the database lock, the pods wait for it); init-container
     // runs are read from the pod store.
     if sm.spec.mode == MigrationMode::InitContainer {
-        return Ok(Observed {
-            secret,
-            source,
-            database,
-            jobs: pod_runs(&ctx.pods, &ns, &name),
-            inline_config_map,
-        });
+        return Ok(pod_runs(&ctx.pods, ns, name));
     }
     let uid = sm.uid();
     let mut jobs: Vec<Job> = {
-        Api::<Job>::namespaced(ctx.client.clone(), &ns)
+        Api::<Job>::namespaced(ctx.client.clone(), ns)
             .list(&ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}")))
             .await
             .map_err(kube_err("list_jobs"))?
@@ -730,15 +778,9 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
             .iter()
             .find(|j| j.name_any() == v.name)
             .and_then(|j| j.uid());
-        v.summary = job_summary(&ctx.client, &ns, &v.name, job_uid.as_deref()).await?;
+        v.summary = job_summary(&ctx.client, ns, &v.name, job_uid.as_deref()).await?;
     }
-    Ok(Observed {
-        secret,
-        source,
-        database,
-        jobs: views,
-        inline_config_map,
-    })
+    Ok(views)
 }
 
 /// Decides from what was observed.

@@ -81,6 +81,13 @@ pub struct ControllerArgs {
     #[arg(long, env = "SCHEMAGATE_RESYNC", default_value = "5m", value_parser = crate::model::clock::parse_duration)]
     pub resync: Duration,
 
+    /// How long one read of a database's history table answers for every SchemaMigration
+    /// naming the same database, history table and source (at most a quarter of
+    /// --resync). A resource that sees a migration run finish reads afresh. 0: only reads
+    /// in flight are shared.
+    #[arg(long, env = "SCHEMAGATE_DATABASE_READ_TTL", default_value = "10s", value_parser = crate::model::clock::parse_duration)]
+    pub database_read_ttl: Duration,
+
     /// `/livez` fails when the controller's watches received nothing (no event, no
     /// bookmark, no new watch) for this long while it leads: a stuck watch restarts the
     /// pod. Keep it well above the API server's watch timeout (kube: at most 290 s).
@@ -227,6 +234,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         runner: policy,
         observe_database: args.observe_database,
         requeue: args.resync,
+        database_read_ttl: args.database_read_ttl.min(args.resync / 4),
         ..Settings::default()
     };
     let recorder = Recorder::new(
@@ -254,6 +262,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
             recorder: recorder.clone(),
             failures: Default::default(),
             pods,
+            reads: Default::default(),
         });
         let (run, store) =
             scoped_controller(&client, scope.as_deref(), args.concurrency, ctx, pod_writer);
