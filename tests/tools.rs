@@ -5,38 +5,13 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use serde_json::Value;
+use support::flask::{fixture, flask};
 use support::postgres::server;
 use support::*;
-
-fn fixture() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/flask_app")
-}
-
-/// `flask db <args>` for the fixture app against `url`, as the app's image would run it.
-fn flask(bin: &Path, url: &str, args: &[&str]) -> Command {
-    let mut c = Command::new(bin.join("flask"));
-    c.args(["db"])
-        .args(args)
-        .env("FLASK_APP", fixture().join("app.py"))
-        .env("DATABASE_URL", url)
-        .env("PYTHONDONTWRITEBYTECODE", "1")
-        .env(
-            "PATH",
-            format!(
-                "{}:{}",
-                bin.display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
-        )
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c
-}
 
 /// `schemagate migrate --tool alembic exec -- flask db <args>` with a summary file.
 fn exec_flask(bin: &Path, url: &str, args: &[&str], summary: &Path) -> Command {

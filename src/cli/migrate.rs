@@ -11,6 +11,7 @@ use super::stop::{recv, stop_signal};
 
 use super::output::{self, Outcome};
 use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
+use crate::engine::alembic;
 use crate::engine::dialect::{self, Backend, LockHolder, StepTimeouts, sql};
 use crate::engine::lock::{self, LockMode};
 use crate::engine::plan::{self, Plan};
@@ -108,6 +109,7 @@ fn command_name(c: &MigrateCommand) -> &'static str {
         MigrateCommand::Lint { .. } => "lint",
         MigrateCommand::Exec { .. } => "exec",
         MigrateCommand::Import { .. } => "import",
+        MigrateCommand::Convert { .. } => "convert",
     }
 }
 
@@ -356,6 +358,13 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
             check_every,
         } => exec(ctx, &command, check_every).await,
         MigrateCommand::Import { from, apply } => import(ctx, from, apply).await,
+        MigrateCommand::Convert {
+            from,
+            force,
+            dialect,
+            version_table,
+            command,
+        } => convert(ctx, from, force, dialect, &version_table, &command).await,
         MigrateCommand::New {
             message,
             version,
@@ -753,12 +762,17 @@ async fn import(ctx: &Ctx, from: Tool, apply: bool) -> Result<Outcome, CliError>
         let mut versions = Vec::new();
         let mut missing = Vec::new();
         if from == Tool::Alembic {
-            return Err(CliError::new(
-                Exit::Refused,
-                "refused",
-                "Alembic revisions are not versions schemagate's files can carry",
+            let versions = alembic_applied(&set, &state, &ctx.common.dir, db.dialect())?;
+            return runner::import(
+                &mut db,
+                &set,
+                from.name(),
+                &versions,
+                apply,
+                &ctx.settings()?,
             )
-            .hint("keep running Alembic through `schemagate migrate exec --tool alembic`"));
+            .await
+            .map_err(CliError::from);
         }
         // golang-migrate records only its current version: it applies in order, so every
         // file up to it was applied.
@@ -865,6 +879,104 @@ fn missing_file_outcome(path: &Path, mut json: serde_json::Value) -> Outcome {
             path.display()
         ),
     )
+}
+
+/// The versions of the files `convert` wrote for the revisions a database Alembic migrated
+/// has applied: its revision's file and those of all its ancestors (the files' headers name
+/// their revisions and down revisions).
+fn alembic_applied(
+    set: &MigrationSet,
+    state: &tools::ToolState,
+    dir: &Path,
+    dialect: crate::engine::script::Dialect,
+) -> Result<Vec<Version>, CliError> {
+    // More than one head is a problem the caller refused already.
+    let Some(head) = state.heads.first() else {
+        return Ok(Vec::new());
+    };
+    let files: Vec<(Version, alembic::Origin)> = set
+        .migrations
+        .iter()
+        .filter_map(|m| alembic::origin(&m.up.sql).map(|o| (m.version.clone(), o)))
+        .collect();
+    let versions = alembic::applied_versions(&files, head).map_err(|e| {
+        CliError::new(Exit::Refused, "refused", e.to_string()).hint(format!(
+            "convert the Alembic revisions first (`schemagate migrate --dir {} convert --from \
+             alembic -- flask db`: each file's header names its revision), or record a version \
+             by hand with `schemagate migrate stamp <version>`",
+            dir.display()
+        ))
+    })?;
+    // A file Alembic could not print holds no SQL yet: recording its checksum now would make
+    // the finished file drift.
+    let unwritten: Vec<&str> = versions
+        .iter()
+        .filter_map(|v| set.get(v))
+        .filter(|m| {
+            m.up.directives.empty.is_none()
+                && crate::engine::script::split(&m.up.sql, dialect).is_empty()
+        })
+        .map(|m| m.up.file.as_str())
+        .collect();
+    if !unwritten.is_empty() {
+        return Err(CliError::new(
+            Exit::Refused,
+            "refused",
+            format!(
+                "{} hold(s) no SQL yet (Alembic could not print it)",
+                unwritten.join(", ")
+            ),
+        )
+        .hint("write the SQL into the file first: import records each file's checksum"));
+    }
+    Ok(versions)
+}
+
+/// `convert`: another tool's migrations as schemagate's files.
+async fn convert(
+    ctx: &Ctx,
+    from: Tool,
+    force: bool,
+    dialect: Option<super::DialectArg>,
+    version_table: &str,
+    command: &[String],
+) -> Result<Outcome, CliError> {
+    if from != Tool::Alembic {
+        return Err(CliError::new(
+            Exit::Usage,
+            "usage",
+            format!("convert reads Alembic (and Flask-Migrate) projects, not {from}"),
+        )
+        .hint(
+            "sqlx, golang-migrate, flyway and dbmate files need no conversion: --dir reads them \
+             as they are, and `import --from <tool>` adopts their databases",
+        ));
+    }
+    let dialect = match (dialect, ctx.url.as_deref()) {
+        (Some(d), _) => super::lint::dialect_of(d),
+        (None, Some(url)) => dialect::dialect_of(url)?,
+        (None, None) => {
+            return Err(CliError::new(
+                Exit::Usage,
+                "usage",
+                "convert needs the database's SQL dialect: Alembic prints different SQL for \
+                 each database",
+            )
+            .hint(
+                "set DATABASE_URL as the app has it (Alembic reads it too), or pass --dialect \
+                 postgres|mysql|sqlite",
+            ));
+        }
+    };
+    super::convert::alembic(super::convert::Request {
+        dir: &ctx.common.dir,
+        dialect,
+        command,
+        database_url: ctx.common.database_url.as_deref(),
+        force,
+        version_table,
+    })
+    .await
 }
 
 async fn current(ctx: &Ctx) -> Result<Outcome, CliError> {
@@ -1400,7 +1512,7 @@ fn next_second(text: &str) -> Option<String> {
     )
 }
 
-fn slug(message: &str) -> String {
+pub(super) fn slug(message: &str) -> String {
     let mut s = String::new();
     for c in message.trim().chars() {
         if c.is_alphanumeric() {

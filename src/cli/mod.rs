@@ -1,5 +1,6 @@
 //! The command line: `schemagate migrate ...` (Flask-Migrate/Alembic-like).
 
+mod convert;
 mod lint;
 mod migrate;
 mod output;
@@ -381,9 +382,10 @@ pub enum MigrateCommand {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
         command: Vec<String>,
     },
-    /// Record the versions another tool applied (sqlx, golang-migrate, flyway, dbmate) in
-    /// schemagate's history, with the checksums of the files in --dir, so schemagate can
-    /// take over without running anything again. Changes nothing without --apply.
+    /// Record the versions another tool applied (sqlx, golang-migrate, flyway, dbmate, or
+    /// alembic for files written by `convert`) in schemagate's history, with the checksums
+    /// of the files in --dir, so schemagate can take over without running anything again.
+    /// Changes nothing without --apply.
     Import {
         /// The tool whose history to read.
         #[arg(long, value_parser = crate::engine::tools::Tool::from_str)]
@@ -391,6 +393,34 @@ pub enum MigrateCommand {
         /// Write the history rows (default: only show what would be recorded).
         #[arg(long)]
         apply: bool,
+    },
+    /// Write another tool's migrations as schemagate's own SQL files, one migration per
+    /// revision (Alembic, also for Flask-Migrate). Runs `COMMAND history --verbose`, then per
+    /// revision R (after P, or `base`) `COMMAND upgrade P:R --sql` and `COMMAND downgrade
+    /// R:P --sql`: Alembic's offline mode, which connects to no database. Leaves out
+    /// Alembic's bookkeeping (its version table, BEGIN/COMMIT) and writes
+    /// `<n>_<message>.up.sql` and `.down.sql` into --dir, numbered in chain order from 1,
+    /// each with a header naming its revision. Refuses unmerged heads, and never overwrites
+    /// a file without --force. The command inherits the environment: Alembic reads
+    /// DATABASE_URL as usual, and its database decides the SQL dialect. Exit 10 when
+    /// Alembic could not print a revision (its file is left to write by hand).
+    Convert {
+        /// The tool whose migrations to convert: `alembic` (or `flask-migrate`).
+        #[arg(long, value_parser = crate::engine::tools::Tool::from_str)]
+        from: crate::engine::tools::Tool,
+        /// Replace files of the same name that an earlier conversion wrote.
+        #[arg(long)]
+        force: bool,
+        /// The SQL dialect of Alembic's output [default: the database URL's].
+        #[arg(long, value_enum)]
+        dialect: Option<DialectArg>,
+        /// The name of Alembic's version table, if env.py sets `version_table`.
+        #[arg(long, default_value = crate::engine::alembic::VERSION_TABLE)]
+        version_table: String,
+        /// The Alembic command as you run it, after `--`: `flask db`, `alembic`, `alembic -c
+        /// alembic.ini`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1..)]
+        command: Vec<String>,
     },
     /// Find statements that are correct but risky on a live database (locks on busy
     /// tables, table rewrites, renames and drops that break the running app), with the

@@ -6,6 +6,7 @@
 // Pure values the engine shares with every other layer (see `crate::model`).
 pub use crate::model::{clock, redact, version};
 
+pub mod alembic;
 pub mod dialect;
 pub mod guard;
 pub mod history;

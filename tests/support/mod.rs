@@ -2,6 +2,7 @@
 //! migration directories, and waiting on conditions with deadlines (never blind sleeps).
 #![allow(dead_code)]
 
+pub mod flask;
 pub mod mysql;
 pub mod pgbouncer;
 pub mod postgres;
