@@ -15,12 +15,13 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::api::ObjectMeta;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::{Client, Resource};
 use schemagate::api::{
     InlineMigration, MIGRATION_LABEL, MigrationMode, SchemaMigration, SchemaMigrationSpec,
     SourceSpec,
 };
+use schemagate::controller::events::EventRecorder;
 use schemagate::controller::reconcile::{self, Context, Settings};
 use schemagate::runner::policy::RunnerPolicy;
 use schemagate::telemetry::metrics::Metrics;
@@ -185,7 +186,7 @@ impl Cluster {
             client: client.clone(),
             settings,
             metrics: Arc::new(Metrics::new()),
-            recorder: Recorder::new(
+            recorder: EventRecorder::new(
                 client,
                 Reporter {
                     controller: "schemagate-test".into(),
@@ -741,7 +742,7 @@ fn failing_context(
         client: client.clone(),
         settings: Settings::default(),
         metrics: Arc::new(Metrics::new()),
-        recorder: Recorder::new(
+        recorder: EventRecorder::new(
             client,
             Reporter {
                 controller: "schemagate-test".into(),
@@ -1303,7 +1304,7 @@ async fn the_controller_shows_the_database_password_nowhere() {
         client: client.clone(),
         settings: Settings::default(),
         metrics: ctx_metrics.clone(),
-        recorder: Recorder::new(
+        recorder: EventRecorder::new(
             client,
             Reporter {
                 controller: "schemagate-test".into(),

@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -20,6 +20,7 @@ use super::decide::{
     self, Action, DbFailure, DbFailureKind, DbRead, DbView, Decision, DirtyStep, Drifted, Inputs,
     JobState, JobView, RunCommand, RunKind, RunSummary, SecretState, SourceState,
 };
+use super::events::EventRecorder;
 use super::job;
 use super::reads::{ReadKey, SharedReads};
 use crate::api::conditions::{self, reason};
@@ -71,7 +72,7 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub recorder: EventRecorder,
     /// Consecutive failures per resource (for backoff) and the last one's message (an
     /// Event is recorded when it changes, not at every retry).
     pub failures: Mutex<HashMap<String, Failures>>,
