@@ -19,7 +19,7 @@ kubeconfig, and reports:
 
 Usage: bench/controller.py [--resources 1000] [--databases 1] [--engine sqlite|postgres]
                            [--resync 60] [--quiet SECONDS] [--concurrency N]
-                           [--binary PATH] [--no-build]
+                           [--binary PATH] [--no-build] [--drop-every N]
 """
 
 import argparse
@@ -57,6 +57,10 @@ class Store:
         # (a scan of every event per wake-up makes the fake, not the controller, the bottleneck).
         self.events = {}  # plural -> [(rv, type, object)]
         self.requests = []  # (time, method, path)
+        # Every Nth GET of one object is answered by closing the connection (0: never), as
+        # an API server's idle-connection close racing a request, or a GOAWAY, looks.
+        self.drop_every = 0
+        self.dropped = 0
 
     def bump(self):
         self.rv += 1
@@ -188,6 +192,11 @@ class Handler(BaseHTTPRequestHandler):
         q = {k: v[0] for k, v in parse_qs(u.query).items()}
         STORE.requests.append((time.time(), "GET", u.path))
         plural, ns, name, _ = path_parts(u.path)
+        if name and STORE.drop_every and len(STORE.requests) % STORE.drop_every == 0:
+            STORE.dropped += 1
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
         if name:
             obj = STORE.objects.get((plural, ns, name))
             if obj is None:
@@ -383,6 +392,8 @@ def main():
     ap.add_argument("--binary", default=None, help="the controller binary [default: the release build]")
     ap.add_argument("--no-build", action="store_true")
     ap.add_argument("--ready-timeout", type=int, default=900)
+    ap.add_argument("--drop-every", type=int, default=0,
+                    help="in the quiet period, answer every Nth GET of one object by closing the connection")
     args = ap.parse_args()
     # Stopped (timeout, kill): still stop the controller and PostgreSQL and clean up.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -472,9 +483,12 @@ def run_controller(args, binary, quiet, pg, tmp):
         # Let the reconciles that the status writes triggered pass, then watch a quiet period.
         time.sleep(min(5, args.resync / 2))
         r["window_start"] = time.time()
+        STORE.drop_every = args.drop_every
         sessions_before = pg_sessions(pg, args.databases)
         time.sleep(quiet)
         window_end = time.time()
+        STORE.drop_every = 0
+        r["dropped"] = STORE.dropped
         r["cpu_quiet"] = cpu_seconds(proc.pid) - r["cpu_ready"]
         r["rss_after"] = proc_status_kib(proc.pid, "VmRSS")
         r["rss_peak"] = proc_status_kib(proc.pid, "VmHWM")
@@ -515,6 +529,8 @@ def report(args, quiet, r):
           f"after the quiet period {r['rss_after'] / 1024:.1f} MiB")
     print(f"  in a quiet period of {quiet}s: {len(reads)} reads ({len(reads) / n:.2f} per resource), "
           f"{len(writes)} writes ({len(writes) / n:.4f} per resource)")
+    if r["dropped"]:
+        print(f"    connections dropped on purpose (--drop-every {args.drop_every}): {r['dropped']}")
     if r["sessions"] is not None:
         print(f"    database sessions opened: {r['sessions']} ({r['sessions'] / n:.2f} per resource)")
     for shape, count in sorted(Counter(path_shape(m, p) for _, m, p in writes).items()):

@@ -15,12 +15,13 @@ use k8s_openapi::api::core::v1::{
 };
 use kube::api::ObjectMeta;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::{Client, Resource};
 use schemagate::api::{
     InlineMigration, MIGRATION_LABEL, MigrationMode, SchemaMigration, SchemaMigrationSpec,
     SourceSpec,
 };
+use schemagate::controller::events::EventRecorder;
 use schemagate::controller::reconcile::{self, Context, Settings};
 use schemagate::runner::policy::RunnerPolicy;
 use schemagate::telemetry::metrics::Metrics;
@@ -56,6 +57,9 @@ struct World {
     labelled_config_maps: Vec<Value>,
     /// The resource, as the server returns it after a status patch.
     resource: Value,
+    /// How many requests, from the first, fail below the API (no answer: a connection the
+    /// server closed as the request went out).
+    unanswered: usize,
 }
 
 fn json_response(status: StatusCode, body: Value) -> Response<Body> {
@@ -149,7 +153,7 @@ struct Cluster {
 }
 
 impl Cluster {
-    fn new(world: World, settings: Settings) -> Self {
+    fn new(mut world: World, settings: Settings) -> Self {
         // Gated pods reach the controller through its watch (a reflector store), not a list.
         let (pod_store, pods) = kube::runtime::reflector::store::<Pod>();
         let (service, mut handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
@@ -168,9 +172,13 @@ impl Cluster {
                     query: parts.uri.query().unwrap_or_default().to_string(),
                     body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
                 };
-                let response = answer(&world, &s);
-                log.lock().unwrap().push(s);
-                send.send_response(response);
+                log.lock().unwrap().push(s.clone());
+                if world.unanswered > 0 {
+                    world.unanswered -= 1;
+                    send.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+                    continue;
+                }
+                send.send_response(answer(&world, &s));
             }
         });
         let client = Client::new(service, NS);
@@ -178,7 +186,7 @@ impl Cluster {
             client: client.clone(),
             settings,
             metrics: Arc::new(Metrics::new()),
-            recorder: Recorder::new(
+            recorder: EventRecorder::new(
                 client,
                 Reporter {
                     controller: "schemagate-test".into(),
@@ -734,7 +742,7 @@ fn failing_context(
         client: client.clone(),
         settings: Settings::default(),
         metrics: Arc::new(Metrics::new()),
-        recorder: Recorder::new(
+        recorder: EventRecorder::new(
             client,
             Reporter {
                 controller: "schemagate-test".into(),
@@ -882,6 +890,45 @@ async fn a_steady_state_writes_nothing() {
     assert!(
         writes.is_empty(),
         "no writes when nothing changed: {writes:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_read_that_got_no_answer_is_tried_again_not_reported() {
+    let (_db, url) = database(Some("3"));
+    let mut settled = resource(MigrationMode::InitContainer);
+    let (seen, result) = reconcile_once(settled.clone(), world(&url)).await;
+    result.unwrap();
+    settled.status = Some(written_status(&seen));
+    // Steady state; the Secret's read goes unanswered once (a kept-alive connection the
+    // API server closed as the request went out).
+    let mut w = world(&url);
+    w.unanswered = 1;
+    let (seen, result) = reconcile_once(settled.clone(), w).await;
+    result.unwrap();
+    let gets: Vec<&str> = seen
+        .iter()
+        .filter(|s| s.method == "GET")
+        .map(|s| s.path.as_str())
+        .collect();
+    assert!(
+        gets.len() == 3 && gets[0] == gets[1] && gets[0].ends_with("/secrets/orders-db"),
+        "{gets:?}"
+    );
+    let writes: Vec<&Seen> = seen.iter().filter(|s| s.method != "GET").collect();
+    assert!(writes.is_empty(), "nothing to report: {writes:#?}");
+    // Twice in a row is a failure to report.
+    let mut w = world(&url);
+    w.unanswered = 2;
+    let (seen, result) = reconcile_once(settled, w).await;
+    let e = result.unwrap_err();
+    assert_eq!(e.class(), reconcile::ErrorClass::Transient, "{e}");
+    let status = written_status(&seen);
+    let reconciling = status.conditions.iter().find(|c| c.type_ == "Reconciling");
+    assert_eq!(
+        reconciling.map(|c| (c.status.as_str(), c.reason.as_str())),
+        Some(("True", "ApiUnreachable")),
+        "{seen:#?}"
     );
 }
 
@@ -1257,7 +1304,7 @@ async fn the_controller_shows_the_database_password_nowhere() {
         client: client.clone(),
         settings: Settings::default(),
         metrics: ctx_metrics.clone(),
-        recorder: Recorder::new(
+        recorder: EventRecorder::new(
             client,
             Reporter {
                 controller: "schemagate-test".into(),

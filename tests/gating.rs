@@ -26,11 +26,12 @@ use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, PodSpec, Secret};
 use kube::Client;
 use kube::api::ObjectMeta;
 use kube::client::Body;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use schemagate::api::{
     DowngradePolicy, ImageSource, InlineMigration, MigrationMode, Phase, SchemaMigration,
     SchemaMigrationSpec, SchemaMigrationStatus, SourceSpec,
 };
+use schemagate::controller::events::EventRecorder;
 use schemagate::controller::reconcile::{self, Context, Settings};
 use schemagate::runner::policy::RunnerPolicy;
 use schemagate::telemetry::metrics::Metrics;
@@ -358,7 +359,7 @@ impl Cluster {
                 ..Settings::default()
             },
             metrics: Arc::new(Metrics::new()),
-            recorder: Recorder::new(
+            recorder: EventRecorder::new(
                 client,
                 Reporter {
                     controller: "schemagate-test".into(),

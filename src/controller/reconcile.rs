@@ -11,7 +11,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action as Requeue;
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{Event, EventType};
 use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -20,6 +20,7 @@ use super::decide::{
     self, Action, DbFailure, DbFailureKind, DbRead, DbView, Decision, DirtyStep, Drifted, Inputs,
     JobState, JobView, RunCommand, RunKind, RunSummary, SecretState, SourceState,
 };
+use super::events::EventRecorder;
 use super::job;
 use super::reads::{ReadKey, SharedReads};
 use crate::api::conditions::{self, reason};
@@ -71,7 +72,7 @@ pub struct Context {
     pub client: Client,
     pub settings: Settings,
     pub metrics: Arc<Metrics>,
-    pub recorder: Recorder,
+    pub recorder: EventRecorder,
     /// Consecutive failures per resource (for backoff) and the last one's message (an
     /// Event is recorded when it changes, not at every retry).
     pub failures: Mutex<HashMap<String, Failures>>,
@@ -188,6 +189,33 @@ fn kube_err(op: &'static str) -> impl FnOnce(kube::Error) -> Error {
     move |source| Error::Kube { op, source }
 }
 
+/// True for a request that failed below the API: no answer from the server (a kept-alive
+/// connection it closed just as the request went out, a GOAWAY, a reset), not a Status.
+fn below_the_api(e: &kube::Error) -> bool {
+    matches!(
+        e,
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_)
+    )
+}
+
+/// A read, tried once more at once when it failed below the API. Such a failure says
+/// nothing about the resource; reported, it would flip the status and back (two writes
+/// and an Event) in a period when nothing changed. A second failure is reported.
+async fn read<T, F, Fut>(op: &'static str, attempt: F) -> Result<T, Error>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    match attempt().await {
+        Err(e) if below_the_api(&e) => {
+            let e = redact::redact(&e.to_string()).into_owned();
+            tracing::debug!(op, error = %e, "a read failed below the API; trying once more");
+            attempt().await.map_err(kube_err(op))
+        }
+        result => result.map_err(kube_err(op)),
+    }
+}
+
 /// What was observed, with the database URL kept out of it.
 pub struct Observed {
     pub secret: SecretState,
@@ -218,10 +246,8 @@ async fn read_secret(
     sm: &SchemaMigration,
 ) -> Result<(SecretState, Option<String>), Error> {
     let r = &sm.spec.database.url_secret_ref;
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(&r.name)
-        .await
-        .map_err(kube_err("get_secret"))?;
+    let secrets = Api::<Secret>::namespaced(client.clone(), ns);
+    let secret = read("get_secret", || secrets.get_opt(&r.name)).await?;
     let Some(secret) = secret else {
         return Ok((SecretState::Missing, None));
     };
@@ -259,10 +285,8 @@ async fn read_source(
 ) -> Result<(SourceState, Option<Vec<(String, String)>>), Error> {
     let src = &sm.spec.source;
     let files = if let Some(cm) = &src.config_map_ref {
-        let found = Api::<ConfigMap>::namespaced(client.clone(), ns)
-            .get_opt(&cm.name)
-            .await
-            .map_err(kube_err("get_configmap"))?;
+        let cms = Api::<ConfigMap>::namespaced(client.clone(), ns);
+        let found = read("get_configmap", || cms.get_opt(&cm.name)).await?;
         let Some(found) = found else {
             return Ok((SourceState::Missing, None));
         };
@@ -341,7 +365,7 @@ async fn read_database(
         Ok(d) => d,
         Err(e) => return DbView::Failed(db_failure(&e)),
     };
-    let read = async {
+    let read = || async {
         let mut db = Db::connect(&cfg).await?;
         let state = runner::read_state(&mut db).await;
         db.close().await;
@@ -350,10 +374,9 @@ async fn read_database(
             other => engine::DbError::new(engine::DbErrorKind::Other, other.to_string()),
         })
     };
-    let state = match tokio::time::timeout(timeout * 2, read).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return DbView::Failed(db_failure(&e)),
-        Err(_) => return DbView::Failed(no_answer(timeout * 2)),
+    let state = match read_twice(timeout, read).await {
+        Ok(s) => s,
+        Err(failure) => return DbView::Failed(failure),
     };
     let set = files.and_then(|f| source::load_files("the source", f.to_vec()).ok());
     let applied: Vec<AppliedMigration> = state
@@ -411,6 +434,32 @@ async fn read_database(
     }))
 }
 
+/// A database read within `timeout * 2`, tried once more when it failed fast for a reason
+/// that may pass (a connection reset or refused while the server restarts): one dropped
+/// connection is not worth two status writes. A failure that took long (a timeout) or
+/// will not pass (credentials, a missing database) is not retried.
+async fn read_twice<T, F, Fut>(timeout: Duration, read: F) -> Result<T, DbFailure>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<T, engine::DbError>>,
+{
+    let started = Instant::now();
+    let failure = match tokio::time::timeout(timeout * 2, read()).await {
+        Ok(Ok(s)) => return Ok(s),
+        Ok(Err(e)) => db_failure(&e),
+        Err(_) => return Err(no_answer(timeout * 2)),
+    };
+    if failure.kind.permanent() || started.elapsed() >= timeout {
+        return Err(failure);
+    }
+    tracing::debug!(error = %failure.message, "a database read failed; trying once more");
+    match tokio::time::timeout(timeout * 2, read()).await {
+        Ok(Ok(s)) => Ok(s),
+        Ok(Err(e)) => Err(db_failure(&e)),
+        Err(_) => Err(no_answer(timeout * 2)),
+    }
+}
+
 /// A database error as a fact for the decision: what kind, and the message (scrubbed).
 fn db_failure(e: &engine::DbError) -> DbFailure {
     let kind = match e.kind {
@@ -431,16 +480,15 @@ fn no_answer(after: Duration) -> DbFailure {
 
 /// Another tool's history table, as the status reports it.
 async fn read_tool(cfg: &ConnectConfig, tool: engine::tools::Tool, timeout: Duration) -> DbView {
-    let read = async {
+    let read = || async {
         let mut db = Db::connect(cfg).await?;
         let state = engine::tools::read(&mut db, tool).await;
         db.close().await;
         state
     };
-    let state = match tokio::time::timeout(timeout * 2, read).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => return DbView::Failed(db_failure(&e)),
-        Err(_) => return DbView::Failed(no_answer(timeout * 2)),
+    let state = match read_twice(timeout, read).await {
+        Ok(s) => s,
+        Err(failure) => return DbView::Failed(failure),
     };
     let skip = state.applied.len().saturating_sub(STATUS_LIST_MAX);
     DbView::Read(Box::new(DbRead {
@@ -634,10 +682,9 @@ async fn job_summary(
     job: &str,
     job_uid: Option<&str>,
 ) -> Result<Option<RunSummary>, Error> {
-    let pods = Api::<Pod>::namespaced(client.clone(), ns)
-        .list(&ListParams::default().labels(&format!("job-name={job}")))
-        .await
-        .map_err(kube_err("list_pods"))?;
+    let api = Api::<Pod>::namespaced(client.clone(), ns);
+    let params = ListParams::default().labels(&format!("job-name={job}"));
+    let pods = read("list_pods", || api.list(&params)).await?;
     let mut newest: Option<(Timestamp, RunSummary)> = None;
     // Only the Job's own pods: anyone may label a pod job-name=<this Job>.
     let ours =
@@ -678,10 +725,8 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
     if sm.spec.source.inline.is_some() {
         let files = files::inline_files(&sm.spec.source);
         let cm_name = files::inline_config_map_name(&name, &files::files_hash(&files));
-        let found = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
-            .get_metadata_opt(&cm_name)
-            .await
-            .map_err(kube_err("get_configmap"))?;
+        let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns);
+        let found = read("get_configmap", || cms.get_metadata_opt(&cm_name)).await?;
         if let Some(found) = &found
             && !owned_by(&found.metadata, sm.uid().as_ref())
         {
@@ -756,11 +801,11 @@ async fn runs(
         return Ok(pod_runs(&ctx.pods, ns, name));
     }
     let uid = sm.uid();
+    let api = Api::<Job>::namespaced(ctx.client.clone(), ns);
+    let params = ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}"));
     let mut jobs: Vec<Job> = {
-        Api::<Job>::namespaced(ctx.client.clone(), ns)
-            .list(&ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}")))
-            .await
-            .map_err(kube_err("list_jobs"))?
+        read("list_jobs", || api.list(&params))
+            .await?
             .items
             .into_iter()
             .filter(|j| {

@@ -13,9 +13,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::events::Reporter;
 use kube::runtime::reflector;
 
+use crate::controller::events::EventRecorder;
 use crate::controller::reconcile::{Context, Settings};
 use crate::controller::scoped_controller;
 use crate::runner::policy::RunnerPolicy;
@@ -237,7 +238,7 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
         database_read_ttl: args.database_read_ttl.min(args.resync / 4),
         ..Settings::default()
     };
-    let recorder = Recorder::new(
+    let recorder = EventRecorder::new(
         client.clone(),
         Reporter {
             controller: "schemagate-controller".into(),
