@@ -204,6 +204,19 @@ pub struct Common {
     )]
     pub lint: LintPolicyArg,
 
+    /// Plans of this kind need a person's approval before they run: `Destructive` (any
+    /// data-losing statement, even one its file allows), `Downgrade`, `LintFindings`.
+    /// Repeatable (or comma-separated in the variable). `plan` prints each plan's hash; a
+    /// plan that needs an approval runs only with `--approve <hash>` (exit 21 without).
+    #[arg(long, env = "SCHEMAGATE_REQUIRE_APPROVAL", value_delimiter = ',', value_parser = crate::engine::approval::ApprovalKind::from_str, global = true)]
+    pub require_approval: Vec<crate::engine::approval::ApprovalKind>,
+
+    /// Approved plan hashes (from `plan`, or from the refusal): repeatable, or
+    /// comma-separated in the variable. An approval is for that exact plan: another file,
+    /// target or starting version is another plan.
+    #[arg(long, env = "SCHEMAGATE_APPROVED_PLANS", value_delimiter = ',', global = true)]
+    pub approve: Vec<String>,
+
     /// Deprecated and ignored: refusing is the default now (see --destructive).
     #[arg(long, env = "SCHEMAGATE_DENY_DESTRUCTIVE", hide = true, global = true)]
     pub deny_destructive: bool,
@@ -342,6 +355,18 @@ pub enum MigrateCommand {
     },
     /// Check the checksums of applied migrations against the files. Exit code 4 on drift.
     Verify,
+    /// Compare the live schema (tables, columns, indexes, constraints, views) with the one
+    /// the migrations left at the current version, recorded after each step, and list each
+    /// difference. Exit code: 0 none, 4 drift, 5 nothing recorded to compare with.
+    Drift {
+        /// Record the live schema as the expected one at the current version (a change
+        /// made outside the migrations that is to stay), under the lock.
+        #[arg(long)]
+        accept: bool,
+        /// Why the live schema is accepted (recorded with it).
+        #[arg(long, requires = "accept")]
+        reason: Option<String>,
+    },
     /// Record every migration up to VERSION as applied without running it (adopt a
     /// database whose schema already has them).
     #[command(alias = "baseline")]

@@ -118,6 +118,7 @@ pub fn run_summary(
             s.target = text(o.json.get("target"));
             s.ahead = o.json.get("ahead").and_then(|a| a.as_bool());
             s.lock_wait_ms = o.json.get("lockWaitMs").and_then(|w| w.as_u64());
+            s.plan_hash = text(o.json.get("planHash"));
             s.applied = versions_of(o.json.get("steps"))
                 .or_else(|| strings(o.json.get("stamped")))
                 .or_else(|| strings(o.json.get("applied")))
@@ -137,6 +138,7 @@ pub fn run_summary(
                 s.failed_file = text(d.get("file"));
                 s.failed_line = d.get("line").and_then(|x| x.as_u64());
                 s.failed_statement_number = d.get("statementNumber").and_then(|x| x.as_u64());
+                s.plan_hash = text(d.get("planHash"));
             }
             s.error = Some(SummaryError {
                 kind: e.kind.to_string(),
@@ -649,5 +651,68 @@ mod tests {
         assert_eq!(v["applied"], json!(["2", "3"]));
         assert_eq!(v["from"], "1");
         assert_eq!(v["durationMs"], 7);
+    }
+}
+
+/// A plan's hash and what of it needs approving.
+pub fn human_approval(a: &crate::engine::approval::PlanApproval) -> String {
+    let mut s = format!("plan hash: {}\n", a.plan_hash);
+    for m in &a.marks {
+        let state = match (a.required.contains(&m.kind), a.approved) {
+            (false, _) => "",
+            (true, true) => " (approved)",
+            (true, false) => " (NEEDS APPROVAL)",
+        };
+        s.push_str(&format!("  {}: {}{state}\n", m.kind, m.detail));
+    }
+    if !a.approved {
+        s.push_str(&format!(
+            "This plan runs only once approved: --approve {} (in a cluster: spec.approvedPlans).\n",
+            a.plan_hash
+        ));
+    }
+    s
+}
+
+/// `drift`: the verdict, then each difference.
+pub fn human_schema_drift(c: &crate::engine::schema::DriftCheck) -> String {
+    use crate::engine::schema::DriftCheck;
+    match c {
+        DriftCheck::Drifted {
+            version,
+            recorded_at,
+            recorded_by,
+            differences,
+            ..
+        } => {
+            let mut s = format!(
+                "The live schema differs from what the migrations left at {} (recorded {} by \
+                 {}): {} difference(s)\n",
+                version
+                    .as_deref()
+                    .map(|v| format!("version {v}"))
+                    .unwrap_or_else(|| "no version".into()),
+                recorded_at,
+                recorded_by,
+                differences.len()
+            );
+            for d in differences {
+                s.push_str(&format!("  {d}\n"));
+            }
+            s.push_str(
+                "Write a migration that makes the change (or reverts it), or keep it with \
+                 `schemagate migrate drift --accept --reason <why>`.\n",
+            );
+            s
+        }
+        other => format!("{}\n", capitalized(&other.summary())),
+    }
+}
+
+fn capitalized(s: &str) -> String {
+    let mut c = s.chars();
+    match c.next() {
+        Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
+        None => String::new(),
     }
 }

@@ -7,6 +7,7 @@
 pub use crate::model::{clock, redact, version};
 
 pub mod alembic;
+pub mod approval;
 pub mod dialect;
 pub mod guard;
 pub mod history;
@@ -15,6 +16,7 @@ pub mod lock;
 pub mod lockwait;
 pub mod plan;
 pub mod runner;
+pub mod schema;
 pub mod script;
 pub mod sent;
 pub mod source;

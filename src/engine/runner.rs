@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::dialect::sql::{self, Guard};
 use super::dialect::{Backend, DbError, DbErrorKind, Done, LockHolder, NewRow, StepTimeouts};
+use super::approval::{self, ApprovalPolicy, PlanApproval};
 use super::guard;
 use super::history::{DbState, Kind};
 use super::lint;
@@ -20,6 +21,7 @@ use super::lock::{self, Held, LockError, LockMode};
 use super::lockwait::{self, Blocker, LockRetry};
 use super::plan::{self, Direction, Plan, PlanError, PlanOptions, Step, Target};
 use super::redact;
+use super::schema;
 use super::script::{self, Dialect, Statement, TxControlError};
 use super::sent::{self, Fill, Role, Sent, StepScript};
 use super::source::{Migration, MigrationSet, Script};
@@ -43,6 +45,10 @@ pub struct RunSettings {
     pub lock_retry: LockRetry,
     /// What lint findings of the steps about to run do (see `lint`).
     pub lint: LintPolicy,
+    /// Which plans need a person's approval, and the approved plan hashes (see `approval`).
+    pub approval: ApprovalPolicy,
+    /// Record the schema's fingerprint after each step (see `schema`).
+    pub fingerprints: bool,
     pub plan: PlanOptions,
     /// Asked from outside (SIGTERM, Ctrl-C) to stop: checked before each step.
     pub stop: Option<Arc<StopRequest>>,
@@ -107,6 +113,9 @@ pub struct RunReport {
     pub ahead: bool,
     pub lock_wait_ms: u64,
     pub duration_ms: u64,
+    /// The hash of the plan that ran (see `approval`); none when nothing ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
 }
 
 /// One step that ran.
@@ -254,6 +263,14 @@ pub enum RunError {
     )]
     Lint(Vec<lint::Finding>),
     #[error(
+        "refused: this plan needs an approval ({}): approve plan hash {} (`--approve {}`, or \
+         spec.approvedPlans in the cluster)",
+        .0.marks.iter().filter(|m| .0.required.contains(&m.kind)).map(|m| m.to_string()).collect::<Vec<_>>().join("; "),
+        .0.plan_hash,
+        .0.plan_hash
+    )]
+    ApprovalRequired(Box<PlanApproval>),
+    #[error(
         "refused: the history table already records {count} applied version(s); import \
          adopts a database schemagate has not migrated yet"
     )]
@@ -362,55 +379,65 @@ pub enum LintPolicy {
     Off,
 }
 
-/// Lints the up steps about to run: logs the findings (warn) or refuses (deny).
-fn check_lint(
-    dialect: Dialect,
-    prepared: &[Prepared<'_>],
-    settings: &RunSettings,
-) -> Result<(), RunError> {
-    if settings.lint == LintPolicy::Off {
-        return Ok(());
-    }
+/// The lint findings (not silenced) of the up steps about to run.
+fn lint_findings(dialect: Dialect, prepared: &[Prepared<'_>]) -> Vec<lint::Finding> {
     let migrations: Vec<&Migration> = prepared
         .iter()
         .filter(|p| p.step.direction == Direction::Up)
         .map(|p| p.step.migration)
         .collect();
-    let findings: Vec<lint::Finding> = lint::lint(dialect, &migrations, lint::NewTables::SameRun)
+    lint::lint(dialect, &migrations, lint::NewTables::SameRun)
         .into_iter()
         .filter(|f| f.ignored.is_none())
-        .collect();
-    if findings.is_empty() {
-        return Ok(());
-    }
-    if settings.lint == LintPolicy::Deny {
-        return Err(RunError::Lint(findings));
-    }
-    for f in &findings {
-        tracing::warn!(
-            rule = %f.rule, file = %f.file, line = f.line,
-            help = f.help.as_deref().unwrap_or_default(),
-            "lint: {}", f.message
-        );
-    }
-    Ok(())
+        .collect()
 }
 
-/// Refuses (unless the run allows it: `--destructive allow`) an upgrade whose steps lose
-/// data without `allow-destructive <reason>`.
-async fn check_destructive(
+/// The checks before a plan runs, in order: data-losing steps without a recorded
+/// permission are refused (unless `--destructive allow`); lint findings are logged or
+/// refused (`--lint`); a plan of a kind the approval policy names runs only when its hash
+/// is approved. Returns the plan's approval facts (its hash).
+pub async fn vet(
     db: &mut impl Backend,
+    plan: &Plan<'_>,
     prepared: &[Prepared<'_>],
     settings: &RunSettings,
-) -> Result<(), RunError> {
-    if !settings.deny_destructive || prepared.iter().all(|p| p.step.direction == Direction::Down) {
-        return Ok(());
-    }
-    let found = destructive(db, prepared).await;
-    if found.iter().any(|s| s.allowed.is_none()) {
+) -> Result<PlanApproval, RunError> {
+    let policy = &settings.approval;
+    let needs = |k| policy.required.contains(&k);
+    let deny = settings.deny_destructive && plan.direction == Direction::Up;
+    let found = if deny || needs(approval::ApprovalKind::Destructive) {
+        destructive(db, prepared).await
+    } else {
+        Vec::new()
+    };
+    if deny && found.iter().any(|s| s.allowed.is_none()) {
         return Err(RunError::Destructive(found));
     }
-    Ok(())
+    let lint = if settings.lint != LintPolicy::Off || needs(approval::ApprovalKind::LintFindings)
+    {
+        lint_findings(db.dialect(), prepared)
+    } else {
+        Vec::new()
+    };
+    match settings.lint {
+        LintPolicy::Deny if !lint.is_empty() => return Err(RunError::Lint(lint)),
+        LintPolicy::Warn => {
+            for f in &lint {
+                tracing::warn!(
+                    rule = %f.rule, file = %f.file, line = f.line,
+                    help = f.help.as_deref().unwrap_or_default(),
+                    "lint: {}", f.message
+                );
+            }
+        }
+        _ => {}
+    }
+    let marks = approval::marks(plan, &found, &lint);
+    let verdict = approval::judge(policy, approval::plan_hash(plan, prepared), marks);
+    if !verdict.approved {
+        return Err(RunError::ApprovalRequired(Box::new(verdict)));
+    }
+    Ok(verdict)
 }
 
 impl From<LockError> for RunError {
@@ -693,6 +720,7 @@ fn noop_report(plan: &Plan<'_>, waited: Duration, started: Instant) -> RunReport
         ahead: plan.ahead,
         lock_wait_ms: waited.as_millis() as u64,
         duration_ms: started.elapsed().as_millis() as u64,
+        plan_hash: None,
     }
 }
 
@@ -714,8 +742,7 @@ pub async fn run(
         }
         // Refuse early (before waiting for the lock) what will be refused anyway.
         let prepared = prepare(&plan, db.dialect())?;
-        check_destructive(db, &prepared, settings).await?;
-        check_lint(db.dialect(), &prepared, settings)?;
+        vet(db, &plan, &prepared, settings).await?;
     }
     let held = lock::acquire(
         db,
@@ -746,8 +773,8 @@ async fn run_locked(
         return Ok(noop_report(&plan, waited, started));
     }
     let prepared = prepare(&plan, db.dialect())?;
-    check_destructive(db, &prepared, settings).await?;
-    check_lint(db.dialect(), &prepared, settings)?;
+    let approval = vet(db, &plan, &prepared, settings).await?;
+    let note = approval_note(&approval);
     let session = db
         .session()
         .await
@@ -758,8 +785,11 @@ async fn run_locked(
         table: &table,
         guard: &held.guard,
         runner_id: &settings.runner_id,
+        note: note.as_deref(),
     };
     let scripts = sent::steps(&prepared, &settings.timeouts, &cx);
+    let mut versions: std::collections::BTreeSet<Version> =
+        state.applied.keys().cloned().collect();
     if !state.initialized {
         db.create_history_table()
             .await
@@ -803,6 +833,13 @@ async fn run_locked(
                 if let Some(stop) = &settings.stop {
                     stop.record(&p.step.migration.version);
                 }
+                match p.step.direction {
+                    Direction::Up => versions.insert(p.step.migration.version.clone()),
+                    Direction::Down => versions.remove(&p.step.migration.version),
+                };
+                if settings.fingerprints {
+                    record_fingerprint(db, versions.last(), &settings.runner_id).await;
+                }
                 done.push(report)
             }
             Err(StepError::Failed(mut failure)) => {
@@ -834,6 +871,33 @@ async fn run_locked(
         ahead: false,
         lock_wait_ms: waited.as_millis() as u64,
         duration_ms: started.elapsed().as_millis() as u64,
+        plan_hash: Some(approval.plan_hash),
+    })
+}
+
+/// Records the schema as a step left it (at `version`). A failure is logged, not fatal:
+/// the step is applied and recorded in the history; `migrate drift` then says that no
+/// fingerprint exists for this version.
+async fn record_fingerprint(db: &mut impl Backend, version: Option<&Version>, runner_id: &str) {
+    let version = version.map(Version::to_string);
+    if let Err(e) = schema::record_live(db, version.as_deref(), runner_id, None).await {
+        tracing::warn!(version = ?version, error = %e,
+            "could not record the schema's fingerprint; `schemagate migrate drift` cannot check this version until `drift --accept`");
+    }
+}
+
+/// The history note of a plan that ran with an approval.
+fn approval_note(a: &PlanApproval) -> Option<String> {
+    (!a.required.is_empty()).then(|| {
+        format!(
+            "approved plan {} ({})",
+            a.plan_hash,
+            a.required
+                .iter()
+                .map(|k| k.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     })
 }
 
@@ -1452,8 +1516,22 @@ pub async fn stamp(
     )
     .await?;
     let result = stamp_locked(db, set, target, settings, &held.guard).await;
+    if let Ok(r) = &result
+        && !r.stamped.is_empty()
+    {
+        adopt_fingerprint(db, r.current.as_deref(), settings).await;
+    }
     lock::release(db, held).await;
     result
+}
+
+/// After stamp, import or resolve (the version moved without running a step): the live
+/// schema becomes what the history says at that version.
+async fn adopt_fingerprint(db: &mut impl Backend, current: Option<&str>, settings: &RunSettings) {
+    if settings.fingerprints {
+        let v = current.and_then(|c| Version::parse(c).ok());
+        record_fingerprint(db, v.as_ref(), &settings.runner_id).await;
+    }
 }
 
 async fn stamp_locked(
@@ -1581,6 +1659,7 @@ async fn record_baselines(
         table: &table,
         guard,
         runner_id,
+        note: None,
     };
     if !initialized {
         db.create_history_table()
@@ -1694,6 +1773,10 @@ pub async fn import(
         .await
     }
     .await;
+    if result.is_ok() {
+        let current = report(true).current;
+        adopt_fingerprint(db, current.as_deref(), settings).await;
+    }
     lock::release(db, held).await;
     result.map(|_| report(true))
 }
@@ -1774,6 +1857,7 @@ pub async fn resolve(
             table: &table,
             guard: &held.guard,
             runner_id: &settings.runner_id,
+            note: None,
         };
         send_trip(db, &[sent::insert(&row, &cx)], &Fill::default())
             .await
@@ -1789,6 +1873,9 @@ pub async fn resolve(
         })
     }
     .await;
+    if let Ok(r) = &result {
+        adopt_fingerprint(db, r.current.as_deref(), settings).await;
+    }
     lock::release(db, held).await;
     result
 }

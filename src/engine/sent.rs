@@ -205,6 +205,18 @@ impl StepScript {
     }
 }
 
+/// A step's history row, with the run's note.
+fn row_of(p: &Prepared<'_>, cx: &Context<'_>) -> crate::engine::dialect::NewRow {
+    let mut row = step_row(p, cx.runner_id);
+    if let Some(n) = cx.note {
+        row.note = Some(match row.note.take() {
+            Some(own) => format!("{own}; {n}"),
+            None => n.to_string(),
+        });
+    }
+    row
+}
+
 /// What a script depends on besides the step.
 #[derive(Clone, Copy, Debug)]
 pub struct Context<'a> {
@@ -216,6 +228,8 @@ pub struct Context<'a> {
     /// Recorded in `applied_by`; `plan` passes [`Slot::RunnerId`]'s marker when it does
     /// not know it.
     pub runner_id: &'a str,
+    /// Added to each step row's note (the approval a plan ran with).
+    pub note: Option<&'a str>,
 }
 
 impl Context<'_> {
@@ -330,7 +344,7 @@ pub fn step(p: &Prepared<'_>, timeouts: &StepTimeouts, cx: &Context<'_>) -> Step
     let d = cx.dialect();
     let text = |st: &super::script::Statement| st.text(&p.script.sql).to_string();
     let mut b = Builder::new();
-    let mut row = step_row(p, cx.runner_id);
+    let mut row = row_of(p, cx);
     match &p.work {
         Work::Transactional { statements } => {
             open(&mut b, cx, timeouts);
@@ -419,7 +433,7 @@ pub fn failed_insert(
     duration_ms: i64,
     error: String,
 ) -> Sent {
-    let mut row = step_row(p, cx.runner_id);
+    let mut row = row_of(p, cx);
     row.success = Some(false);
     row.statements_done = Some(done as i64);
     row.duration_ms = Some(duration_ms.into());

@@ -22,8 +22,12 @@ pub enum Exit {
     Usage = 2,
     /// `status`: migrations are pending.
     Pending = 3,
-    /// `status`/`verify`: applied migrations differ from the files, or a step is dirty.
+    /// `status`/`verify`: applied migrations differ from the files, or a step is dirty;
+    /// `drift`: the live schema differs from what the migrations left.
     Drift = 4,
+    /// `drift`: nothing to compare with: no schema fingerprint is recorded at the current
+    /// version (`drift --accept` records one), or the schema is in motion (a step runs).
+    NoBaseline = 5,
     /// The migration files are invalid (names, duplicates, directives, an empty directory,
     /// scripts without statements).
     Source = 10,
@@ -53,6 +57,10 @@ pub enum Exit {
     /// `lint`: findings not silenced by `lint-ignore`; `upgrade --lint deny`: refused
     /// because of them (nothing ran).
     LintFindings = 20,
+    /// Refused: the plan is of a kind the approval policy names (`--require-approval`,
+    /// `spec.approval.required`) and its hash is not approved (`--approve`,
+    /// `spec.approvedPlans`). Nothing ran; the message and `details.planHash` give the hash.
+    ApprovalRequired = 21,
 }
 
 impl Exit {
@@ -166,6 +174,18 @@ impl From<RunError> for CliError {
                          right above its statement (recorded in the history), or run with \
                          --lint warn",
                     )
+                    .details(details)
+            }
+            RunError::ApprovalRequired(ref a) => {
+                let details = (**a).clone();
+                CliError::new(Exit::ApprovalRequired, "approval_required", message)
+                    .hint(format!(
+                        "review the plan (`schemagate migrate plan`), then run it with \
+                         `--approve {h}`; in a cluster add {{planHash: {h}, approvedBy: <you>, \
+                         reason: <why>}} to spec.approvedPlans. Another file or target is \
+                         another plan and needs its own approval",
+                        h = a.plan_hash
+                    ))
                     .details(details)
             }
             RunError::LockRetriesExhausted { ref failure, .. } => {

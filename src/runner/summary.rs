@@ -89,6 +89,9 @@ pub struct RunSummary {
     pub failed_statement_number: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<SummaryError>,
+    /// The hash of the plan that ran, or of the plan refused for want of an approval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan_hash: Option<String>,
 }
 
 impl Default for RunSummary {
@@ -113,6 +116,7 @@ impl Default for RunSummary {
             failed_line: None,
             failed_statement_number: None,
             error: None,
+            plan_hash: None,
         }
     }
 }

@@ -59,11 +59,22 @@ impl HistoryTable {
 
     /// The lease table that goes with this history table (`<name>_lock`).
     pub fn lease_table(&self) -> HistoryTable {
+        self.with_suffix("_lock")
+    }
+
+    /// A table beside this one: the same schema, `suffix` (at most 5 characters, within
+    /// PostgreSQL's 63) added to the name.
+    pub fn with_suffix(&self, suffix: &str) -> HistoryTable {
         let mut parts = self.parts.clone();
         if let Some(last) = parts.last_mut() {
-            last.push_str("_lock");
+            last.push_str(suffix);
         }
         HistoryTable { parts }
+    }
+
+    /// The table's own name, without its schema.
+    pub fn table_name(&self) -> &str {
+        self.parts.last().map(String::as_str).unwrap_or_default()
     }
 
     /// True when the name says its schema.

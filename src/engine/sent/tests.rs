@@ -46,6 +46,7 @@ fn scripts(
         table: &table,
         guard,
         runner_id: Slot::RunnerId.marker(),
+        note: None,
     };
     steps(&prepared, defaults, &cx)
         .iter()
@@ -248,6 +249,7 @@ fn results_are_checked_against_the_guard() {
         table: &table,
         guard: &guard,
         runner_id: "me",
+        note: None,
     };
     let row = NewRow {
         version: "1".into(),
