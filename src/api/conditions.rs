@@ -11,6 +11,8 @@ pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 /// Whether the controller could read the database's history table.
 pub const DATABASE_REACHABLE: &str = "DatabaseReachable";
+/// The live schema differs from what the migrations left (with spec.drift).
+pub const SCHEMA_DRIFTED: &str = "SchemaDrifted";
 
 /// Reasons, as they appear in conditions and Events.
 pub mod reason {
@@ -43,6 +45,16 @@ pub mod reason {
     /// The last run kept waiting for table locks held by other sessions until its retry
     /// budget was spent (nothing applied; the migration itself is fine).
     pub const LOCK_BUSY: &str = "LockBusy";
+    /// The plan needs a person's approval: its hash goes in spec.approvedPlans.
+    pub const APPROVAL_REQUIRED: &str = "ApprovalRequired";
+    /// The live schema differs from what the migrations left.
+    pub const SCHEMA_DRIFTED: &str = "SchemaDrifted";
+    /// The live schema is what the migrations left.
+    pub const NO_DRIFT: &str = "NoDrift";
+    /// No schema fingerprint is recorded at the current version.
+    pub const NO_BASELINE: &str = "NoBaseline";
+    /// The drift check could not run this time.
+    pub const NOT_CHECKED: &str = "NotChecked";
     /// A step did not finish (a non-transactional migration stopped part-way).
     pub const DIRTY: &str = "Dirty";
     /// A tool source's history needs repair first (golang-migrate dirty, a failed Flyway

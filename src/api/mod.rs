@@ -111,6 +111,110 @@ pub struct SchemaMigrationSpec {
     /// Engine settings passed to the runner.
     #[serde(default)]
     pub options: MigrationOptions,
+
+    /// Which plans a person must approve before they run. Empty by default: nothing needs
+    /// an approval.
+    #[serde(default, skip_serializing_if = "ApprovalSpec::is_empty")]
+    pub approval: ApprovalSpec,
+
+    /// Approved plans, by hash. A plan that `approval.required` marks runs only when its
+    /// hash is listed here; until then the resource is Stalled (reason ApprovalRequired)
+    /// with the hash in its message. `schemagate migrate plan --output json` prints a
+    /// plan's `planHash`. Another file, target or starting version is another plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub approved_plans: Vec<ApprovedPlan>,
+
+    /// Periodic live-schema drift checks by the controller: the live schema against the
+    /// fingerprint recorded after the last applied step. Off when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<DriftSpec>,
+}
+
+/// What needs an approval.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalSpec {
+    /// Destructive (any data-losing statement, even one its file allows with
+    /// `allow-destructive`), Downgrade (any plan that reverts migrations), LintFindings
+    /// (any lint finding not silenced by `lint-ignore`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 3))]
+    pub required: Vec<ApprovalKind>,
+}
+
+impl ApprovalSpec {
+    pub fn is_empty(&self) -> bool {
+        self.required.is_empty()
+    }
+}
+
+/// A kind of plan that may need an approval.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ApprovalKind {
+    Destructive,
+    Downgrade,
+    LintFindings,
+}
+
+impl ApprovalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ApprovalKind::Destructive => "Destructive",
+            ApprovalKind::Downgrade => "Downgrade",
+            ApprovalKind::LintFindings => "LintFindings",
+        }
+    }
+}
+
+/// One approved plan.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovedPlan {
+    /// The plan's hash (64 hex digits, optionally prefixed `sha256:`).
+    #[schemars(
+        length(max = 71),
+        extend("x-kubernetes-validations" = [{
+            "rule": "self.matches('^(sha256:)?[0-9a-fA-F]{64}$')",
+            "message": "planHash must be the 64 hex digits `schemagate migrate plan` prints"
+        }])
+    )]
+    pub plan_hash: String,
+    /// Who approved it.
+    #[schemars(length(min = 1, max = 256))]
+    pub approved_by: String,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
+    pub reason: Option<String>,
+}
+
+/// Live-schema drift checks.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DriftSpec {
+    /// How often to compare, e.g. "1h" (the default), "15m"; at least "1m".
+    #[serde(default = "default_drift_interval")]
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(s|m|h)$"), length(max = 16))]
+    pub interval: String,
+    /// Report (default): the SchemaDrifted condition, a Warning Event and the
+    /// schemagate_schema_drift_objects metric; pods are admitted as before. Block: the
+    /// resource is also Blocked (reason SchemaDrifted), so gated pods are refused and no
+    /// migration runs until the drift is fixed or accepted (`migrate drift --accept`).
+    #[serde(default)]
+    pub on_drift: DriftAction,
+}
+
+fn default_drift_interval() -> String {
+    "1h".into()
+}
+
+/// What drift does.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum DriftAction {
+    #[default]
+    Report,
+    Block,
 }
 
 impl SchemaMigrationSpec {
@@ -132,6 +236,9 @@ impl SchemaMigrationSpec {
             paused: false,
             runner: RunnerSpec::default(),
             options: MigrationOptions::default(),
+            approval: ApprovalSpec::default(),
+            approved_plans: Vec::new(),
+            drift: None,
         }
     }
 }
@@ -462,9 +569,38 @@ pub struct SchemaMigrationStatus {
     /// The last migration run (a Job, or an init container).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<LastRun>,
-    /// Ready, Reconciling and Stalled (kstatus), and DatabaseReachable.
+    /// The last live-schema drift check (with spec.drift).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_drift: Option<SchemaDriftStatus>,
+    /// Ready, Reconciling and Stalled (kstatus), DatabaseReachable, and SchemaDrifted (with
+    /// spec.drift).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// The result of the last live-schema drift check.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SchemaDriftStatus {
+    /// When it ran (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<String>,
+    /// The database's version then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// Clean, Drifted, NoBaseline (no fingerprint recorded at that version: `schemagate
+    /// migrate drift --accept` records one) or NotChecked (a migration was running, or the
+    /// schema could not be read).
+    pub result: String,
+    /// How many objects differ.
+    #[serde(default)]
+    pub count: usize,
+    /// The differences (at most 20), one line each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub differences: Vec<String>,
+    /// One line for people.
+    #[serde(default)]
+    pub message: String,
 }
 
 /// The phase of a SchemaMigration.

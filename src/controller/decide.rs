@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::conditions::{self as cond, reason};
 use crate::api::{
-    AppliedMigration, DowngradePolicy, LastRun, MigrationMode, Phase, STATUS_LIST_MAX,
-    SchemaMigration, SchemaMigrationStatus,
+    AppliedMigration, DowngradePolicy, DriftAction, LastRun, MigrationMode, Phase,
+    STATUS_LIST_MAX, SchemaDriftStatus, SchemaMigration, SchemaMigrationStatus,
 };
 use crate::model::Version;
 pub use crate::runner::command::RunCommand;
@@ -188,6 +188,9 @@ pub struct Inputs<'a> {
     pub image_allowed: bool,
     /// False when the resource names the controller's own service account.
     pub service_account_allowed: bool,
+    /// A live-schema drift check made for this decision (`None`: none was due; the
+    /// status keeps the last one).
+    pub schema_drift: Option<SchemaDriftStatus>,
 }
 
 /// An Event to record.
@@ -316,6 +319,8 @@ struct Facts<'a> {
     describe_target: String,
     /// The Job of this resource that is running.
     active: Option<&'a JobView>,
+    /// The newest drift check (this decision's, else the status's), with spec.drift.
+    drift: Option<SchemaDriftStatus>,
 }
 
 fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
@@ -348,12 +353,18 @@ fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
         .jobs
         .iter()
         .find(|j| j.kind == RunKind::Job && j.state == JobState::Active);
+    let drift = i.sm.spec.drift.as_ref().and_then(|_| {
+        i.schema_drift
+            .clone()
+            .or_else(|| previous.and_then(|p| p.schema_drift.clone()))
+    });
     Facts {
         read,
         current,
         target,
         describe_target,
         active,
+        drift,
     }
 }
 
@@ -483,6 +494,31 @@ fn database_problem(read: &DbRead) -> Option<Verdict> {
         .map(|p| Verdict::new(Phase::Failed, reason::TOOL_NEEDS_REPAIR, p.clone()))
 }
 
+/// With `onDrift: Block`, a drifted live schema blocks the resource (gated pods are
+/// refused, nothing runs) until it is fixed or accepted.
+fn drift_block(i: &Inputs<'_>, f: &Facts<'_>) -> Option<Verdict> {
+    let spec = i.sm.spec.drift.as_ref()?;
+    let d = f.drift.as_ref().filter(|d| d.result == DRIFTED)?;
+    (spec.on_drift == DriftAction::Block).then(|| {
+        Verdict::new(
+            Phase::Blocked,
+            reason::SCHEMA_DRIFTED,
+            format!(
+                "{}; fix it with a migration (or revert it by hand), or keep it with \
+                 `schemagate migrate drift --accept --reason <why>`; spec.drift.onDrift: \
+                 Block refuses gated pods meanwhile",
+                d.message
+            ),
+        )
+    })
+}
+
+/// `status.schemaDrift.result` values.
+pub const DRIFTED: &str = "Drifted";
+pub const CLEAN: &str = "Clean";
+pub const NO_BASELINE: &str = "NoBaseline";
+pub const NOT_CHECKED: &str = "NotChecked";
+
 /// Where the database stands against the target: at it (Ready), above it with downgrades
 /// denied (Blocked), or paused. `None`: something must run.
 fn version_verdict(i: &Inputs<'_>, f: &Facts<'_>, pos: Option<Position>) -> Option<Verdict> {
@@ -535,6 +571,9 @@ fn init_container_verdict(i: &Inputs<'_>, f: &Facts<'_>) -> Verdict {
         .first()
         .filter(|r| r.kind == RunKind::Pod && r.state == JobState::Failed)
     {
+        if let Some(v) = approval_verdict(i, run, &format!("pod {}", run.name)) {
+            return v;
+        }
         return Verdict::new(
             Phase::Failed,
             failed_reason(run),
@@ -572,10 +611,62 @@ fn init_container_verdict(i: &Inputs<'_>, f: &Facts<'_>) -> Verdict {
     )
 }
 
+/// The runner's error kind for a plan refused for want of an approval.
+const APPROVAL_KIND: &str = "approval_required";
+
+/// True when `hash` is among the resource's approved plans.
+pub fn plan_approved(sm: &SchemaMigration, hash: &str) -> bool {
+    let bare = |h: &str| {
+        let h = h.trim();
+        h.strip_prefix("sha256:").unwrap_or(h).to_ascii_lowercase()
+    };
+    let want = bare(hash);
+    !want.is_empty()
+        && sm
+            .spec
+            .approved_plans
+            .iter()
+            .any(|a| bare(&a.plan_hash) == want)
+}
+
+/// A run refused because its plan needs an approval: `Some(Blocked)` with the hash while
+/// the plan is not approved; `Some(Migrating)` once it is (runs started before the
+/// approval do not carry it: the next one does). `None` for any other run.
+fn approval_verdict(i: &Inputs<'_>, run: &JobView, who: &str) -> Option<Verdict> {
+    let s = run.summary.as_ref()?;
+    let e = s.error.as_ref().filter(|e| e.kind == APPROVAL_KIND)?;
+    let hash = s.plan_hash.clone().unwrap_or_default();
+    if plan_approved(i.sm, &hash) {
+        return Some(Verdict::new(
+            Phase::Migrating,
+            reason::WAITING_FOR_POD,
+            format!(
+                "plan {hash} is approved; {}",
+                match run.kind {
+                    RunKind::Pod => "the next pod admitted runs it (pods admitted before the \
+                                     approval keep failing: restart them, e.g. `kubectl rollout \
+                                     restart`)",
+                    RunKind::Job => "a new Job runs it",
+                }
+            ),
+        ));
+    }
+    Some(Verdict::new(
+        Phase::Blocked,
+        reason::APPROVAL_REQUIRED,
+        format!(
+            "{who}: {}; to run it, review the plan (`schemagate migrate plan`) and add \
+             {{planHash: {hash}, approvedBy: <you>, reason: <why>}} to spec.approvedPlans",
+            e.message
+        ),
+    ))
+}
+
 /// Why a run failed, as a condition reason: the runner's own kind where it has one.
 fn failed_reason(run: &JobView) -> &'static str {
     match run.summary.as_ref().and_then(|s| s.error.as_ref()) {
         Some(e) if e.kind == "lock_busy" => reason::LOCK_BUSY,
+        Some(e) if e.kind == APPROVAL_KIND => reason::APPROVAL_REQUIRED,
         _ => reason::MIGRATION_FAILED,
     }
 }
@@ -603,6 +694,12 @@ fn job_verdict(
         );
     }
     match planned {
+        Some(job)
+            if job.state == JobState::Failed
+                && let Some(v) = approval_verdict(i, job, &format!("Job {}", job.name)) =>
+        {
+            v
+        }
         Some(job) if job.state == JobState::Failed => Verdict::new(
             Phase::Failed,
             failed_reason(job),
@@ -678,7 +775,10 @@ fn job_verdict(
 /// The one verdict for the resource, and the action it implies.
 fn verdict(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) -> (Verdict, Action) {
     let mut action = Action::Nothing;
-    if let Some(v) = input_problem(i, f).or_else(|| f.read.and_then(database_problem)) {
+    if let Some(v) = input_problem(i, f)
+        .or_else(|| f.read.and_then(database_problem))
+        .or_else(|| drift_block(i, f))
+    {
         return (v, action);
     }
     let pos = f
@@ -703,7 +803,7 @@ fn verdict(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) -> (Verdi
 }
 
 /// The kstatus conditions of a verdict, plus whether the database could be read.
-fn conditions_of(i: &Inputs<'_>, v: &Verdict) -> Vec<Condition> {
+fn conditions_of(i: &Inputs<'_>, f: &Facts<'_>, v: &Verdict) -> Vec<Condition> {
     let db_condition = match &i.database {
         DbView::NotObserved => (
             false,
@@ -726,7 +826,21 @@ fn conditions_of(i: &Inputs<'_>, v: &Verdict) -> Vec<Condition> {
     let condition = |kind, status, reason, message| {
         cond::condition(previous, kind, status, reason, message, generation, &i.now)
     };
-    vec![
+    let drift = i.sm.spec.drift.as_ref().map(|_| {
+        let (status, why, message) = match f.drift.as_ref() {
+            Some(d) if d.result == DRIFTED => (true, reason::SCHEMA_DRIFTED, d.message.clone()),
+            Some(d) if d.result == CLEAN => (false, reason::NO_DRIFT, d.message.clone()),
+            Some(d) if d.result == NO_BASELINE => (false, reason::NO_BASELINE, d.message.clone()),
+            Some(d) => (false, reason::NOT_CHECKED, d.message.clone()),
+            None => (
+                false,
+                reason::NOT_CHECKED,
+                "no drift check has run yet".to_string(),
+            ),
+        };
+        condition(cond::SCHEMA_DRIFTED, status, why, message)
+    });
+    let mut all = vec![
         condition(
             cond::READY,
             v.phase == Phase::Ready,
@@ -746,7 +860,9 @@ fn conditions_of(i: &Inputs<'_>, v: &Verdict) -> Vec<Condition> {
             db_condition.1,
             db_condition.2,
         ),
-    ]
+    ];
+    all.extend(drift);
+    all
 }
 
 /// Events for what changed since the last status: a new phase, a run that finished.
@@ -789,6 +905,34 @@ fn events_of(i: &Inputs<'_>, v: &Verdict, events: &mut Vec<EventNote>) {
     }
 }
 
+/// A Warning Event when a drift check finds the live schema drifted (again, or
+/// differently), a Normal one when a drift is gone.
+fn drift_events(i: &Inputs<'_>, events: &mut Vec<EventNote>) {
+    let Some(now) = i.schema_drift.as_ref().filter(|_| i.sm.spec.drift.is_some()) else {
+        return;
+    };
+    let before = i.sm.status.as_ref().and_then(|s| s.schema_drift.as_ref());
+    let was_drifted = before.is_some_and(|b| b.result == DRIFTED);
+    if now.result == DRIFTED {
+        let same = before.is_some_and(|b| {
+            b.result == DRIFTED && b.differences == now.differences && b.count == now.count
+        });
+        if !same && !events.iter().any(|e| e.reason == reason::SCHEMA_DRIFTED) {
+            events.push(EventNote {
+                warning: true,
+                reason: reason::SCHEMA_DRIFTED,
+                note: now.message.clone(),
+            });
+        }
+    } else if was_drifted && now.result == CLEAN {
+        events.push(EventNote {
+            warning: false,
+            reason: reason::NO_DRIFT,
+            note: now.message.clone(),
+        });
+    }
+}
+
 /// Decides status and action for one resource: the facts, the verdict (input problems,
 /// then database problems, then the version against the target, then the mode's own
 /// rules), its conditions and Events.
@@ -796,8 +940,9 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let f = facts(i);
     let mut events = Vec::new();
     let (v, action) = verdict(i, &f, &mut events);
-    let conditions = conditions_of(i, &v);
+    let conditions = conditions_of(i, &f, &v);
     events_of(i, &v, &mut events);
+    drift_events(i, &mut events);
     let previous = i.sm.status.clone().unwrap_or_default();
     let status = SchemaMigrationStatus {
         observed_generation: i.sm.metadata.generation,
@@ -820,6 +965,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             })
             .unwrap_or_else(|| previous.applied.clone()),
         last_run: i.jobs.first().map(last_run).or(previous.last_run.clone()),
+        schema_drift: f.drift.clone(),
         conditions,
     };
     Decision {

@@ -35,7 +35,7 @@ pub fn run_hash(
     secret_version: &str,
 ) -> String {
     let spec = &sm.spec;
-    let fingerprint = serde_json::json!({
+    let mut fingerprint = serde_json::json!({
         "target": target,
         "command": command.as_str(),
         "source": source_hash,
@@ -43,6 +43,11 @@ pub fn run_hash(
         "runner": &spec.runner,
         "options": &spec.options,
     });
+    // Only with an approval policy (the names of every other resource's Jobs stay as they
+    // were): a new approval is a new run.
+    if !spec.approval.is_empty() {
+        fingerprint["approval"] = serde_json::json!([&spec.approval, &spec.approved_plans]);
+    }
     sha256_hex(fingerprint.to_string().as_bytes())[..10].to_string()
 }
 

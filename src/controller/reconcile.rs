@@ -26,7 +26,7 @@ use super::reads::{ReadKey, SharedReads};
 use crate::api::conditions::{self, reason};
 use crate::api::{
     AppliedMigration, FIELD_MANAGER, JOB_FOR_LABEL, MIGRATION_LABEL, MigrationMode, Phase,
-    STATUS_LIST_MAX, SchemaMigration, SchemaMigrationStatus,
+    STATUS_LIST_MAX, SchemaDriftStatus, SchemaMigration, SchemaMigrationStatus,
 };
 use crate::engine::dialect::{ConnectConfig, Db, HistoryTable};
 use crate::engine::{self, Backend, ChecksumMode, redact, runner, source};
@@ -225,6 +225,8 @@ pub struct Observed {
     /// An inline source's ConfigMap: its name, and whether it exists (owned by this
     /// resource: one somebody else created makes the source invalid).
     pub inline_config_map: Option<(String, bool)>,
+    /// A live-schema drift check, when one was due.
+    pub schema_drift: Option<SchemaDriftStatus>,
 }
 
 /// True when `meta` names the resource with `uid` as its controller.
@@ -328,12 +330,9 @@ async fn read_source(
 }
 
 /// Reads the history table (never creating anything) and compares it with the files.
-async fn read_database(
-    sm: &SchemaMigration,
-    url: &str,
-    files: Option<&[(String, String)]>,
-    timeout: Duration,
-) -> DbView {
+/// How the controller connects to a resource's database (a read-only visit: the history,
+/// the catalogs).
+fn db_config(sm: &SchemaMigration, url: &str, timeout: Duration) -> Result<ConnectConfig, DbFailure> {
     let table_name = sm
         .spec
         .options
@@ -341,22 +340,140 @@ async fn read_database(
         .clone()
         .unwrap_or_else(|| engine::dialect::DEFAULT_HISTORY_TABLE.into());
     let Ok(table) = HistoryTable::parse(&table_name) else {
-        return DbView::Failed(DbFailure::new(
+        return Err(DbFailure::new(
             DbFailureKind::Config,
             format!("invalid history table name {table_name:?} in spec.options.historyTable"),
         ));
     };
     let (url, _) = engine::dialect::split_url_params(url);
-    let url = match engine::dialect::url::normalize(&url, std::path::Path::new("/")) {
-        Ok(u) => u,
-        Err(e) => return DbView::Failed(db_failure(&e)),
-    };
-    let cfg = ConnectConfig {
+    let url = engine::dialect::url::normalize(&url, std::path::Path::new("/"))
+        .map_err(|e| db_failure(&e))?;
+    Ok(ConnectConfig {
         url,
         table,
         connect_timeout: timeout,
         busy_timeout: Duration::from_millis(100),
         application_name: "schemagate controller".into(),
+    })
+}
+
+/// The live-schema drift check of `spec.drift`, when one is due: none ran yet, the
+/// interval passed, the version moved, or the spec changed. Only when the database was
+/// read and no run is in progress (a schema in motion is not drift).
+fn drift_due(sm: &SchemaMigration, database: &DbView, jobs: &[JobView], now: Timestamp) -> bool {
+    let Some(spec) = &sm.spec.drift else {
+        return false;
+    };
+    let DbView::Read(read) = database else {
+        return false;
+    };
+    if read.unfinished.is_some() || jobs.iter().any(|j| j.state == JobState::Active) {
+        return false;
+    }
+    let status = sm.status.as_ref();
+    let Some(last) = status.and_then(|s| s.schema_drift.as_ref()) else {
+        return true;
+    };
+    let interval = drift_interval(spec);
+    let old = last
+        .checked_at
+        .as_deref()
+        .and_then(|t| t.parse::<Timestamp>().ok())
+        .is_none_or(|t| now.duration_since(t).as_secs_f64() >= interval.as_secs_f64());
+    old || last.version != read.current
+        || status.and_then(|s| s.observed_generation) != sm.metadata.generation
+}
+
+/// `spec.drift.interval`, at least a minute.
+pub fn drift_interval(spec: &crate::api::DriftSpec) -> Duration {
+    crate::model::clock::parse_duration(&spec.interval)
+        .unwrap_or(Duration::from_secs(3600))
+        .max(Duration::from_secs(60))
+}
+
+/// Compares the live schema with the fingerprint recorded at the database's version.
+async fn check_drift(sm: &SchemaMigration, url: &str, timeout: Duration, now: Timestamp) -> SchemaDriftStatus {
+    let status = |result: &str, version: Option<String>, message: String| SchemaDriftStatus {
+        checked_at: Some(now.to_string()),
+        version,
+        result: result.into(),
+        count: 0,
+        differences: Vec::new(),
+        message: redact::redact(&message).into_owned(),
+    };
+    if sm.spec.source.tool.is_some() {
+        return status(
+            decide::NOT_CHECKED,
+            None,
+            "drift checks compare the fingerprints schemagate's own runs record; a tool source \
+             records none"
+                .into(),
+        );
+    }
+    let cfg = match db_config(sm, url, timeout) {
+        Ok(c) => c,
+        Err(f) => return status(decide::NOT_CHECKED, None, f.message),
+    };
+    let check = async {
+        let mut db = Db::connect(&cfg).await?;
+        let result = async {
+            let state = runner::read_state(&mut db).await.map_err(|e| {
+                engine::DbError::new(engine::DbErrorKind::Other, e.to_string())
+            })?;
+            engine::schema::check(&mut db, &state).await
+        }
+        .await;
+        db.close().await;
+        result
+    };
+    let check = match tokio::time::timeout(timeout * 4, check).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            return status(
+                decide::NOT_CHECKED,
+                None,
+                format!("cannot read the schema: {}", db_failure(&e).message),
+            );
+        }
+        Err(_) => {
+            return status(
+                decide::NOT_CHECKED,
+                None,
+                format!("cannot read the schema: {}", no_answer(timeout * 4).message),
+            );
+        }
+    };
+    use engine::schema::DriftCheck;
+    let message = check.summary();
+    match check {
+        DriftCheck::Clean { version, .. } => status(decide::CLEAN, version, message),
+        DriftCheck::NoBaseline { version, .. } => status(decide::NO_BASELINE, version, message),
+        DriftCheck::Busy { .. } => status(decide::NOT_CHECKED, None, message),
+        DriftCheck::Drifted {
+            version,
+            differences,
+            ..
+        } => SchemaDriftStatus {
+            count: differences.len(),
+            differences: differences
+                .iter()
+                .take(STATUS_LIST_MAX)
+                .map(|d| runner::clip(&d.message, 300))
+                .collect(),
+            ..status(decide::DRIFTED, version, message)
+        },
+    }
+}
+
+async fn read_database(
+    sm: &SchemaMigration,
+    url: &str,
+    files: Option<&[(String, String)]>,
+    timeout: Duration,
+) -> DbView {
+    let cfg = match db_config(sm, url, timeout) {
+        Ok(c) => c,
+        Err(f) => return DbView::Failed(f),
     };
     if let Some(tool) = &sm.spec.source.tool {
         return read_tool(&cfg, crate::runner::source::tool(tool.name), timeout).await;
@@ -766,12 +883,22 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
             "the database URL is not available",
         )),
     };
+    let schema_drift = match &url {
+        Some(url)
+            if ctx.settings.observe_database
+                && drift_due(sm, &database, &jobs, Timestamp::now()) =>
+        {
+            Some(check_drift(sm, url, ctx.settings.db_timeout, Timestamp::now()).await)
+        }
+        _ => None,
+    };
     Ok(Observed {
         secret,
         source,
         database,
         jobs,
         inline_config_map,
+        schema_drift,
     })
 }
 
@@ -860,6 +987,7 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
         namer: can_name.then_some(&namer as &decide::Namer<'_>),
         image_allowed: allowed,
         service_account_allowed: policy.resource_service_account_allowed(sm),
+        schema_drift: o.schema_drift.clone(),
     });
     redacted(decision)
 }
@@ -1083,11 +1211,16 @@ async fn reconcile_inner(sm: &SchemaMigration, ctx: &Context) -> Result<Requeue,
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     let busy = matches!(d.status.phase, Some(Phase::Migrating | Phase::Pending));
-    Ok(Requeue::requeue(if busy {
+    let mut after = if busy {
         ctx.settings.requeue_busy
     } else {
         ctx.settings.requeue
-    }))
+    };
+    // The next drift check is due within the interval at the latest.
+    if let Some(spec) = &sm.spec.drift {
+        after = after.min(drift_interval(spec));
+    }
+    Ok(Requeue::requeue(after))
 }
 
 /// The status a failure leaves: permanent ones make the resource Blocked and `Stalled`

@@ -282,6 +282,13 @@ pub async fn run(args: ControllerArgs) -> Result<(), RunError> {
                 phase: sm.status.as_ref().and_then(|s| s.phase),
                 current_version: sm.status.as_ref().and_then(|s| s.current_version.clone()),
                 target_version: sm.status.as_ref().and_then(|s| s.target_version.clone()),
+                schema_drift_objects: sm.spec.drift.as_ref().map(|_| {
+                    sm.status
+                        .as_ref()
+                        .and_then(|s| s.schema_drift.as_ref())
+                        .filter(|d| d.result == crate::controller::decide::DRIFTED)
+                        .map_or(0, |d| d.count)
+                }),
             })
             .collect()
     }));

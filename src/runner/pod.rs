@@ -118,6 +118,20 @@ pub fn runner_env(sm: &SchemaMigration) -> Vec<EnvVar> {
     if let Some(t) = &o.migration_statement_timeout {
         out.push(env("SCHEMAGATE_MIGRATION_STATEMENT_TIMEOUT", t));
     }
+    // Approvals: what needs one, and the approved plan hashes (as of this pod's admission
+    // or this Job's creation: a later approval reaches the runs started after it).
+    if !spec.approval.required.is_empty() {
+        let kinds: Vec<&str> = spec.approval.required.iter().map(|k| k.as_str()).collect();
+        out.push(env("SCHEMAGATE_REQUIRE_APPROVAL", &kinds.join(",")));
+        if !spec.approved_plans.is_empty() {
+            let hashes: Vec<&str> = spec
+                .approved_plans
+                .iter()
+                .map(|a| a.plan_hash.as_str())
+                .collect();
+            out.push(env("SCHEMAGATE_APPROVED_PLANS", &hashes.join(",")));
+        }
+    }
     out
 }
 

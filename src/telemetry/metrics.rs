@@ -40,6 +40,15 @@ pub struct ResourceView {
     pub phase: Option<Phase>,
     pub current_version: Option<String>,
     pub target_version: Option<String>,
+    /// Objects of the live schema that differ from the migrations' (with spec.drift; 0
+    /// when clean or not known).
+    pub schema_drift_objects: Option<usize>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResourceLabel {
+    namespace: String,
+    name: String,
 }
 
 /// Where the per-resource gauges come from: the operator plugs in its caches.
@@ -81,7 +90,16 @@ impl Collector for ResourceCollector {
                 .set(0);
         }
         let info = Family::<InfoLabel, Gauge>::default();
+        let drift = Family::<ResourceLabel, Gauge>::default();
         for v in &views {
+            if let Some(n) = v.schema_drift_objects {
+                drift
+                    .get_or_create(&ResourceLabel {
+                        namespace: v.namespace.clone(),
+                        name: v.name.clone(),
+                    })
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
             let phase = v.phase.unwrap_or(Phase::Pending).as_str().to_string();
             phases
                 .get_or_create(&PhaseLabel {
@@ -104,6 +122,13 @@ impl Collector for ResourceCollector {
             phases.metric_type(),
         )?;
         phases.encode(m)?;
+        let m = encoder.encode_descriptor(
+            "schema_drift_objects",
+            "Objects of the live schema that differ from what the migrations left (SchemaMigrations with spec.drift)",
+            None,
+            drift.metric_type(),
+        )?;
+        drift.encode(m)?;
         let m = encoder.encode_descriptor(
             "resource_info",
             "One series per SchemaMigration: its phase and current and target versions",
@@ -311,6 +336,7 @@ mod tests {
             phase: Some(phase),
             current_version: Some("3".into()),
             target_version: Some("4".into()),
+            schema_drift_objects: None,
         }
     }
 
