@@ -68,6 +68,7 @@ fn inputs(sm: &SchemaMigration) -> Inputs<'_> {
         namer: Some(&namer),
         image_allowed: true,
         service_account_allowed: true,
+        schema_drift: None,
     }
 }
 
@@ -585,4 +586,131 @@ fn lint_findings_of_the_pending_migrations_reach_the_status_bounded() {
     let d = decide(&i);
     assert_eq!(d.status.lint_findings.len(), crate::api::STATUS_LIST_MAX);
     assert!(d.status.lint_findings[0].starts_with("3_x.up.sql:0 require-concurrent"));
+}
+
+const HASH: &str = "5b0d9449d32bb146c117b19ef1d6b7817e5ed4ac66ade02e6423a48e933e57fe";
+
+fn refused_for_approval() -> RunSummary {
+    RunSummary {
+        result: RunResult::Failed,
+        exit_code: Some(21),
+        plan_hash: Some(HASH.into()),
+        error: Some(SummaryError {
+            kind: "approval_required".into(),
+            message: format!("refused: this plan needs an approval (Destructive (...)): approve plan hash {HASH}"),
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_plan_that_needs_an_approval_blocks_with_its_hash_until_approved() {
+    let mut s = sm(MigrationMode::Job);
+    s.spec.approval.required = vec![crate::api::ApprovalKind::Destructive];
+    let mut i = inputs(&s);
+    i.jobs = vec![job("orders-1a2b3c4d", JobState::Failed, Some(refused_for_approval()))];
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Blocked);
+    let stalled = cond(&d, cond::STALLED);
+    assert_eq!(stalled.status, "True");
+    assert_eq!(stalled.reason, reason::APPROVAL_REQUIRED);
+    assert!(stalled.message.contains(HASH), "{}", stalled.message);
+    assert!(stalled.message.contains("spec.approvedPlans"));
+    assert_eq!(d.action, Action::Nothing, "no new Job for the same plan");
+    assert_kstatus(&d);
+
+    // Approved: the approval changes the Job's name (a new run), which is created.
+    s.spec.approved_plans = vec![crate::api::ApprovedPlan {
+        plan_hash: format!("sha256:{}", HASH.to_uppercase()),
+        approved_by: "dba@example.com".into(),
+        reason: Some("orders are archived".into()),
+    }];
+    let mut i = inputs(&s);
+    i.namer = Some(&other_namer);
+    i.jobs = vec![job("orders-1a2b3c4d", JobState::Failed, Some(refused_for_approval()))];
+    let d = decide(&i);
+    assert!(matches!(d.action, Action::CreateJob(ref j) if j.name == "orders-new"));
+    assert_eq!(phase(&d), Phase::Migrating);
+}
+
+#[test]
+fn an_init_container_refused_for_approval_blocks_and_an_approval_unblocks_new_pods() {
+    let mut s = sm(MigrationMode::InitContainer);
+    let mut run = job("orders-web-1", JobState::Failed, Some(refused_for_approval()));
+    run.kind = RunKind::Pod;
+    let mut i = inputs(&s);
+    i.jobs = vec![run.clone()];
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Blocked, "the webhook refuses new pods meanwhile");
+    assert_eq!(cond(&d, cond::STALLED).reason, reason::APPROVAL_REQUIRED);
+    s.spec.approved_plans = vec![crate::api::ApprovedPlan {
+        plan_hash: HASH.into(),
+        approved_by: "dba".into(),
+        reason: None,
+    }];
+    let mut i = inputs(&s);
+    i.jobs = vec![run];
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Migrating, "{:?}", d.status.conditions);
+    assert!(cond(&d, cond::RECONCILING).message.contains("restart them"));
+    assert_kstatus(&d);
+}
+
+fn drift_status(result: &str, count: usize) -> crate::api::SchemaDriftStatus {
+    crate::api::SchemaDriftStatus {
+        checked_at: Some("2026-12-06T08:00:00Z".into()),
+        version: Some("2".into()),
+        result: result.into(),
+        count,
+        differences: (0..count).map(|n| format!("index extra_{n} on orders exists but no migration created it")).collect(),
+        message: format!("{result}: {count} object(s)"),
+    }
+}
+
+#[test]
+fn drift_is_a_condition_an_event_and_blocks_only_when_asked() {
+    let mut s = sm(MigrationMode::Job);
+    s.spec.target_version = Some("2".into());
+    // Off: no condition at all.
+    let d = decide(&inputs(&s));
+    assert!(d.status.conditions.iter().all(|c| c.type_ != cond::SCHEMA_DRIFTED));
+
+    s.spec.drift = Some(crate::api::DriftSpec {
+        interval: "1h".into(),
+        on_drift: crate::api::DriftAction::Report,
+    });
+    let mut i = inputs(&s);
+    i.schema_drift = Some(drift_status(DRIFTED, 2));
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Ready, "drift does not block by default");
+    let c = cond(&d, cond::SCHEMA_DRIFTED);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", reason::SCHEMA_DRIFTED));
+    assert!(d.events.iter().any(|e| e.warning && e.reason == reason::SCHEMA_DRIFTED));
+    assert_eq!(d.status.schema_drift.as_ref().unwrap().count, 2);
+    assert_kstatus(&d);
+
+    // The same drift found again: no new Event; the status keeps it between checks.
+    s.status = Some(d.status.clone());
+    let mut i = inputs(&s);
+    i.schema_drift = Some(drift_status(DRIFTED, 2));
+    assert!(decide(&i).events.iter().all(|e| e.reason != reason::SCHEMA_DRIFTED));
+    let d = decide(&inputs(&s));
+    assert_eq!(cond(&d, cond::SCHEMA_DRIFTED).status, "True");
+
+    // Gone: a Normal Event, the condition False.
+    let mut i = inputs(&s);
+    i.schema_drift = Some(drift_status(CLEAN, 0));
+    let d = decide(&i);
+    assert_eq!(cond(&d, cond::SCHEMA_DRIFTED).status, "False");
+    assert!(d.events.iter().any(|e| !e.warning && e.reason == reason::NO_DRIFT));
+
+    // Block: the resource is Blocked (so the webhook refuses pods).
+    s.spec.drift.as_mut().unwrap().on_drift = crate::api::DriftAction::Block;
+    let mut i = inputs(&s);
+    i.schema_drift = Some(drift_status(DRIFTED, 1));
+    let d = decide(&i);
+    assert_eq!(phase(&d), Phase::Blocked);
+    assert_eq!(cond(&d, cond::STALLED).reason, reason::SCHEMA_DRIFTED);
+    assert!(cond(&d, cond::STALLED).message.contains("drift --accept"));
+    assert_kstatus(&d);
 }
