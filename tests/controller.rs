@@ -1495,3 +1495,187 @@ async fn a_controller_restarted_mid_run_adopts_its_job_and_carries_the_status_fo
     assert_eq!(status["lastRun"]["result"], "Succeeded");
     assert_eq!(events(&seen, "Migrated").len(), 1, "{seen:#?}");
 }
+
+/// `exec` from an async test (it starts its own runtime: on another thread).
+fn exec_off_runtime(url: &str, sql: &str) {
+    std::thread::scope(|t| {
+        t.spawn(|| exec(url, sql));
+    });
+}
+
+/// The runner's environment in a Job the controller created, as `(name, value)`.
+fn job_env(job: &Job) -> Vec<(String, String)> {
+    job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value.clone().map(|v| (e.name.clone(), v)))
+        .collect()
+}
+
+#[tokio::test]
+async fn drift_is_checked_on_its_interval_and_reported_as_a_condition() {
+    let (_db, url) = database(Some("3"));
+    let mut sm = resource(MigrationMode::InitContainer);
+    sm.spec.drift = Some(schemagate::api::DriftSpec {
+        interval: "1h".into(),
+        on_drift: schemagate::api::DriftAction::Report,
+    });
+    let (seen, result) = reconcile_once(sm.clone(), world(&url)).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Ready");
+    assert_eq!(status["schemaDrift"]["result"], "Clean", "{status:#}");
+    assert_eq!(condition(&status, "SchemaDrifted")["status"], "False");
+    let mut settled = sm.clone();
+    settled.status = Some(serde_json::from_value(status).unwrap());
+
+    // Someone adds an index by hand. A reconcile within the interval (a repeated watch
+    // event) does not check again and writes nothing.
+    exec_off_runtime(&url, "CREATE INDEX orders_customer ON orders (customer)");
+    let (seen, result) = reconcile_once(settled.clone(), world(&url)).await;
+    result.unwrap();
+    assert!(seen.iter().all(|s| s.method == "GET"), "{seen:#?}");
+
+    // Once the interval has passed: the drift is found, named, and told once.
+    let mut due = settled.clone();
+    let drift = due.status.as_mut().unwrap().schema_drift.as_mut().unwrap();
+    drift.checked_at = Some("2026-01-01T00:00:00Z".into());
+    let (seen, result) = reconcile_once(due.clone(), world(&url)).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Ready", "drift does not block by default");
+    assert_eq!(status["schemaDrift"]["result"], "Drifted");
+    assert_eq!(status["schemaDrift"]["count"], 1);
+    assert_eq!(
+        status["schemaDrift"]["differences"][0],
+        "index orders_customer on orders exists but no migration created it (CREATE INDEX orders_customer ON orders (customer))"
+    );
+    let c = condition(&status, "SchemaDrifted");
+    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("SchemaDrifted")));
+    let events: Vec<&Seen> = posts(&seen, "/events")
+        .into_iter()
+        .filter(|e| e.body["reason"] == "SchemaDrifted")
+        .collect();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].body["type"], "Warning");
+
+    // While a migration runs (a gated pod's init container), the schema is in motion: no
+    // check, the last result stays.
+    let mut drifted = due.clone();
+    drifted.status = Some(serde_json::from_value(status).unwrap());
+    let mut moving = drifted.clone();
+    moving.status.as_mut().unwrap().schema_drift.as_mut().unwrap().checked_at =
+        Some("2026-01-01T00:00:00Z".into());
+    let mut w = world(&url);
+    exec_off_runtime(&url, "DROP INDEX orders_customer");
+    w.pods = vec![running_gated_pod()];
+    let (seen, result) = reconcile_once(moving, w).await;
+    result.unwrap();
+    let status = status_patch(&seen); // the running pod is news: lastRun
+    assert_eq!(status["lastRun"]["result"], "Running", "{status:#}");
+    assert_eq!(status["schemaDrift"]["result"], "Drifted", "not re-checked");
+    assert_eq!(
+        status["schemaDrift"]["checkedAt"], "2026-01-01T00:00:00Z",
+        "the last result stays"
+    );
+
+    // onDrift: Block makes the resource Blocked (the webhook then refuses gated pods).
+    exec_off_runtime(&url, "CREATE INDEX orders_customer ON orders (customer)");
+    let mut block = due.clone();
+    block.spec.drift.as_mut().unwrap().on_drift = schemagate::api::DriftAction::Block;
+    let (seen, result) = reconcile_once(block, world(&url)).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Blocked");
+    assert_eq!(condition(&status, "Stalled")["reason"], "SchemaDrifted");
+}
+
+/// A gated pod whose init container is running (a migration in progress).
+fn running_gated_pod() -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "web-1", "namespace": NS, "labels": {MIGRATION_LABEL: "orders"},
+                     "creationTimestamp": "2026-12-06T08:00:00Z"},
+        "spec": {"containers": [{"name": "app", "image": "app"}],
+                 "initContainers": [{"name": "schemagate-migrate", "image": IMAGE}]},
+        "status": {"initContainerStatuses": [{"name": "schemagate-migrate", "image": IMAGE, "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"running": {"startedAt": "2026-12-06T08:00:01Z"}}}]}
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_plan_that_needs_approval_blocks_with_its_hash_until_approved() {
+    let (_db, url) = database(Some("3"));
+    let mut w = world(&url);
+    let destructive = (
+        "4_drop_customer.up.sql",
+        "-- schemagate:allow-destructive customers moved to the CRM\nALTER TABLE orders DROP COLUMN customer;\n",
+    );
+    w.config_map
+        .as_mut()
+        .unwrap()
+        .data
+        .as_mut()
+        .unwrap()
+        .insert(destructive.0.into(), destructive.1.into());
+    let mut sm = resource(MigrationMode::Job);
+    sm.spec.approval.required = vec![schemagate::api::ApprovalKind::Destructive];
+    let job = created_job(&sm, &w).await;
+    let env = job_env(&job);
+    assert!(env.contains(&("SCHEMAGATE_REQUIRE_APPROVAL".into(), "Destructive".into())), "{env:?}");
+
+    // The Job's runner, as the kubelet starts it: refused, with the plan's hash.
+    let mig = MigDir::new();
+    for (n, t) in files().into_iter().chain([destructive]) {
+        mig.file(n, t);
+    }
+    let summary = tempfile::NamedTempFile::new().unwrap();
+    let runner = |env: &[(String, String)]| {
+        let mut c = migrate(&url, mig.path());
+        c.envs(env.iter().filter(|(n, _)| n.starts_with("SCHEMAGATE_") && n != "SCHEMAGATE_DIR" && n != "SCHEMAGATE_SUMMARY_FILE").cloned())
+            .env("SCHEMAGATE_SUMMARY_FILE", summary.path())
+            .arg("upgrade");
+        let o = run(c);
+        let line: Value = serde_json::from_str(std::fs::read_to_string(summary.path()).unwrap().trim()).unwrap();
+        (o, line)
+    };
+    let (o, line) = runner(&env);
+    assert_code(&o, 21);
+    let hash = line["planHash"].as_str().unwrap().to_string();
+    let name = job.metadata.name.clone().unwrap();
+    let mut failed = w.clone();
+    failed.jobs = vec![finished(job.clone(), false)];
+    failed.pods = vec![pod_with_summary(&name, line)];
+    let (seen, result) = reconcile_once(sm.clone(), failed.clone()).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty(), "no retry of an unapproved plan");
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Blocked");
+    let stalled = condition(&status, "Stalled");
+    assert_eq!(stalled["reason"], "ApprovalRequired");
+    assert!(stalled["message"].as_str().unwrap().contains(&hash), "{stalled}");
+
+    // Approved: a new Job (another name) that carries the approval, and runs.
+    let mut approved = sm.clone();
+    approved.metadata.generation = Some(2);
+    approved.spec.approved_plans = vec![schemagate::api::ApprovedPlan {
+        plan_hash: hash.clone(),
+        approved_by: "dba@example.com".into(),
+        reason: Some("customers moved to the CRM".into()),
+    }];
+    approved.status = Some(serde_json::from_value(status).unwrap());
+    let (seen, result) = reconcile_once(approved, failed).await;
+    result.unwrap();
+    let jobs = posts(&seen, "/jobs");
+    assert_eq!(jobs.len(), 1, "{seen:#?}");
+    let second: Job = serde_json::from_value(jobs[0].body.clone()).unwrap();
+    assert_ne!(second.metadata.name, job.metadata.name);
+    let env = job_env(&second);
+    assert!(env.contains(&("SCHEMAGATE_APPROVED_PLANS".into(), hash.clone())), "{env:?}");
+    let (o, line) = runner(&env);
+    assert_code(&o, 0);
+    assert_eq!(line["planHash"], hash.as_str());
+    assert_eq!(line["applied"], json!(["4"]));
+}

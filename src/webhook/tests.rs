@@ -361,3 +361,50 @@ fn a_tool_source_injects_the_installer_and_the_tools_command_in_both_modes() {
         assert!(volumes.contains(&pod::BIN_VOLUME), "{volumes:?}");
     }
 }
+
+#[test]
+fn a_plan_waiting_for_approval_refuses_pods_with_its_hash_and_an_approval_reaches_the_runner() {
+    let hash = "5b0d9449d32bb146c117b19ef1d6b7817e5ed4ac66ade02e6423a48e933e57fe";
+    let mut s = sm(MigrationMode::InitContainer);
+    s.spec.approval.required = vec![crate::api::ApprovalKind::Destructive];
+    s.metadata.generation = Some(4);
+    s.status = Some(SchemaMigrationStatus {
+        observed_generation: Some(4),
+        phase: Some(Phase::Blocked),
+        conditions: vec![Condition {
+            type_: conditions::STALLED.into(),
+            status: "True".into(),
+            reason: reason::APPROVAL_REQUIRED.into(),
+            message: format!(
+                "pod web-0: refused: this plan needs an approval: approve plan hash {hash}"
+            ),
+            observed_generation: Some(4),
+            last_transition_time: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        }],
+        ..Default::default()
+    });
+    let e = inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap_err();
+    assert!(
+        e.0.contains("ApprovalRequired") && e.0.contains(hash),
+        "{}",
+        e.0
+    );
+    // Approving changes the spec: the next pod is admitted, its runner carries the policy
+    // and the approval.
+    s.metadata.generation = Some(5);
+    s.spec.approved_plans = vec![crate::api::ApprovedPlan {
+        plan_hash: hash.into(),
+        approved_by: "dba".into(),
+        reason: None,
+    }];
+    let p = patched(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap());
+    let runner = p.spec.unwrap().init_containers.unwrap().remove(0);
+    let env: Vec<(String, String)> = runner
+        .env
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| e.value.map(|v| (e.name, v)))
+        .collect();
+    assert!(env.contains(&("SCHEMAGATE_REQUIRE_APPROVAL".into(), "Destructive".into())));
+    assert!(env.contains(&("SCHEMAGATE_APPROVED_PLANS".into(), hash.into())));
+}
