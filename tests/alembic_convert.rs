@@ -43,7 +43,7 @@ fn sg(url: &str, dir: &Path, args: &[&str]) -> Output {
 /// The app's tables as PostgreSQL's catalogs describe them: columns, indexes, constraints
 /// and sequences, without Alembic's and schemagate's bookkeeping tables.
 fn pg_schema(url: &str) -> Vec<String> {
-    const NOT_APP: &str = "('alembic_version', 'schemagate_history', 'schemagate_history_lock')";
+    const NOT_APP: &str = "('alembic_version', 'schemagate_history', 'schemagate_history_lock', 'schemagate_history_fp')";
     let mut rows = query(
         url,
         &format!(
@@ -83,7 +83,7 @@ fn pg_schema(url: &str) -> Vec<String> {
 /// writes tabs online and four spaces in offline SQL, and SQLite keeps the text as sent)
 /// and `pragma table_info` of each table.
 fn sqlite_schema(url: &str) -> Vec<String> {
-    const NOT_APP: &str = "('alembic_version', 'schemagate_history', 'schemagate_history_lock')";
+    const NOT_APP: &str = "('alembic_version', 'schemagate_history', 'schemagate_history_lock', 'schemagate_history_fp')";
     let mut rows: Vec<String> = query(
         url,
         &format!(

@@ -1505,7 +1505,14 @@ fn exec_off_runtime(url: &str, sql: &str) {
 
 /// The runner's environment in a Job the controller created, as `(name, value)`.
 fn job_env(job: &Job) -> Vec<(String, String)> {
-    job.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+    job.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
         .env
         .iter()
         .flatten()
@@ -1552,7 +1559,10 @@ async fn drift_is_checked_on_its_interval_and_reported_as_a_condition() {
         "index orders_customer on orders exists but no migration created it (CREATE INDEX orders_customer ON orders (customer))"
     );
     let c = condition(&status, "SchemaDrifted");
-    assert_eq!((c["status"].as_str(), c["reason"].as_str()), (Some("True"), Some("SchemaDrifted")));
+    assert_eq!(
+        (c["status"].as_str(), c["reason"].as_str()),
+        (Some("True"), Some("SchemaDrifted"))
+    );
     let events: Vec<&Seen> = posts(&seen, "/events")
         .into_iter()
         .filter(|e| e.body["reason"] == "SchemaDrifted")
@@ -1565,8 +1575,14 @@ async fn drift_is_checked_on_its_interval_and_reported_as_a_condition() {
     let mut drifted = due.clone();
     drifted.status = Some(serde_json::from_value(status).unwrap());
     let mut moving = drifted.clone();
-    moving.status.as_mut().unwrap().schema_drift.as_mut().unwrap().checked_at =
-        Some("2026-01-01T00:00:00Z".into());
+    moving
+        .status
+        .as_mut()
+        .unwrap()
+        .schema_drift
+        .as_mut()
+        .unwrap()
+        .checked_at = Some("2026-01-01T00:00:00Z".into());
     let mut w = world(&url);
     exec_off_runtime(&url, "DROP INDEX orders_customer");
     w.pods = vec![running_gated_pod()];
@@ -1624,7 +1640,10 @@ async fn a_plan_that_needs_approval_blocks_with_its_hash_until_approved() {
     sm.spec.approval.required = vec![schemagate::api::ApprovalKind::Destructive];
     let job = created_job(&sm, &w).await;
     let env = job_env(&job);
-    assert!(env.contains(&("SCHEMAGATE_REQUIRE_APPROVAL".into(), "Destructive".into())), "{env:?}");
+    assert!(
+        env.contains(&("SCHEMAGATE_REQUIRE_APPROVAL".into(), "Destructive".into())),
+        "{env:?}"
+    );
 
     // The Job's runner, as the kubelet starts it: refused, with the plan's hash.
     let mig = MigDir::new();
@@ -1634,11 +1653,20 @@ async fn a_plan_that_needs_approval_blocks_with_its_hash_until_approved() {
     let summary = tempfile::NamedTempFile::new().unwrap();
     let runner = |env: &[(String, String)]| {
         let mut c = migrate(&url, mig.path());
-        c.envs(env.iter().filter(|(n, _)| n.starts_with("SCHEMAGATE_") && n != "SCHEMAGATE_DIR" && n != "SCHEMAGATE_SUMMARY_FILE").cloned())
-            .env("SCHEMAGATE_SUMMARY_FILE", summary.path())
-            .arg("upgrade");
+        c.envs(
+            env.iter()
+                .filter(|(n, _)| {
+                    n.starts_with("SCHEMAGATE_")
+                        && n != "SCHEMAGATE_DIR"
+                        && n != "SCHEMAGATE_SUMMARY_FILE"
+                })
+                .cloned(),
+        )
+        .env("SCHEMAGATE_SUMMARY_FILE", summary.path())
+        .arg("upgrade");
         let o = run(c);
-        let line: Value = serde_json::from_str(std::fs::read_to_string(summary.path()).unwrap().trim()).unwrap();
+        let line: Value =
+            serde_json::from_str(std::fs::read_to_string(summary.path()).unwrap().trim()).unwrap();
         (o, line)
     };
     let (o, line) = runner(&env);
@@ -1650,12 +1678,18 @@ async fn a_plan_that_needs_approval_blocks_with_its_hash_until_approved() {
     failed.pods = vec![pod_with_summary(&name, line)];
     let (seen, result) = reconcile_once(sm.clone(), failed.clone()).await;
     result.unwrap();
-    assert!(posts(&seen, "/jobs").is_empty(), "no retry of an unapproved plan");
+    assert!(
+        posts(&seen, "/jobs").is_empty(),
+        "no retry of an unapproved plan"
+    );
     let status = status_patch(&seen);
     assert_eq!(status["phase"], "Blocked");
     let stalled = condition(&status, "Stalled");
     assert_eq!(stalled["reason"], "ApprovalRequired");
-    assert!(stalled["message"].as_str().unwrap().contains(&hash), "{stalled}");
+    assert!(
+        stalled["message"].as_str().unwrap().contains(&hash),
+        "{stalled}"
+    );
 
     // Approved: a new Job (another name) that carries the approval, and runs.
     let mut approved = sm.clone();
@@ -1673,7 +1707,10 @@ async fn a_plan_that_needs_approval_blocks_with_its_hash_until_approved() {
     let second: Job = serde_json::from_value(jobs[0].body.clone()).unwrap();
     assert_ne!(second.metadata.name, job.metadata.name);
     let env = job_env(&second);
-    assert!(env.contains(&("SCHEMAGATE_APPROVED_PLANS".into(), hash.clone())), "{env:?}");
+    assert!(
+        env.contains(&("SCHEMAGATE_APPROVED_PLANS".into(), hash.clone())),
+        "{env:?}"
+    );
     let (o, line) = runner(&env);
     assert_code(&o, 0);
     assert_eq!(line["planHash"], hash.as_str());

@@ -84,7 +84,11 @@ fn scenario(url: &str) {
     c.arg("drift");
     let o = run(c);
     assert_code(&o, 4);
-    assert!(text(&o).contains("column users.name missing"), "{}", text(&o));
+    assert!(
+        text(&o).contains("column users.name missing"),
+        "{}",
+        text(&o)
+    );
     let mut c = migrate(url, dir.path());
     c.args(["--output", "json", "status"]);
     let o = run(c);
@@ -95,10 +99,20 @@ fn scenario(url: &str) {
 
     // Kept on purpose: accepted, audited, and clean from then on.
     let mut c = migrate(url, dir.path());
-    c.args(["--output", "json", "drift", "--accept", "--reason", "hotfix index kept"]);
+    c.args([
+        "--output",
+        "json",
+        "drift",
+        "--accept",
+        "--reason",
+        "hotfix index kept",
+    ]);
     let o = run(c);
     assert_code(&o, 0);
-    assert_eq!(stdout_json(&o)["accepted"].as_array().map(Vec::len), Some(3));
+    assert_eq!(
+        stdout_json(&o)["accepted"].as_array().map(Vec::len),
+        Some(3)
+    );
     assert_code(&drift(url, &dir), 0);
     let notes = query(url, "SELECT note FROM schemagate_history_fp ORDER BY id");
     assert_eq!(
@@ -131,7 +145,13 @@ fn scenario(url: &str) {
     );
     // `plan` prints the same hash and what needs approving.
     let mut c = migrate(url, dir.path());
-    c.args(["--output", "json", "--require-approval", "destructive", "plan"]);
+    c.args([
+        "--output",
+        "json",
+        "--require-approval",
+        "destructive",
+        "plan",
+    ]);
     let o = run(c);
     assert_code(&o, 0);
     let plan = stdout_json(&o);
@@ -182,7 +202,14 @@ fn another_target_needs_its_own_approval(url: &str) {
     assert_code(&upgrade(url, &dir, &[]), 0);
     let plan_hash = |target: &str| {
         let mut c = migrate(url, dir.path());
-        c.args(["--output", "json", "--require-approval", "Downgrade", "plan", target]);
+        c.args([
+            "--output",
+            "json",
+            "--require-approval",
+            "Downgrade",
+            "plan",
+            target,
+        ]);
         let o = run(c);
         assert_code(&o, 0);
         stdout_json(&o)["planHash"].as_str().unwrap().to_string()
@@ -196,7 +223,10 @@ fn another_target_needs_its_own_approval(url: &str) {
         .args(["--approve", &to_one, "downgrade", "base"]);
     let o = run(c);
     assert_code(&o, 21);
-    assert_eq!(stdout_json(&o)["error"]["details"]["planHash"], to_base.as_str());
+    assert_eq!(
+        stdout_json(&o)["error"]["details"]["planHash"],
+        to_base.as_str()
+    );
     let mut c = migrate(url, dir.path());
     c.args(["--output", "json"])
         .args(policy)
@@ -265,8 +295,16 @@ fn postgres_fingerprints_cover_constraints_views_types_and_schemas() {
     let found = messages(&stdout_json(&o));
     let has = |needle: &str| found.iter().any(|m| m.starts_with(needle));
     assert_eq!(found.len(), 4, "{found:#?}");
-    assert!(has("column billing.invoices.amount changed: the migrations left numeric(10,2) NOT NULL DEFAULT 0, the database has numeric(10,2) NOT NULL DEFAULT 1"), "{found:#?}");
-    assert!(has("constraint invoices_amount_check on billing.invoices missing"), "{found:#?}");
+    assert!(
+        has(
+            "column billing.invoices.amount changed: the migrations left numeric(10,2) NOT NULL DEFAULT 0, the database has numeric(10,2) NOT NULL DEFAULT 1"
+        ),
+        "{found:#?}"
+    );
+    assert!(
+        has("constraint invoices_amount_check on billing.invoices missing"),
+        "{found:#?}"
+    );
     assert!(has("view billing.big changed"), "{found:#?}");
     assert!(has("type mood changed"), "{found:#?}");
 }
@@ -278,7 +316,10 @@ fn no_baseline_is_said_and_stamp_records_one() {
     let db = sqlite_db();
     exec(&db.url, "CREATE TABLE legacy (id INTEGER PRIMARY KEY)");
     let dir = MigDir::new();
-    dir.file("1_legacy.up.sql", "CREATE TABLE legacy (id INTEGER PRIMARY KEY);\n");
+    dir.file(
+        "1_legacy.up.sql",
+        "CREATE TABLE legacy (id INTEGER PRIMARY KEY);\n",
+    );
     // Adopted: stamp records the schema as it is.
     let mut c = migrate(&db.url, dir.path());
     c.args(["stamp", "1"]);

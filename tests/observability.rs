@@ -44,6 +44,7 @@ fn exposed() -> BTreeSet<String> {
             phase: Some(Phase::Failed),
             current_version: Some("3".into()),
             target_version: Some("4".into()),
+            schema_drift_objects: Some(2),
         }]
     }));
     metrics.reconciles.inc();
@@ -103,6 +104,7 @@ fn the_alert_rules_use_only_exposed_metrics() {
     let used = names(&exprs);
     for expected in [
         "schemagate_resource_info",
+        "schemagate_schema_drift_objects",
         "schemagate_ready",
         "schemagate_leader",
         "schemagate_admissions_total",
@@ -122,6 +124,7 @@ fn the_alert_rules_use_only_exposed_metrics() {
     for alert in [
         "SchemaMigrationFailed",
         "SchemaMigrationStuck",
+        "SchemaMigrationSchemaDrifted",
         "SchemagateControllerNotReady",
         "SchemagateAdmissionErrors",
     ] {

@@ -300,7 +300,7 @@ impl Ctx {
                 required: self.common.require_approval.clone(),
                 approved: self.common.approve.clone(),
             },
-            fingerprints: true,
+            fingerprints: self.common.schema_fingerprints == super::OnOff::On,
             lock_retry: crate::engine::lockwait::LockRetry {
                 budget: self.common.lock_retry_budget,
                 ..Default::default()
@@ -1064,16 +1064,17 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
     let mode = ctx.lock_mode()?;
     let holder: Option<LockHolder> = lock::holder(&mut db, &mode).await;
     // The live schema, separately from the files' checksums (see `drift`).
-    let schema_drift = match &state {
-        Ok(st) if st.initialized => Some(
-            schema::check(&mut db, st)
-                .await
-                .unwrap_or_else(|e| schema::DriftCheck::Busy {
-                    reason: format!("cannot read the schema: {e}"),
-                }),
-        ),
-        _ => None,
-    };
+    let schema_drift =
+        match &state {
+            Ok(st) if st.initialized => {
+                Some(schema::check(&mut db, st).await.unwrap_or_else(|e| {
+                    schema::DriftCheck::Busy {
+                        reason: format!("cannot read the schema: {e}"),
+                    }
+                }))
+            }
+            _ => None,
+        };
     db.close().await;
     let state = state?;
     let report = status::status(
@@ -1248,7 +1249,11 @@ async fn plan_with(
         approval::plan_hash(&plan, &prepared),
         approval::marks(&plan, &destructive, &unsilenced),
     );
-    let note = approval_note(&approval);
+    // What `upgrade` would record once approved.
+    let note = approval
+        .approved
+        .then(|| runner::approval_note(&approval))
+        .flatten();
     // What the runner would know once it holds the lock: the server's flavour, the
     // resolved history table, the lock's guard. A lease's token is random per run, and the
     // runner's id defaults to this host and the runner's process id.
@@ -1313,21 +1318,6 @@ async fn plan_with(
         }
     }
     Ok(Outcome::ok(json, human))
-}
-
-/// The history note of a plan run with an approval (what `upgrade` would record).
-fn approval_note(a: &approval::PlanApproval) -> Option<String> {
-    (!a.required.is_empty() && a.approved).then(|| {
-        format!(
-            "approved plan {} ({})",
-            a.plan_hash,
-            a.required
-                .iter()
-                .map(|k| k.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    })
 }
 
 /// `lint`: every migration (no database, or --all) or those not applied yet.
@@ -1712,6 +1702,145 @@ fn new(
     ))
 }
 
+/// `drift`: the live schema against the fingerprint recorded at the current version; with
+/// `--accept`, records the live schema as the expected one (under the lock, audited).
+async fn drift_cmd(ctx: &Ctx, accept: bool, reason: Option<String>) -> Result<Outcome, CliError> {
+    if ctx.common.tool != Tool::Native {
+        return Err(CliError::new(
+            Exit::Usage,
+            "usage",
+            "drift compares schemas migrated by schemagate: its fingerprints are recorded by \
+             schemagate's runs",
+        )
+        .hint("adopt the database first (`import --from <tool>`), then `drift --accept`"));
+    }
+    if let Some(path) = ctx.missing_sqlite_file() {
+        return Err(CliError::new(
+            Exit::NoBaseline,
+            "no_database",
+            format!("the SQLite database {} does not exist", path.display()),
+        )
+        .hint("`schemagate migrate upgrade` creates it"));
+    }
+    let mut db = ctx.connect().await?;
+    let result = if accept {
+        accept_live(ctx, &mut db, reason).await
+    } else {
+        match runner::read_state(&mut db).await {
+            Ok(state) => schema::check(&mut db, &state)
+                .await
+                .map_err(|e| {
+                    CliError::from(crate::engine::RunError::Db {
+                        during: "reading the schema",
+                        source: e,
+                    })
+                })
+                .map(|c| drift_outcome(&c)),
+            Err(e) => Err(e.into()),
+        }
+    };
+    db.close().await;
+    result
+}
+
+fn drift_outcome(check: &schema::DriftCheck) -> Outcome {
+    let exit = match check {
+        schema::DriftCheck::Clean { .. } => Exit::Ok,
+        schema::DriftCheck::Drifted { .. } => Exit::Drift,
+        _ => Exit::NoBaseline,
+    };
+    Outcome {
+        exit,
+        json: to_json(check),
+        human: output::human_schema_drift(check),
+    }
+}
+
+/// `drift --accept`: the live schema becomes the expected one at the current version.
+async fn accept_live(ctx: &Ctx, db: &mut Db, reason: Option<String>) -> Result<Outcome, CliError> {
+    let settings = ctx.settings()?;
+    runner::read_state(db).await?;
+    let held = lock::acquire(
+        db,
+        &settings.lock,
+        &settings.runner_id,
+        settings.lock_timeout,
+    )
+    .await
+    .map_err(|e| CliError::from(crate::engine::RunError::from(e)))?;
+    let result = async {
+        let state = runner::read_state(db).await?;
+        if let Some(u) = &state.unfinished {
+            return Err(CliError::from(crate::engine::RunError::Plan(
+                plan::PlanError::Unfinished(Box::new(u.clone())),
+            )));
+        }
+        let db_err =
+            |during| move |e| CliError::from(crate::engine::RunError::Db { during, source: e });
+        let before = schema::newest(db)
+            .await
+            .map_err(db_err("reading the fingerprint"))?;
+        let live = schema::read_live(db)
+            .await
+            .map_err(db_err("reading the schema"))?;
+        let version = state.current().map(Version::to_string);
+        let accepted = before
+            .filter(|b| b.version == version.clone().unwrap_or_default())
+            .map(|b| schema::diff(&b.fingerprint, &live))
+            .unwrap_or_default();
+        let note = format!(
+            "accepted with drift --accept: {}",
+            reason.as_deref().unwrap_or("no reason given")
+        );
+        let digest = schema::record(
+            db,
+            version.as_deref(),
+            &live,
+            &settings.runner_id,
+            Some(&note),
+            true,
+        )
+        .await
+        .map_err(db_err("recording the fingerprint"))?;
+        let human = format!(
+            "Recorded the live schema as the expected one at {} ({} objects, digest {}){}\n",
+            version
+                .as_deref()
+                .map(|v| format!("version {v}"))
+                .unwrap_or_else(|| "no version".into()),
+            live.objects.len(),
+            &digest[..12],
+            if accepted.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; accepted {} difference(s):\n{}",
+                    accepted.len(),
+                    accepted
+                        .iter()
+                        .map(|d| format!("  {d}"))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                )
+            }
+        );
+        Ok(Outcome::ok(
+            json!({
+                "result": "accepted",
+                "version": version,
+                "digest": digest,
+                "objects": live.objects.len(),
+                "accepted": accepted,
+                "note": note,
+            }),
+            human,
+        ))
+    }
+    .await;
+    lock::release(db, held).await;
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1815,126 +1944,4 @@ mod tests {
     fn identity_is_never_empty() {
         assert!(!host_identity().is_empty());
     }
-}
-
-/// `drift`: the live schema against the fingerprint recorded at the current version; with
-/// `--accept`, records the live schema as the expected one (under the lock, audited).
-async fn drift_cmd(ctx: &Ctx, accept: bool, reason: Option<String>) -> Result<Outcome, CliError> {
-    if ctx.common.tool != Tool::Native {
-        return Err(CliError::new(
-            Exit::Usage,
-            "usage",
-            "drift compares schemas migrated by schemagate: its fingerprints are recorded by \
-             schemagate's runs",
-        )
-        .hint("adopt the database first (`import --from <tool>`), then `drift --accept`"));
-    }
-    if let Some(path) = ctx.missing_sqlite_file() {
-        return Err(CliError::new(
-            Exit::NoBaseline,
-            "no_database",
-            format!("the SQLite database {} does not exist", path.display()),
-        )
-        .hint("`schemagate migrate upgrade` creates it"));
-    }
-    let mut db = ctx.connect().await?;
-    let result = if accept {
-        accept_live(ctx, &mut db, reason).await
-    } else {
-        match runner::read_state(&mut db).await {
-            Ok(state) => schema::check(&mut db, &state)
-                .await
-                .map_err(|e| {
-                    CliError::from(crate::engine::RunError::Db {
-                        during: "reading the schema",
-                        source: e,
-                    })
-                })
-                .map(|c| drift_outcome(&c)),
-            Err(e) => Err(e.into()),
-        }
-    };
-    db.close().await;
-    result
-}
-
-fn drift_outcome(check: &schema::DriftCheck) -> Outcome {
-    let exit = match check {
-        schema::DriftCheck::Clean { .. } => Exit::Ok,
-        schema::DriftCheck::Drifted { .. } => Exit::Drift,
-        _ => Exit::NoBaseline,
-    };
-    Outcome {
-        exit,
-        json: to_json(check),
-        human: output::human_schema_drift(check),
-    }
-}
-
-/// `drift --accept`: the live schema becomes the expected one at the current version.
-async fn accept_live(ctx: &Ctx, db: &mut Db, reason: Option<String>) -> Result<Outcome, CliError> {
-    let settings = ctx.settings()?;
-    runner::read_state(db).await?;
-    let held = lock::acquire(db, &settings.lock, &settings.runner_id, settings.lock_timeout)
-        .await
-        .map_err(|e| CliError::from(crate::engine::RunError::from(e)))?;
-    let result = async {
-        let state = runner::read_state(db).await?;
-        if let Some(u) = &state.unfinished {
-            return Err(CliError::from(crate::engine::RunError::Plan(
-                plan::PlanError::Unfinished(Box::new(u.clone())),
-            )));
-        }
-        let db_err = |during| {
-            move |e| {
-                CliError::from(crate::engine::RunError::Db {
-                    during,
-                    source: e,
-                })
-            }
-        };
-        let before = schema::newest(db).await.map_err(db_err("reading the fingerprint"))?;
-        let live = schema::read_live(db).await.map_err(db_err("reading the schema"))?;
-        let version = state.current().map(Version::to_string);
-        let accepted = before
-            .filter(|b| b.version == version.clone().unwrap_or_default())
-            .map(|b| schema::diff(&b.fingerprint, &live))
-            .unwrap_or_default();
-        let note = format!(
-            "accepted with drift --accept: {}",
-            reason.as_deref().unwrap_or("no reason given")
-        );
-        let digest = schema::record(db, version.as_deref(), &live, &settings.runner_id, Some(&note))
-            .await
-            .map_err(db_err("recording the fingerprint"))?;
-        let human = format!(
-            "Recorded the live schema as the expected one at {} ({} objects, digest {}){}\n",
-            version.as_deref().map(|v| format!("version {v}")).unwrap_or_else(|| "no version".into()),
-            live.objects.len(),
-            &digest[..12],
-            if accepted.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; accepted {} difference(s):\n{}",
-                    accepted.len(),
-                    accepted.iter().map(|d| format!("  {d}")).collect::<Vec<_>>().join("\n")
-                )
-            }
-        );
-        Ok(Outcome::ok(
-            json!({
-                "result": "accepted",
-                "version": version,
-                "digest": digest,
-                "objects": live.objects.len(),
-                "accepted": accepted,
-                "note": note,
-            }),
-            human,
-        ))
-    }
-    .await;
-    lock::release(db, held).await;
-    result
 }

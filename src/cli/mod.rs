@@ -214,8 +214,24 @@ pub struct Common {
     /// Approved plan hashes (from `plan`, or from the refusal): repeatable, or
     /// comma-separated in the variable. An approval is for that exact plan: another file,
     /// target or starting version is another plan.
-    #[arg(long, env = "SCHEMAGATE_APPROVED_PLANS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "SCHEMAGATE_APPROVED_PLANS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub approve: Vec<String>,
+
+    /// Record the schema's fingerprint after each step (what `drift` compares with): `on`
+    /// or `off` (for very large schemas, where reading the catalogs is slow).
+    #[arg(
+        long,
+        env = "SCHEMAGATE_SCHEMA_FINGERPRINTS",
+        value_enum,
+        default_value = "on",
+        global = true
+    )]
+    pub schema_fingerprints: OnOff,
 
     /// Deprecated and ignored: refusing is the default now (see --destructive).
     #[arg(long, env = "SCHEMAGATE_DENY_DESTRUCTIVE", hide = true, global = true)]
@@ -267,6 +283,12 @@ pub enum LintPolicyArg {
     /// Refuse to start an upgrade with a finding not silenced by `lint-ignore` (exit 20).
     Deny,
     /// Do not lint before running.
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
     Off,
 }
 

@@ -612,48 +612,6 @@ pub fn render_plan(
     RenderedPlan { json, human }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn summaries_stay_under_the_termination_message_limit() {
-        let huge = "x".repeat(50_000);
-        let err = CliError::new(Exit::MigrationFailed, "migration_failed", huge).details(json!({
-            "completedSteps": (0..2000).map(|i| json!({ "version": i.to_string() })).collect::<Vec<_>>(),
-            "version": "2001",
-            "file": "2001_x.up.sql",
-            "line": 3,
-        }));
-        let line = summary_line("upgrade", &Err(err), Duration::from_millis(5));
-        assert!(
-            line.len() <= crate::runner::summary::SUMMARY_MAX,
-            "{}",
-            line.len()
-        );
-        assert!(!line.contains('\n'));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["result"], "failed");
-        assert_eq!(v["appliedCount"], 2000);
-        assert_eq!(v["failedFile"], "2001_x.up.sql");
-        assert_eq!(v["exitCode"], 12);
-    }
-
-    #[test]
-    fn success_summary_lists_applied_versions() {
-        let ok = Outcome::ok(
-            json!({ "from": "1", "to": "3", "noop": false, "steps": [{ "version": "2" }, { "version": "3" }] }),
-            String::new(),
-        );
-        let line = summary_line("upgrade", &Ok(ok), Duration::from_millis(7));
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(v["result"], "success");
-        assert_eq!(v["applied"], json!(["2", "3"]));
-        assert_eq!(v["from"], "1");
-        assert_eq!(v["durationMs"], 7);
-    }
-}
-
 /// A plan's hash and what of it needs approving.
 pub fn human_approval(a: &crate::engine::approval::PlanApproval) -> String {
     let mut s = format!("plan hash: {}\n", a.plan_hash);
@@ -714,5 +672,47 @@ fn capitalized(s: &str) -> String {
     match c.next() {
         Some(f) => f.to_uppercase().collect::<String>() + c.as_str(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summaries_stay_under_the_termination_message_limit() {
+        let huge = "x".repeat(50_000);
+        let err = CliError::new(Exit::MigrationFailed, "migration_failed", huge).details(json!({
+            "completedSteps": (0..2000).map(|i| json!({ "version": i.to_string() })).collect::<Vec<_>>(),
+            "version": "2001",
+            "file": "2001_x.up.sql",
+            "line": 3,
+        }));
+        let line = summary_line("upgrade", &Err(err), Duration::from_millis(5));
+        assert!(
+            line.len() <= crate::runner::summary::SUMMARY_MAX,
+            "{}",
+            line.len()
+        );
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["result"], "failed");
+        assert_eq!(v["appliedCount"], 2000);
+        assert_eq!(v["failedFile"], "2001_x.up.sql");
+        assert_eq!(v["exitCode"], 12);
+    }
+
+    #[test]
+    fn success_summary_lists_applied_versions() {
+        let ok = Outcome::ok(
+            json!({ "from": "1", "to": "3", "noop": false, "steps": [{ "version": "2" }, { "version": "3" }] }),
+            String::new(),
+        );
+        let line = summary_line("upgrade", &Ok(ok), Duration::from_millis(7));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["result"], "success");
+        assert_eq!(v["applied"], json!(["2", "3"]));
+        assert_eq!(v["from"], "1");
+        assert_eq!(v["durationMs"], 7);
     }
 }

@@ -6,8 +6,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::conditions::{self as cond, reason};
 use crate::api::{
-    AppliedMigration, DowngradePolicy, DriftAction, LastRun, MigrationMode, Phase,
-    STATUS_LIST_MAX, SchemaDriftStatus, SchemaMigration, SchemaMigrationStatus,
+    AppliedMigration, DowngradePolicy, DriftAction, LastRun, MigrationMode, Phase, STATUS_LIST_MAX,
+    SchemaDriftStatus, SchemaMigration, SchemaMigrationStatus,
 };
 use crate::model::Version;
 pub use crate::runner::command::RunCommand;
@@ -643,7 +643,8 @@ fn approval_verdict(i: &Inputs<'_>, run: &JobView, who: &str) -> Option<Verdict>
             format!(
                 "plan {hash} is approved; {}",
                 match run.kind {
-                    RunKind::Pod => "the next pod admitted runs it (pods admitted before the \
+                    RunKind::Pod =>
+                        "the next pod admitted runs it (pods admitted before the \
                                      approval keep failing: restart them, e.g. `kubectl rollout \
                                      restart`)",
                     RunKind::Job => "a new Job runs it",
@@ -908,7 +909,11 @@ fn events_of(i: &Inputs<'_>, v: &Verdict, events: &mut Vec<EventNote>) {
 /// A Warning Event when a drift check finds the live schema drifted (again, or
 /// differently), a Normal one when a drift is gone.
 fn drift_events(i: &Inputs<'_>, events: &mut Vec<EventNote>) {
-    let Some(now) = i.schema_drift.as_ref().filter(|_| i.sm.spec.drift.is_some()) else {
+    let Some(now) = i
+        .schema_drift
+        .as_ref()
+        .filter(|_| i.sm.spec.drift.is_some())
+    else {
         return;
     };
     let before = i.sm.status.as_ref().and_then(|s| s.schema_drift.as_ref());

@@ -332,7 +332,11 @@ async fn read_source(
 /// Reads the history table (never creating anything) and compares it with the files.
 /// How the controller connects to a resource's database (a read-only visit: the history,
 /// the catalogs).
-fn db_config(sm: &SchemaMigration, url: &str, timeout: Duration) -> Result<ConnectConfig, DbFailure> {
+fn db_config(
+    sm: &SchemaMigration,
+    url: &str,
+    timeout: Duration,
+) -> Result<ConnectConfig, DbFailure> {
     let table_name = sm
         .spec
         .options
@@ -392,7 +396,12 @@ pub fn drift_interval(spec: &crate::api::DriftSpec) -> Duration {
 }
 
 /// Compares the live schema with the fingerprint recorded at the database's version.
-async fn check_drift(sm: &SchemaMigration, url: &str, timeout: Duration, now: Timestamp) -> SchemaDriftStatus {
+async fn check_drift(
+    sm: &SchemaMigration,
+    url: &str,
+    timeout: Duration,
+    now: Timestamp,
+) -> SchemaDriftStatus {
     let status = |result: &str, version: Option<String>, message: String| SchemaDriftStatus {
         checked_at: Some(now.to_string()),
         version,
@@ -417,9 +426,9 @@ async fn check_drift(sm: &SchemaMigration, url: &str, timeout: Duration, now: Ti
     let check = async {
         let mut db = Db::connect(&cfg).await?;
         let result = async {
-            let state = runner::read_state(&mut db).await.map_err(|e| {
-                engine::DbError::new(engine::DbErrorKind::Other, e.to_string())
-            })?;
+            let state = runner::read_state(&mut db)
+                .await
+                .map_err(|e| engine::DbError::new(engine::DbErrorKind::Other, e.to_string()))?;
             engine::schema::check(&mut db, &state).await
         }
         .await;

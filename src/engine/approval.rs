@@ -190,7 +190,10 @@ pub fn marks(
             .collect();
         out.push(Mark {
             kind: ApprovalKind::Destructive,
-            detail: format!("{statements} data-losing statement(s): {}", files.join("; ")),
+            detail: format!(
+                "{statements} data-losing statement(s): {}",
+                files.join("; ")
+            ),
         });
     }
     if plan.direction == Direction::Down && !plan.steps.is_empty() {

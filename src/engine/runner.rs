@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::approval::{self, ApprovalPolicy, PlanApproval};
 use super::dialect::sql::{self, Guard};
 use super::dialect::{Backend, DbError, DbErrorKind, Done, LockHolder, NewRow, StepTimeouts};
-use super::approval::{self, ApprovalPolicy, PlanApproval};
 use super::guard;
 use super::history::{DbState, Kind};
 use super::lint;
@@ -413,8 +413,7 @@ pub async fn vet(
     if deny && found.iter().any(|s| s.allowed.is_none()) {
         return Err(RunError::Destructive(found));
     }
-    let lint = if settings.lint != LintPolicy::Off || needs(approval::ApprovalKind::LintFindings)
-    {
+    let lint = if settings.lint != LintPolicy::Off || needs(approval::ApprovalKind::LintFindings) {
         lint_findings(db.dialect(), prepared)
     } else {
         Vec::new()
@@ -753,7 +752,10 @@ pub async fn run(
     .await?;
     // From here a stop request waits for the step boundary, and the lock is released.
     let _busy = settings.stop.as_deref().map(StopRequest::enter);
-    let result = run_locked(db, set, mode, settings, &held, started).await;
+    let mut shapes = Shapes::default();
+    let result = run_locked(db, set, mode, settings, &held, started, &mut shapes).await;
+    // However the run ended: the schema as its last completed step left it.
+    shapes.finish(db, &settings.runner_id).await;
     lock::release(db, held).await;
     result
 }
@@ -765,6 +767,7 @@ async fn run_locked(
     settings: &RunSettings,
     held: &Held,
     started: Instant,
+    shapes: &mut Shapes,
 ) -> Result<RunReport, RunError> {
     let waited = held.waited;
     let state = read_state(db).await?;
@@ -788,8 +791,8 @@ async fn run_locked(
         note: note.as_deref(),
     };
     let scripts = sent::steps(&prepared, &settings.timeouts, &cx);
-    let mut versions: std::collections::BTreeSet<Version> =
-        state.applied.keys().cloned().collect();
+    shapes.every_step = prepared.len() <= FINGERPRINT_EVERY_STEP_MAX;
+    let mut versions: std::collections::BTreeSet<Version> = state.applied.keys().cloned().collect();
     if !state.initialized {
         db.create_history_table()
             .await
@@ -838,7 +841,7 @@ async fn run_locked(
                     Direction::Down => versions.remove(&p.step.migration.version),
                 };
                 if settings.fingerprints {
-                    record_fingerprint(db, versions.last(), &settings.runner_id).await;
+                    shapes.step(db, versions.last(), &settings.runner_id).await;
                 }
                 done.push(report)
             }
@@ -875,19 +878,85 @@ async fn run_locked(
     })
 }
 
-/// Records the schema as a step left it (at `version`). A failure is logged, not fatal:
-/// the step is applied and recorded in the history; `migrate drift` then says that no
-/// fingerprint exists for this version.
-async fn record_fingerprint(db: &mut impl Backend, version: Option<&Version>, runner_id: &str) {
-    let version = version.map(Version::to_string);
-    if let Err(e) = schema::record_live(db, version.as_deref(), runner_id, None).await {
+/// Runs of more steps than this fingerprint the schema after their last step only (a
+/// fresh database applying hundreds of migrations would spend most of its time reading
+/// its growing catalogs).
+const FINGERPRINT_EVERY_STEP_MAX: usize = 20;
+
+/// The schema's fingerprint after each step of a run: every step's digest is recorded
+/// (the audit trail), the whole description only for the last one (what `drift` compares
+/// with), so a run does not write its growing schema once per step. Long runs (see
+/// [`FINGERPRINT_EVERY_STEP_MAX`]) read the catalogs once, after their last step.
+#[derive(Default)]
+struct Shapes {
+    /// Read the catalogs after every step.
+    every_step: bool,
+    /// The last step's version and fingerprint, not recorded yet.
+    last: Option<(Option<String>, schema::Fingerprint)>,
+    /// A long run's last completed step (not read yet).
+    unread: Option<Option<String>>,
+}
+
+impl Shapes {
+    /// After a step: the previous step's digest is recorded, this one's kept.
+    async fn step(&mut self, db: &mut impl Backend, version: Option<&Version>, runner_id: &str) {
+        if !self.every_step {
+            self.unread = Some(version.map(Version::to_string));
+            return;
+        }
+        let fp = match schema::read_live(db).await {
+            Ok(fp) => fp,
+            Err(e) => {
+                self.last = None;
+                tracing::warn!(error = %e, "could not read the schema's fingerprint after the step");
+                return;
+            }
+        };
+        let previous = self.last.replace((version.map(Version::to_string), fp));
+        if let Some((v, fp)) = previous {
+            warn_unrecorded(
+                schema::record(db, v.as_deref(), &fp, runner_id, None, false).await,
+                &v,
+            );
+        }
+    }
+
+    /// At the end of the run: the last step's fingerprint, whole.
+    async fn finish(&mut self, db: &mut impl Backend, runner_id: &str) {
+        if let Some(v) = self.unread.take() {
+            warn_unrecorded(
+                schema::record_live(db, v.as_deref(), runner_id, None).await,
+                &v,
+            );
+        } else if let Some((v, fp)) = self.last.take() {
+            warn_unrecorded(
+                schema::record(db, v.as_deref(), &fp, runner_id, None, true).await,
+                &v,
+            );
+        }
+    }
+}
+
+/// A fingerprint that could not be recorded is logged, not fatal: the step is applied and
+/// in the history; `migrate drift` then says no fingerprint exists for this version.
+fn warn_unrecorded(result: Result<String, DbError>, version: &Option<String>) {
+    if let Err(e) = result {
         tracing::warn!(version = ?version, error = %e,
             "could not record the schema's fingerprint; `schemagate migrate drift` cannot check this version until `drift --accept`");
     }
 }
 
+/// Records the schema as it is now, whole, at `version` (after stamp, import, resolve).
+async fn record_fingerprint(db: &mut impl Backend, version: Option<&Version>, runner_id: &str) {
+    let version = version.map(Version::to_string);
+    warn_unrecorded(
+        schema::record_live(db, version.as_deref(), runner_id, None).await,
+        &version,
+    );
+}
+
 /// The history note of a plan that ran with an approval.
-fn approval_note(a: &PlanApproval) -> Option<String> {
+pub fn approval_note(a: &PlanApproval) -> Option<String> {
     (!a.required.is_empty()).then(|| {
         format!(
             "approved plan {} ({})",

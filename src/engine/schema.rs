@@ -157,9 +157,8 @@ pub fn diff(expected: &Fingerprint, live: &Fingerprint) -> Vec<Difference> {
             .collect()
     };
     let (want_tables, have_tables) = (tables(&want), tables(&have));
-    let part_of = |o: &SchemaObject, gone: &[String]| {
-        o.kind != ObjectKind::Table && gone.contains(&o.table)
-    };
+    let part_of =
+        |o: &SchemaObject, gone: &[String]| o.kind != ObjectKind::Table && gone.contains(&o.table);
     let missing_tables: Vec<String> = want_tables
         .iter()
         .filter(|t| !have_tables.contains(t))
@@ -347,6 +346,26 @@ async fn postgres(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
     Ok(out)
 }
 
+/// A foreign key, assembled from one catalog row per column.
+struct ForeignKey {
+    to: String,
+    from: Vec<String>,
+    to_cols: Vec<String>,
+    /// SQLite: `<on update> <on delete>`.
+    actions: String,
+}
+
+impl ForeignKey {
+    fn to(table: String, actions: String) -> Self {
+        ForeignKey {
+            to: table,
+            from: Vec::new(),
+            to_cols: Vec::new(),
+            actions,
+        }
+    }
+}
+
 /// MySQL and MariaDB: the connection's database, through information_schema (one query
 /// per kind, assembled here: no GROUP_CONCAT length limit, no collation mix).
 async fn mysql(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
@@ -405,7 +424,8 @@ async fn mysql(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
         });
         // MariaDB writes a NULL default as the text NULL; MySQL as a NULL.
         let default = r.get(4).cloned().unwrap_or_default();
-        if !default.is_empty() && !(default == "NULL" && col(&r, 3) == "YES") {
+        let null_default = default == "NULL" && col(&r, 3) == "YES";
+        if !default.is_empty() && !null_default {
             def.push_str(&format!(" DEFAULT {default}"));
         }
         let extra = col(&r, 5);
@@ -453,7 +473,7 @@ async fn mysql(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
         });
     }
     // Foreign keys, one row per column.
-    let mut fks: BTreeMap<(String, String), (String, Vec<String>, Vec<String>)> = BTreeMap::new();
+    let mut fks: BTreeMap<(String, String), ForeignKey> = BTreeMap::new();
     for r in rows(
         db,
         "SELECT TABLE_NAME, CONSTRAINT_NAME, REFERENCED_TABLE_NAME, COLUMN_NAME, \
@@ -465,11 +485,20 @@ async fn mysql(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
     {
         let e = fks
             .entry((col(&r, 0), col(&r, 1)))
-            .or_insert_with(|| (col(&r, 2), Vec::new(), Vec::new()));
-        e.1.push(col(&r, 3));
-        e.2.push(col(&r, 4));
+            .or_insert_with(|| ForeignKey::to(col(&r, 2), String::new()));
+        e.from.push(col(&r, 3));
+        e.to_cols.push(col(&r, 4));
     }
-    for ((table, name), (to, from_cols, to_cols)) in fks {
+    for (
+        (table, name),
+        ForeignKey {
+            to,
+            from: from_cols,
+            to_cols,
+            ..
+        },
+    ) in fks
+    {
         out.push(SchemaObject {
             kind: ObjectKind::Constraint,
             table,
@@ -608,8 +637,7 @@ async fn sqlite(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
             definition,
         });
     }
-    let mut fks: BTreeMap<(String, String), (String, Vec<String>, Vec<String>, String)> =
-        BTreeMap::new();
+    let mut fks: BTreeMap<(String, String), ForeignKey> = BTreeMap::new();
     for r in rows(
         db,
         "SELECT m.name, CAST(f.id AS TEXT), f.\"table\", f.\"from\", f.\"to\", \
@@ -622,11 +650,20 @@ async fn sqlite(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
     {
         let e = fks
             .entry((col(&r, 0), col(&r, 1)))
-            .or_insert_with(|| (col(&r, 2), Vec::new(), Vec::new(), col(&r, 5)));
-        e.1.push(col(&r, 3));
-        e.2.push(col(&r, 4));
+            .or_insert_with(|| ForeignKey::to(col(&r, 2), col(&r, 5)));
+        e.from.push(col(&r, 3));
+        e.to_cols.push(col(&r, 4));
     }
-    for ((table, _), (to, from_cols, to_cols, actions)) in fks {
+    for (
+        (table, _),
+        ForeignKey {
+            to,
+            from: from_cols,
+            to_cols,
+            actions,
+        },
+    ) in fks
+    {
         let (update, delete) = actions.split_once(' ').unwrap_or(("", ""));
         out.push(SchemaObject {
             kind: ObjectKind::Constraint,
@@ -685,39 +722,48 @@ fn create_table(d: Dialect, t: &HistoryTable) -> String {
     )
 }
 
-/// Records `fp` as the schema at `version` (`None`: no version applied), by `by`. Only
-/// the newest row keeps the whole description; older rows keep their digest (the audit
-/// trail of how the schema moved).
+/// Records `fp` as the schema at `version` (`None`: no version applied), by `by`: its
+/// digest, and with `whole` its description, which then becomes the only one kept (older
+/// rows keep their digest: the audit trail of how the schema moved).
 pub async fn record(
     db: &mut impl Backend,
     version: Option<&str>,
     fp: &Fingerprint,
     by: &str,
     note: Option<&str>,
+    whole: bool,
 ) -> Result<String, DbError> {
     let d = db.dialect();
     let t = fingerprint_table(db.table());
     let digest = fp.digest();
-    let objects = serde_json::to_string(&fp.objects).unwrap_or_default();
-    let statements = [
-        create_table(d, &t),
-        sql::begin(d).to_string(),
-        format!(
-            "UPDATE {} SET objects = NULL WHERE objects IS NOT NULL",
-            t.quoted(d)
-        ),
-        format!(
-            "INSERT INTO {} (version, digest, objects, recorded_by, note) VALUES ({}, {}, {}, {}, {})",
-            t.quoted(d),
-            sql::literal(d, version.unwrap_or_default()),
-            sql::literal(d, &digest),
-            sql::literal(d, &objects),
-            sql::literal(d, by),
-            note.map(|n| sql::literal(d, n))
-                .unwrap_or_else(|| "NULL".into())
-        ),
-        sql::COMMIT.to_string(),
-    ];
+    let objects = if whole {
+        sql::literal(d, &serde_json::to_string(&fp.objects).unwrap_or_default())
+    } else {
+        "NULL".into()
+    };
+    let insert = format!(
+        "INSERT INTO {} (version, digest, objects, recorded_by, note) VALUES ({}, {}, {objects}, {}, {})",
+        t.quoted(d),
+        sql::literal(d, version.unwrap_or_default()),
+        sql::literal(d, &digest),
+        sql::literal(d, by),
+        note.map(|n| sql::literal(d, n))
+            .unwrap_or_else(|| "NULL".into())
+    );
+    let statements = if whole {
+        vec![
+            create_table(d, &t),
+            sql::begin(d).to_string(),
+            format!(
+                "UPDATE {} SET objects = NULL WHERE objects IS NOT NULL",
+                t.quoted(d)
+            ),
+            insert,
+            sql::COMMIT.to_string(),
+        ]
+    } else {
+        vec![create_table(d, &t), insert]
+    };
     for s in &statements {
         if let Err(f) = db.send(s).await {
             let _ = db.send(sql::ROLLBACK).await;
@@ -735,7 +781,7 @@ pub async fn record_live(
     note: Option<&str>,
 ) -> Result<String, DbError> {
     let fp = read_live(db).await?;
-    record(db, version, &fp, by, note).await
+    record(db, version, &fp, by, note, true).await
 }
 
 /// The newest recorded fingerprint, if any.
@@ -783,7 +829,11 @@ pub async fn newest(db: &mut impl Backend) -> Result<Option<Recorded>, DbError> 
 
 /// What a drift check found.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase", rename_all_fields = "camelCase", tag = "result")]
+#[serde(
+    rename_all = "camelCase",
+    rename_all_fields = "camelCase",
+    tag = "result"
+)]
 pub enum DriftCheck {
     /// The live schema is what the migrations left.
     Clean {
@@ -936,7 +986,12 @@ mod tests {
         let live = Fingerprint::new(vec![
             obj(ObjectKind::Table, "users", "users", ""),
             obj(ObjectKind::Column, "users", "id", "integer NOT NULL"),
-            obj(ObjectKind::Column, "users", "name", "character varying(20) NULL"),
+            obj(
+                ObjectKind::Column,
+                "users",
+                "name",
+                "character varying(20) NULL",
+            ),
             obj(
                 ObjectKind::Index,
                 "orders",
@@ -947,14 +1002,18 @@ mod tests {
         let d = diff(&expected, &live);
         let messages: Vec<&str> = d.iter().map(|d| d.message.as_str()).collect();
         assert_eq!(d.len(), 4, "{messages:#?}");
-        assert!(messages.contains(&"column users.email missing: the migrations created it (text NULL)"));
-        assert!(messages.contains(&"table gone missing: the migrations created it (no definition)"));
+        assert!(
+            messages.contains(&"column users.email missing: the migrations created it (text NULL)")
+        );
+        assert!(
+            messages.contains(&"table gone missing: the migrations created it (no definition)")
+        );
         assert!(messages.iter().any(|m| m.starts_with(
             "column users.name changed: the migrations left text NULL, the database has character varying(20) NULL"
         )));
-        assert!(messages.iter().any(|m| m.starts_with(
-            "index orders_total on orders exists but no migration created it"
-        )));
+        assert!(messages.iter().any(|m| {
+            m.starts_with("index orders_total on orders exists but no migration created it")
+        }));
         assert!(diff(&expected, &expected).is_empty());
     }
 

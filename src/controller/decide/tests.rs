@@ -597,7 +597,9 @@ fn refused_for_approval() -> RunSummary {
         plan_hash: Some(HASH.into()),
         error: Some(SummaryError {
             kind: "approval_required".into(),
-            message: format!("refused: this plan needs an approval (Destructive (...)): approve plan hash {HASH}"),
+            message: format!(
+                "refused: this plan needs an approval (Destructive (...)): approve plan hash {HASH}"
+            ),
         }),
         ..Default::default()
     }
@@ -608,7 +610,11 @@ fn a_plan_that_needs_an_approval_blocks_with_its_hash_until_approved() {
     let mut s = sm(MigrationMode::Job);
     s.spec.approval.required = vec![crate::api::ApprovalKind::Destructive];
     let mut i = inputs(&s);
-    i.jobs = vec![job("orders-1a2b3c4d", JobState::Failed, Some(refused_for_approval()))];
+    i.jobs = vec![job(
+        "orders-1a2b3c4d",
+        JobState::Failed,
+        Some(refused_for_approval()),
+    )];
     let d = decide(&i);
     assert_eq!(phase(&d), Phase::Blocked);
     let stalled = cond(&d, cond::STALLED);
@@ -627,7 +633,11 @@ fn a_plan_that_needs_an_approval_blocks_with_its_hash_until_approved() {
     }];
     let mut i = inputs(&s);
     i.namer = Some(&other_namer);
-    i.jobs = vec![job("orders-1a2b3c4d", JobState::Failed, Some(refused_for_approval()))];
+    i.jobs = vec![job(
+        "orders-1a2b3c4d",
+        JobState::Failed,
+        Some(refused_for_approval()),
+    )];
     let d = decide(&i);
     assert!(matches!(d.action, Action::CreateJob(ref j) if j.name == "orders-new"));
     assert_eq!(phase(&d), Phase::Migrating);
@@ -636,12 +646,20 @@ fn a_plan_that_needs_an_approval_blocks_with_its_hash_until_approved() {
 #[test]
 fn an_init_container_refused_for_approval_blocks_and_an_approval_unblocks_new_pods() {
     let mut s = sm(MigrationMode::InitContainer);
-    let mut run = job("orders-web-1", JobState::Failed, Some(refused_for_approval()));
+    let mut run = job(
+        "orders-web-1",
+        JobState::Failed,
+        Some(refused_for_approval()),
+    );
     run.kind = RunKind::Pod;
     let mut i = inputs(&s);
     i.jobs = vec![run.clone()];
     let d = decide(&i);
-    assert_eq!(phase(&d), Phase::Blocked, "the webhook refuses new pods meanwhile");
+    assert_eq!(
+        phase(&d),
+        Phase::Blocked,
+        "the webhook refuses new pods meanwhile"
+    );
     assert_eq!(cond(&d, cond::STALLED).reason, reason::APPROVAL_REQUIRED);
     s.spec.approved_plans = vec![crate::api::ApprovedPlan {
         plan_hash: HASH.into(),
@@ -662,7 +680,9 @@ fn drift_status(result: &str, count: usize) -> crate::api::SchemaDriftStatus {
         version: Some("2".into()),
         result: result.into(),
         count,
-        differences: (0..count).map(|n| format!("index extra_{n} on orders exists but no migration created it")).collect(),
+        differences: (0..count)
+            .map(|n| format!("index extra_{n} on orders exists but no migration created it"))
+            .collect(),
         message: format!("{result}: {count} object(s)"),
     }
 }
@@ -673,7 +693,12 @@ fn drift_is_a_condition_an_event_and_blocks_only_when_asked() {
     s.spec.target_version = Some("2".into());
     // Off: no condition at all.
     let d = decide(&inputs(&s));
-    assert!(d.status.conditions.iter().all(|c| c.type_ != cond::SCHEMA_DRIFTED));
+    assert!(
+        d.status
+            .conditions
+            .iter()
+            .all(|c| c.type_ != cond::SCHEMA_DRIFTED)
+    );
 
     s.spec.drift = Some(crate::api::DriftSpec {
         interval: "1h".into(),
@@ -684,8 +709,15 @@ fn drift_is_a_condition_an_event_and_blocks_only_when_asked() {
     let d = decide(&i);
     assert_eq!(phase(&d), Phase::Ready, "drift does not block by default");
     let c = cond(&d, cond::SCHEMA_DRIFTED);
-    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", reason::SCHEMA_DRIFTED));
-    assert!(d.events.iter().any(|e| e.warning && e.reason == reason::SCHEMA_DRIFTED));
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("True", reason::SCHEMA_DRIFTED)
+    );
+    assert!(
+        d.events
+            .iter()
+            .any(|e| e.warning && e.reason == reason::SCHEMA_DRIFTED)
+    );
     assert_eq!(d.status.schema_drift.as_ref().unwrap().count, 2);
     assert_kstatus(&d);
 
@@ -693,7 +725,12 @@ fn drift_is_a_condition_an_event_and_blocks_only_when_asked() {
     s.status = Some(d.status.clone());
     let mut i = inputs(&s);
     i.schema_drift = Some(drift_status(DRIFTED, 2));
-    assert!(decide(&i).events.iter().all(|e| e.reason != reason::SCHEMA_DRIFTED));
+    assert!(
+        decide(&i)
+            .events
+            .iter()
+            .all(|e| e.reason != reason::SCHEMA_DRIFTED)
+    );
     let d = decide(&inputs(&s));
     assert_eq!(cond(&d, cond::SCHEMA_DRIFTED).status, "True");
 
@@ -702,7 +739,11 @@ fn drift_is_a_condition_an_event_and_blocks_only_when_asked() {
     i.schema_drift = Some(drift_status(CLEAN, 0));
     let d = decide(&i);
     assert_eq!(cond(&d, cond::SCHEMA_DRIFTED).status, "False");
-    assert!(d.events.iter().any(|e| !e.warning && e.reason == reason::NO_DRIFT));
+    assert!(
+        d.events
+            .iter()
+            .any(|e| !e.warning && e.reason == reason::NO_DRIFT)
+    );
 
     // Block: the resource is Blocked (so the webhook refuses pods).
     s.spec.drift.as_mut().unwrap().on_drift = crate::api::DriftAction::Block;
