@@ -309,6 +309,11 @@ impl Ctx {
                 out_of_order: self.common.out_of_order,
                 ignore_missing: self.common.ignore_missing,
                 checksum: self.checksum_mode(),
+                phase: match self.common.phase {
+                    super::PhaseArg::All => plan::PhaseFilter::All,
+                    super::PhaseArg::Expand => plan::PhaseFilter::Expand,
+                    super::PhaseArg::Contract => plan::PhaseFilter::Contract,
+                },
             },
             stop: super::stop::current().map(|s| s.request.clone()),
         })
@@ -1373,16 +1378,19 @@ async fn wait(
     timeout: Duration,
     exact: bool,
 ) -> Result<Outcome, CliError> {
+    let set = ctx.load()?;
+    // With --phase expand, the app waits for what it needs before it starts: its contract
+    // migrations wait for older app versions to go, and must not hold it up.
+    let newest = match ctx.common.phase {
+        super::PhaseArg::Expand => set.expand_head(),
+        _ => set.head(),
+    };
     let target = match target {
         Some(t) => Version::parse(t)
             .map_err(|e| CliError::new(Exit::Usage, "usage", format!("invalid --version: {e}")))?,
-        None => ctx
-            .load()?
-            .head()
-            .map(|m| m.version.clone())
-            .ok_or_else(|| {
-                CliError::new(Exit::Source, "invalid_source", "no migrations to wait for")
-            })?,
+        None => newest.map(|m| m.version.clone()).ok_or_else(|| {
+            CliError::new(Exit::Source, "invalid_source", "no migrations to wait for")
+        })?,
     };
     let cfg = ctx.connect_config()?;
     let mode = ctx.lock_mode()?;
@@ -1413,6 +1421,12 @@ async fn wait(
                                 plan::PlanError::Unfinished(Box::new(u.clone())),
                             )));
                         }
+                    }
+                    if let Err(e) = runner::below_contract(&set, &state) {
+                        if let Some(d) = db.take() {
+                            d.close().await;
+                        }
+                        return Err(e.into());
                     }
                     let current = state.current().cloned();
                     let reached = current

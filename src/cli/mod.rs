@@ -222,6 +222,19 @@ pub struct Common {
     )]
     pub approve: Vec<String>,
 
+    /// Which migrations `upgrade` (and `plan`) run, by their `-- schemagate:phase`:
+    /// `all` (default), `expand` (contract migrations are held: the app's older versions
+    /// still run), `contract` (the held contract migrations, once no older app version
+    /// runs). `wait` with `expand` waits for the newest expand migration only.
+    #[arg(
+        long,
+        env = "SCHEMAGATE_PHASE",
+        value_enum,
+        default_value = "all",
+        global = true
+    )]
+    pub phase: PhaseArg,
+
     /// Record the schema's fingerprint after each step (what `drift` compares with): `on`
     /// or `off` (for very large schemas, where reading the catalogs is slow).
     #[arg(
@@ -284,6 +297,16 @@ pub enum LintPolicyArg {
     Deny,
     /// Do not lint before running.
     Off,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PhaseArg {
+    /// Every pending migration, in version order.
+    All,
+    /// Expand migrations only; contract migrations are held.
+    Expand,
+    /// The held contract migrations only.
+    Contract,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

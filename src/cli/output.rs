@@ -178,9 +178,17 @@ pub fn human_run(r: &RunReport) -> String {
              (use `downgrade` to go back).\n"
         );
     }
+    let held = if r.held.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Held (contract: runs with --phase contract once no older app version runs): {}\n",
+            r.held.join(", ")
+        )
+    };
     if r.noop {
         return match r.direction {
-            Direction::Up => format!("Already up to date at {to}.\n"),
+            Direction::Up => format!("Already up to date at {to}.\n{held}"),
             Direction::Down => format!("Nothing to downgrade; the database is at {to}.\n"),
         };
     }
@@ -210,6 +218,7 @@ pub fn human_run(r: &RunReport) -> String {
             step.version, step.description, step.file, step.duration_ms
         ));
     }
+    s.push_str(&held);
     s
 }
 
@@ -349,6 +358,10 @@ pub fn human_status(r: &StatusReport) -> String {
                 p.file,
                 if p.out_of_order {
                     " [older than current: needs --out-of-order]"
+                } else if p.held {
+                    " [contract, held: runs with --phase contract once no older app version runs]"
+                } else if p.phase == crate::engine::script::Phase::Contract {
+                    " [contract]"
                 } else {
                     ""
                 }
@@ -556,10 +569,10 @@ pub fn render_plan(
             "-- {} {} ({}, {}, {how})\n",
             m.version,
             m.description,
-            if p.step.direction == Direction::Up {
-                "up"
-            } else {
-                "down"
+            match (p.step.direction, p.script.directives.phase) {
+                (Direction::Up, crate::engine::script::Phase::Contract) => "up, contract",
+                (Direction::Up, _) => "up",
+                (Direction::Down, _) => "down",
             },
             p.script.file,
         ));
@@ -597,6 +610,7 @@ pub fn render_plan(
             "sent": script.statements,
             "destructive": findings.map(|f| &f.findings),
             "allowDestructive": p.script.directives.allow_destructive,
+            "phase": if p.step.direction == Direction::Up { Some(p.script.directives.phase) } else { None },
         }));
     }
     let json = json!({
@@ -608,7 +622,14 @@ pub fn render_plan(
         "createsHistoryTable": create_table.is_some(),
         "createHistoryTable": create_table,
         "steps": steps_json,
+        "held": plan.held.iter().map(|v| v.to_string()).collect::<Vec<_>>(),
     });
+    if !plan.held.is_empty() {
+        human.push_str(&format!(
+            "-- Held (contract, runs with --phase contract once no older app version runs): {}\n",
+            plan.held.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+        ));
+    }
     RenderedPlan { json, human }
 }
 

@@ -104,7 +104,13 @@ pub struct Applied {
     pub duration_ms: Option<i64>,
     /// Recorded by `stamp` without running.
     pub baseline: bool,
+    /// A contract migration (`phase: contract` in its note): app versions below it cannot
+    /// run on the schema any more.
+    pub contract: bool,
 }
+
+/// What a step's history note says of a contract migration.
+pub const CONTRACT_NOTE: &str = "phase: contract";
 
 /// A step that started and did not finish cleanly (non-transactional; see the module docs).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -173,6 +179,10 @@ impl DbState {
                 applied_by: row.applied_by.clone(),
                 duration_ms: row.duration_ms,
                 baseline: row.kind == Kind::Baseline,
+                contract: row
+                    .note
+                    .as_deref()
+                    .is_some_and(|n| n.split("; ").any(|p| p == CONTRACT_NOTE)),
             };
             match row.kind {
                 Kind::Up | Kind::Baseline => {

@@ -83,6 +83,38 @@ pub struct PlanOptions {
     /// Go on although applied migrations have no file any more.
     pub ignore_missing: bool,
     pub checksum: ChecksumMode,
+    /// Which migrations an upgrade runs (see [`PhaseFilter`]).
+    pub phase: PhaseFilter,
+}
+
+/// Which migrations an upgrade runs, by their `phase` directive.
+///
+/// The ordering rule: an `expand` run applies every pending expand migration up to its
+/// target and holds each contract migration it passes (it stays pending: "held"). Expand
+/// migrations newer than a held contract migration are applied, so the database's
+/// version can be above a held contract migration; a contract run (or `all`) applies the
+/// held ones later, in version order, and they are never out-of-order errors. Pending
+/// *expand* migrations below the current version still are (as without phases).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PhaseFilter {
+    /// Every pending migration in version order (the CLI's default outside a cluster).
+    #[default]
+    All,
+    /// Pending expand migrations only; contract migrations are held.
+    Expand,
+    /// Pending contract migrations only (those expand runs held).
+    Contract,
+}
+
+impl PhaseFilter {
+    fn runs(self, m: &Migration) -> bool {
+        match self {
+            PhaseFilter::All => true,
+            PhaseFilter::Expand => !m.is_contract(),
+            PhaseFilter::Contract => m.is_contract(),
+        }
+    }
 }
 
 /// An applied migration whose file changed since it ran.
@@ -216,6 +248,8 @@ pub struct Plan<'a> {
     pub steps: Vec<Step<'a>>,
     /// Upgrade to a version below the current one: nothing runs, the database stays ahead.
     pub ahead: bool,
+    /// Contract migrations this (expand) upgrade passed and holds (see [`PhaseFilter`]).
+    pub held: Vec<Version>,
 }
 
 /// Why no plan can be made.
@@ -356,15 +390,55 @@ fn check(set: &MigrationSet, state: &DbState, opts: &PlanOptions) -> Result<(), 
 }
 
 /// Plans an upgrade to `target`.
+///
+/// Applied versions above the newest file are the database being ahead (a newer release
+/// migrated it: an app rolled back with its migrations), not drift: an upgrade then does
+/// nothing. Applied versions missing below the newest file are drift, as always.
 pub fn plan_upgrade<'a>(
     set: &'a MigrationSet,
     state: &DbState,
     target: &Target,
     opts: &PlanOptions,
 ) -> Result<Plan<'a>, PlanError> {
+    let head = set.head().map(|m| m.version.clone());
+    let ahead_only = |d: &Drift| {
+        d.changed.is_empty()
+            && !d.missing.is_empty()
+            && d.missing
+                .iter()
+                .all(|m| {
+                    let v = Version::parse(&m.version).ok();
+                    head.as_ref().is_some_and(|h| v.is_some_and(|v| v > *h))
+                })
+    };
+    if let Err(PlanError::Drift(d)) = check(set, state, opts) {
+        if !ahead_only(&d) {
+            return Err(PlanError::Drift(d));
+        }
+        let current = state.current().cloned();
+        return Ok(Plan {
+            direction: Direction::Up,
+            from: current.clone(),
+            to: current,
+            steps: Vec::new(),
+            ahead: true,
+            held: Vec::new(),
+        });
+    }
     check(set, state, opts)?;
     let current = state.current().cloned();
     let pending = pending(set, state);
+    // Contract migrations an expand run passes: held, not run.
+    let held_by = |limit: Option<&Version>| -> Vec<Version> {
+        if opts.phase != PhaseFilter::Expand {
+            return Vec::new();
+        }
+        pending
+            .iter()
+            .filter(|m| m.is_contract() && limit.is_none_or(|l| m.version <= *l))
+            .map(|m| m.version.clone())
+            .collect()
+    };
     let limit: Option<&Version> = match target {
         Target::Head => None,
         Target::Version(v) => {
@@ -386,9 +460,13 @@ pub fn plan_upgrade<'a>(
     // Below the current version there is nothing to do, unless the user asked to apply
     // older pending migrations (up to that version).
     let older_pending = |l: &Version| pending.iter().any(|m| m.version <= *l);
+    // Held contract migrations below the target: what a contract (or full) run is for.
+    let deferred =
+        |l: &Version| opts.phase != PhaseFilter::Expand && pending.iter().any(|m| m.is_contract() && m.version <= *l);
     if let (Some(limit), Some(cur)) = (limit, &current)
         && limit < cur
         && !(opts.out_of_order && older_pending(limit))
+        && !deferred(limit)
     {
         return Ok(Plan {
             direction: Direction::Up,
@@ -396,16 +474,24 @@ pub fn plan_upgrade<'a>(
             to: current,
             steps: Vec::new(),
             ahead: true,
+            held: held_by(Some(limit)),
         });
     }
+    let held = held_by(limit);
+    // A contract migration never runs before the expand migrations below it (it removes
+    // what they replace): a contract run stops at the first pending expand migration.
+    let first_expand = pending.iter().find(|m| !m.is_contract()).map(|m| &m.version);
     let mut steps: Vec<&Migration> = pending
-        .into_iter()
-        .filter(|m| limit.is_none_or(|l| m.version <= *l))
+        .iter()
+        .copied()
+        .filter(|m| limit.is_none_or(|l| m.version <= *l) && opts.phase.runs(m))
+        .filter(|m| opts.phase != PhaseFilter::Contract || first_expand.is_none_or(|e| m.version < *e))
         .collect();
     if let Some(cur) = &current {
+        // Contract migrations below the current version were held by expand runs.
         let older: Vec<String> = steps
             .iter()
-            .filter(|m| m.version < *cur)
+            .filter(|m| m.version < *cur && !m.is_contract())
             .map(|m| m.version.to_string())
             .collect();
         if !older.is_empty() && !opts.out_of_order {
@@ -435,6 +521,7 @@ pub fn plan_upgrade<'a>(
             })
             .collect(),
         ahead: false,
+        held,
     })
 }
 
@@ -508,6 +595,7 @@ pub fn plan_downgrade<'a>(
         to,
         steps,
         ahead: false,
+        held: Vec::new(),
     })
 }
 
@@ -563,6 +651,7 @@ mod tests {
         out_of_order: false,
         ignore_missing: false,
         checksum: ChecksumMode::Strict,
+        phase: PhaseFilter::All,
     };
 
     #[test]

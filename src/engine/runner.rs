@@ -116,6 +116,9 @@ pub struct RunReport {
     /// The hash of the plan that ran (see `approval`); none when nothing ran.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub plan_hash: Option<String>,
+    /// Contract migrations this expand run held (`--phase expand`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<String>,
 }
 
 /// One step that ran.
@@ -270,6 +273,18 @@ pub enum RunError {
         .0.plan_hash
     )]
     ApprovalRequired(Box<PlanApproval>),
+    #[error(
+        "refused: these migrations end at {head}, but contract migration {contract} ({description}) \
+         was applied {applied_at} by {applied_by}: it removed what app versions below {contract} \
+         read, so this one cannot run on the schema any more (nothing was changed)"
+    )]
+    BelowContract {
+        head: String,
+        contract: String,
+        description: String,
+        applied_at: String,
+        applied_by: String,
+    },
     #[error(
         "refused: the history table already records {count} applied version(s); import \
          adopts a database schemagate has not migrated yet"
@@ -458,6 +473,32 @@ fn holder_text(h: &Option<LockHolder>) -> String {
 impl RunError {
     fn db(during: &'static str) -> impl FnOnce(DbError) -> RunError {
         move |source| RunError::Db { during, source }
+    }
+}
+
+/// Refuses an app version whose migrations end below an applied contract migration: the
+/// schema lost what that version reads (a rollback past the contract). Gate runners and
+/// `wait` check it, so such a pod never starts, even if admission did not catch it.
+pub fn below_contract(set: &MigrationSet, state: &DbState) -> Result<(), RunError> {
+    let Some(head) = set.head() else {
+        return Ok(());
+    };
+    match state
+        .applied
+        .values()
+        .filter(|a| a.contract)
+        .filter_map(|a| Version::parse(&a.version).ok().map(|v| (v, a)))
+        .filter(|(v, _)| *v > head.version)
+        .max_by(|a, b| a.0.cmp(&b.0))
+    {
+        Some((v, a)) => Err(RunError::BelowContract {
+            head: head.version.to_string(),
+            contract: v.to_string(),
+            description: a.description.clone(),
+            applied_at: a.applied_at.clone(),
+            applied_by: a.applied_by.clone(),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -685,6 +726,7 @@ pub fn step_row(p: &Prepared<'_>, runner_id: &str) -> NewRow {
 fn step_note(script: &Script) -> Option<String> {
     let d = &script.directives;
     let mut notes: Vec<String> = [
+        (d.phase == script::Phase::Contract).then(|| super::history::CONTRACT_NOTE.to_string()),
         d.allow_destructive
             .as_ref()
             .map(|r| format!("allow-destructive: {r}")),
@@ -720,6 +762,7 @@ fn noop_report(plan: &Plan<'_>, waited: Duration, started: Instant) -> RunReport
         lock_wait_ms: waited.as_millis() as u64,
         duration_ms: started.elapsed().as_millis() as u64,
         plan_hash: None,
+        held: plan.held.iter().map(Version::to_string).collect(),
     }
 }
 
@@ -732,6 +775,9 @@ pub async fn run(
 ) -> Result<RunReport, RunError> {
     let started = Instant::now();
     let state = read_state(db).await?;
+    if matches!(mode, Mode::Upgrade(_)) {
+        below_contract(set, &state)?;
+    }
     // A step with no outcome may belong to a runner that is alive: judge it under the lock.
     let maybe_running = matches!(&state.unfinished, Some(u) if !u.failed);
     if !maybe_running {
@@ -875,6 +921,7 @@ async fn run_locked(
         lock_wait_ms: waited.as_millis() as u64,
         duration_ms: started.elapsed().as_millis() as u64,
         plan_hash: Some(approval.plan_hash),
+        held: plan.held.iter().map(Version::to_string).collect(),
     })
 }
 

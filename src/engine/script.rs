@@ -603,10 +603,34 @@ pub struct Directives {
     /// it, a script of only comments is refused: running it would record a step that
     /// changed nothing (and filling it in later would be drift).
     pub empty: Option<String>,
+    /// `-- schemagate:phase contract`: the migration removes what older app versions
+    /// still read; it waits until none of them runs (see `plan`). `expand` (the default):
+    /// it only adds, and runs before the new app version starts.
+    pub phase: Phase,
+}
+
+/// When in a rollout a migration may run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Adds to the schema; old and new app versions both run on the result.
+    #[default]
+    Expand,
+    /// Removes or changes what older app versions read: runs once none of them runs.
+    Contract,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Expand => "expand",
+            Phase::Contract => "contract",
+        }
+    }
 }
 
 /// The directives, for messages.
-pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, lock-retry-budget <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>, lint-ignore <rule> <reason>";
+pub const KNOWN_DIRECTIVES: &str = "no-transaction, lock-timeout <duration>, lock-retry-budget <duration>, statement-timeout <duration>, allow-destructive <reason>, empty <reason>, phase expand|contract, lint-ignore <rule> <reason>";
 
 /// A malformed or misplaced directive.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -696,6 +720,14 @@ pub fn parse_directives(text: &str) -> Result<Directives, DirectiveError> {
                 ));
             }
             ("empty", reason) => d.empty = Some(reason.to_string()),
+            ("phase", p) if p.eq_ignore_ascii_case("contract") => d.phase = Phase::Contract,
+            ("phase", p) if p.eq_ignore_ascii_case("expand") => d.phase = Phase::Expand,
+            ("phase", other) => {
+                return Err(err(format!(
+                    "`phase` is `expand` (adds; the default) or `contract` (removes what older \
+                     app versions read), not {other:?}"
+                )));
+            }
             (other, _) => {
                 return Err(err(format!(
                     "unknown directive `{DIRECTIVE_PREFIX}{other}`; known: {KNOWN_DIRECTIVES}"

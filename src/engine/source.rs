@@ -100,7 +100,20 @@ pub struct MigrationSet {
     pub migrations: Vec<Migration>,
 }
 
+impl Migration {
+    /// `-- schemagate:phase contract` in its up script.
+    pub fn is_contract(&self) -> bool {
+        self.up.directives.phase == super::script::Phase::Contract
+    }
+}
+
 impl MigrationSet {
+    /// The newest migration that is not a contract one: what an app version needs before
+    /// it starts (its contract migrations wait for older versions to go).
+    pub fn expand_head(&self) -> Option<&Migration> {
+        self.migrations.iter().rev().find(|m| !m.is_contract())
+    }
+
     pub fn get(&self, v: &Version) -> Option<&Migration> {
         self.migrations
             .binary_search_by(|m| m.version.cmp(v))

@@ -31,6 +31,11 @@ pub struct PendingMigration {
     pub file: String,
     /// Older than the current version: `upgrade` needs --out-of-order to apply it.
     pub out_of_order: bool,
+    /// `expand` or `contract` (see `plan::PhaseFilter`).
+    pub phase: crate::engine::script::Phase,
+    /// A contract migration below the current version: an expand run held it; it runs
+    /// with `--phase contract` (or `all`) once no older app version runs.
+    pub held: bool,
 }
 
 /// The whole status.
@@ -73,7 +78,9 @@ pub fn status(
             version: m.version.to_string(),
             description: m.description.clone(),
             file: m.up.file.clone(),
-            out_of_order: current.as_ref().is_some_and(|c| m.version < *c),
+            out_of_order: !m.is_contract() && current.as_ref().is_some_and(|c| m.version < *c),
+            phase: m.up.directives.phase,
+            held: m.is_contract() && current.as_ref().is_some_and(|c| m.version < *c),
         })
         .collect();
     let mut drift = plan::drift(set, state, opts.checksum);

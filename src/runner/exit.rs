@@ -245,6 +245,12 @@ impl From<RunError> for CliError {
                     )
                     .details(details)
             }
+            RunError::BelowContract { ref contract, .. } => {
+                CliError::new(Exit::Refused, "below_contract", message).hint(format!(
+                    "roll the app forward to {contract} or later; going back below a contract \
+                     migration takes a new migration that restores what it removed"
+                ))
+            }
             RunError::ImportIntoHistory { .. } => CliError::new(Exit::Refused, "refused", message)
                 .hint("`schemagate migrate history` shows what is recorded already"),
             RunError::ToolProblem { .. } => CliError::new(Exit::Blocked, "tool_problem", message)
