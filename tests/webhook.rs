@@ -372,7 +372,7 @@ async fn a_gated_pod_gets_the_runner_by_json_patch_over_https() {
     assert_eq!(runner["image"], IMAGE);
     assert_eq!(
         runner["args"],
-        json!(["migrate", "upgrade", "2", "--output", "json"])
+        json!(["migrate", "upgrade", "2", "--phase", "expand", "--output", "json"])
     );
     let url = runner["env"]
         .as_array()
@@ -435,6 +435,8 @@ async fn job_mode_injects_a_runner_that_waits_for_the_version() {
         json!([
             "migrate",
             "wait",
+            "--phase",
+            "expand",
             "--version",
             "2",
             "--timeout",

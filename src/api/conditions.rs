@@ -45,6 +45,14 @@ pub mod reason {
     /// The last run kept waiting for table locks held by other sessions until its retry
     /// budget was spent (nothing applied; the migration itself is fine).
     pub const LOCK_BUSY: &str = "LockBusy";
+    /// A contract migration waits for pods of older app versions to go.
+    pub const CONTRACT_HELD: &str = "ContractHeld";
+    /// The controller started a Job for held contract migrations.
+    pub const CONTRACT_STARTED: &str = "ContractStarted";
+    /// A contract migration was applied.
+    pub const CONTRACT_APPLIED: &str = "ContractApplied";
+    /// A pod of an app version below an applied contract migration was refused.
+    pub const BELOW_CONTRACT: &str = "BelowContract";
     /// The plan needs a person's approval: its hash goes in spec.approvedPlans.
     pub const APPROVAL_REQUIRED: &str = "ApprovalRequired";
     /// The live schema differs from what the migrations left.

@@ -32,6 +32,11 @@ pub const FIELD_MANAGER: &str = "schemagate-controller";
 /// Most entries kept in `status.applied` and `status.pending`.
 pub const STATUS_LIST_MAX: usize = 20;
 
+/// Set by the webhook on each pod it admits: the version that pod is for (the newest
+/// migration of the files it runs with), read by the controller to hold contract
+/// migrations while older app versions run.
+pub const VERSION_ANNOTATION: &str = "schemagate.dev/version";
+
 /// A database schema migrated to a target version, safely: one runner at a time, every
 /// step versioned and recorded in the database's own history table.
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -569,6 +574,10 @@ pub struct SchemaMigrationStatus {
     /// The last migration run (a Job, or an init container).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<LastRun>,
+    /// Expand/contract: contract migrations held while older app versions run, those
+    /// applied, and the oldest app version the schema still serves.
+    #[serde(default, skip_serializing_if = "ContractStatus::is_empty")]
+    pub contract: ContractStatus,
     /// The last live-schema drift check (with spec.drift).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_drift: Option<SchemaDriftStatus>,
@@ -576,6 +585,49 @@ pub struct SchemaMigrationStatus {
     /// spec.drift).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// Contract migrations (`-- schemagate:phase contract`).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContractStatus {
+    /// Contract migrations waiting, each with why (the pods of older app versions still
+    /// running, at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held: Vec<HeldContract>,
+    /// The applied contract migrations (the last 20): when and by whom.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub applied: Vec<AppliedContract>,
+    /// The oldest app version that can still run on the schema: the newest applied
+    /// contract migration. Pods for older versions are refused at admission.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_compatible_version: Option<String>,
+}
+
+impl ContractStatus {
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty() && self.applied.is_empty() && self.oldest_compatible_version.is_none()
+    }
+}
+
+/// A contract migration waiting for older app versions to go.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HeldContract {
+    pub version: String,
+    /// Why it waits, e.g. "pod web-7d9f-x2 runs version 1".
+    pub reason: String,
+}
+
+/// An applied contract migration.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedContract {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_by: Option<String>,
 }
 
 /// The result of the last live-schema drift check.

@@ -6,8 +6,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::conditions::{self as cond, reason};
 use crate::api::{
-    AppliedMigration, DowngradePolicy, DriftAction, LastRun, MigrationMode, Phase, STATUS_LIST_MAX,
-    SchemaDriftStatus, SchemaMigration, SchemaMigrationStatus,
+    AppliedContract, AppliedMigration, ContractStatus, DowngradePolicy, DriftAction,
+    HeldContract, LastRun, MigrationMode, Phase, STATUS_LIST_MAX, SchemaDriftStatus,
+    SchemaMigration, SchemaMigrationStatus,
 };
 use crate::model::Version;
 pub use crate::runner::command::RunCommand;
@@ -127,6 +128,18 @@ pub struct DbRead {
     pub tool_problem: Option<String>,
     /// Lint findings of the pending migrations, one line each.
     pub lint: Vec<String>,
+    /// Pending contract migrations (`-- schemagate:phase contract`), in version order.
+    pub held_contract: Vec<String>,
+    /// Applied contract migrations, in version order.
+    pub contracts: Vec<AppliedContract>,
+}
+
+/// A running gated pod and the version it is for (the webhook's annotation; `None`: not
+/// known, e.g. admitted before schemagate recorded it, or an image source).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodVersion {
+    pub name: String,
+    pub version: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,6 +168,8 @@ pub struct JobView {
     pub summary: Option<RunSummary>,
     /// Why the Job failed, when it has no summary (deadline exceeded, image pull...).
     pub failure: Option<String>,
+    /// A contract Job (held contract migrations, `--phase contract`).
+    pub contract: bool,
 }
 
 /// The Job to run.
@@ -191,6 +206,8 @@ pub struct Inputs<'a> {
     /// A live-schema drift check made for this decision (`None`: none was due; the
     /// status keeps the last one).
     pub schema_drift: Option<SchemaDriftStatus>,
+    /// The running gated pods of this resource and their versions.
+    pub pods: Vec<PodVersion>,
 }
 
 /// An Event to record.
@@ -321,6 +338,86 @@ struct Facts<'a> {
     active: Option<&'a JobView>,
     /// The newest drift check (this decision's, else the status's), with spec.drift.
     drift: Option<SchemaDriftStatus>,
+    /// Held contract migrations and which of them may run now.
+    contract: Contract,
+}
+
+/// Expand/contract, as far as the database read tells.
+#[derive(Default)]
+struct Contract {
+    /// Every pending migration up to the target is a contract one: the app's own
+    /// migrations are all applied (the target is reached as far as the rollout goes).
+    only_contract_pending: bool,
+    /// The newest held contract migration that may run now (no running gated pod is for
+    /// an older version).
+    runnable: Option<String>,
+    status: ContractStatus,
+}
+
+/// Which held contract migrations may run: those no running gated pod is older than.
+fn contract_of(i: &Inputs<'_>, read: Option<&DbRead>, target: Option<&str>) -> Contract {
+    let previous = i.sm.status.as_ref().map(|s| s.contract.clone());
+    let Some(read) = read else {
+        return Contract {
+            status: previous.unwrap_or_default(),
+            ..Default::default()
+        };
+    };
+    let upto = |v: &str| target.is_none_or(|t| ver(v) <= ver(t));
+    let pending: Vec<&String> = read.pending.iter().filter(|p| upto(p)).collect();
+    let is_contract = |v: &String| read.held_contract.contains(v);
+    // Held: contract migrations with no pending expand migration below them.
+    let held: Vec<&String> = pending
+        .iter()
+        .copied()
+        .filter(|c| is_contract(c))
+        .filter(|c| !pending.iter().any(|p| !is_contract(p) && ver(p) < ver(c)))
+        .collect();
+    let unknown: Vec<&PodVersion> = i.pods.iter().filter(|p| p.version.is_none()).collect();
+    let mut runnable = None;
+    let mut held_status = Vec::new();
+    for c in held {
+        let older: Vec<&PodVersion> = i
+            .pods
+            .iter()
+            .filter(|p| p.version.as_deref().and_then(ver).is_some_and(|v| Some(v) < ver(c)))
+            .collect();
+        let reason = match (older.first(), unknown.first()) {
+            (Some(p), _) => Some(format!(
+                "waits for {} pod(s) of older app versions to go (pod {} runs version {})",
+                older.len(),
+                p.name,
+                p.version.as_deref().unwrap_or("?")
+            )),
+            (None, Some(p)) => Some(format!(
+                "waits for {} pod(s) whose app version is not known to go (pod {} has no {} \
+                 annotation: admitted before schemagate recorded versions, or an image \
+                 source; run it by hand with `schemagate migrate upgrade --phase contract` \
+                 once the old version is gone)",
+                unknown.len(),
+                p.name,
+                crate::api::VERSION_ANNOTATION
+            )),
+            (None, None) => None,
+        };
+        match reason {
+            Some(reason) => held_status.push(HeldContract {
+                version: c.clone(),
+                reason,
+            }),
+            None => runnable = Some(c.clone()),
+        }
+    }
+    let skip = read.contracts.len().saturating_sub(STATUS_LIST_MAX);
+    Contract {
+        only_contract_pending: !pending.is_empty() && pending.iter().all(|p| is_contract(p)),
+        runnable,
+        status: ContractStatus {
+            held: held_status.into_iter().take(STATUS_LIST_MAX).collect(),
+            applied: read.contracts[skip..].to_vec(),
+            oldest_compatible_version: read.contracts.last().map(|c| c.version.clone()),
+        },
+    }
 }
 
 fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
@@ -352,12 +449,13 @@ fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
     let active = i
         .jobs
         .iter()
-        .find(|j| j.kind == RunKind::Job && j.state == JobState::Active);
+        .find(|j| j.kind == RunKind::Job && j.state == JobState::Active && !j.contract);
     let drift = i.sm.spec.drift.as_ref().and_then(|_| {
         i.schema_drift
             .clone()
             .or_else(|| previous.and_then(|p| p.schema_drift.clone()))
     });
+    let contract = contract_of(i, read, target.as_deref());
     Facts {
         read,
         current,
@@ -365,6 +463,7 @@ fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
         describe_target,
         active,
         drift,
+        contract,
     }
 }
 
@@ -492,6 +591,98 @@ fn database_problem(read: &DbRead) -> Option<Verdict> {
     read.tool_problem
         .as_ref()
         .map(|p| Verdict::new(Phase::Failed, reason::TOOL_NEEDS_REPAIR, p.clone()))
+}
+
+/// At the target, with held contract migrations that may run now: the contract Job (found,
+/// or to create). The resource stays Ready (the app's migrations are applied); a failed
+/// contract Job fails it.
+fn contract_verdict(
+    i: &Inputs<'_>,
+    f: &Facts<'_>,
+    ready: Verdict,
+    action: &mut Action,
+    events: &mut Vec<EventNote>,
+) -> Verdict {
+    let Some(c) = f.contract.runnable.as_deref() else {
+        return ready;
+    };
+    let Some((name, hash)) = i.namer.map(|n| n(Some(c), RunCommand::Contract)) else {
+        return ready;
+    };
+    let job = i.jobs.iter().find(|j| j.kind == RunKind::Job && j.name == name);
+    match job {
+        Some(j) if j.state == JobState::Failed => Verdict::new(
+            Phase::Failed,
+            failed_reason(j),
+            format!(
+                "contract Job {} failed: {}; fix the contract migration (a changed source \
+                 runs a new Job), or delete the Job to retry",
+                j.name,
+                last_run(j).message.unwrap_or_else(|| "no message".into())
+            ),
+        ),
+        Some(j) => Verdict {
+            message: format!(
+                "{}; contract migrations up to {c} {} in Job {}",
+                ready.message,
+                if j.state == JobState::Active { "run" } else { "ran" },
+                j.name
+            ),
+            ..ready
+        },
+        None => {
+            *action = Action::CreateJob(JobPlan {
+                name: name.clone(),
+                target: Some(c.to_string()),
+                command: RunCommand::Contract,
+                run_hash: hash,
+            });
+            events.push(EventNote {
+                warning: false,
+                reason: reason::CONTRACT_STARTED,
+                note: format!(
+                    "no pod of an older app version runs: created Job {name} to apply the \
+                     held contract migrations up to {c}"
+                ),
+            });
+            Verdict {
+                message: format!(
+                    "{}; contract migrations up to {c} run in Job {name}",
+                    ready.message
+                ),
+                ..ready
+            }
+        }
+    }
+}
+
+/// Events for contract migrations: newly held, newly applied.
+fn contract_events(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) {
+    let before = i.sm.status.as_ref().map(|s| s.contract.clone()).unwrap_or_default();
+    for h in &f.contract.status.held {
+        if !before.held.iter().any(|b| b.version == h.version) {
+            events.push(EventNote {
+                warning: false,
+                reason: reason::CONTRACT_HELD,
+                note: format!("contract migration {} is held: {}", h.version, h.reason),
+            });
+        }
+    }
+    for a in &f.contract.status.applied {
+        if !before.applied.iter().any(|b| b.version == a.version) && !before.is_empty() {
+            events.push(EventNote {
+                warning: false,
+                reason: reason::CONTRACT_APPLIED,
+                note: format!(
+                    "contract migration {} applied{}{}; app versions below {} can no longer run",
+                    a.version,
+                    a.applied_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
+                    a.applied_by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default(),
+                    a.version
+                ),
+            });
+        }
+    }
 }
 
 /// With `onDrift: Block`, a drifted live schema blocks the resource (gated pods are
@@ -785,8 +976,16 @@ fn verdict(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) -> (Verdi
     let pos = f
         .target
         .as_deref()
-        .map(|t| position(f.current.as_deref(), t));
+        .map(|t| position(f.current.as_deref(), t))
+        // What is left is contract migrations: the app's own are applied.
+        .map(|p| match p {
+            Position::Behind if f.contract.only_contract_pending => Position::AtTarget,
+            p => p,
+        });
     if let Some(v) = version_verdict(i, f, pos) {
+        if v.phase == Phase::Ready {
+            return (contract_verdict(i, f, v, &mut action, events), action);
+        }
         return (v, action);
     }
     let v = match i.sm.spec.mode {
@@ -948,6 +1147,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
     let conditions = conditions_of(i, &f, &v);
     events_of(i, &v, &mut events);
     drift_events(i, &mut events);
+    contract_events(i, &f, &mut events);
     let previous = i.sm.status.clone().unwrap_or_default();
     let status = SchemaMigrationStatus {
         observed_generation: i.sm.metadata.generation,
@@ -971,6 +1171,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             .unwrap_or_else(|| previous.applied.clone()),
         last_run: i.jobs.first().map(last_run).or(previous.last_run.clone()),
         schema_drift: f.drift.clone(),
+        contract: f.contract.status.clone(),
         conditions,
     };
     Decision {

@@ -227,6 +227,8 @@ pub struct Observed {
     pub inline_config_map: Option<(String, bool)>,
     /// A live-schema drift check, when one was due.
     pub schema_drift: Option<SchemaDriftStatus>,
+    /// The running gated pods and the versions they are for.
+    pub pods: Vec<decide::PodVersion>,
 }
 
 /// True when `meta` names the resource with `uid` as its controller.
@@ -545,6 +547,27 @@ async fn read_database(
         }
         None => (Vec::new(), None),
     };
+    let held_contract = set
+        .as_ref()
+        .map(|set| {
+            engine::plan::pending(set, &state)
+                .into_iter()
+                .filter(|m| m.is_contract())
+                .map(|m| m.version.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    // In version order (the map's).
+    let contracts: Vec<crate::api::AppliedContract> = state
+        .applied
+        .values()
+        .filter(|a| a.contract)
+        .map(|a| crate::api::AppliedContract {
+            version: a.version.clone(),
+            applied_at: Some(a.applied_at.clone()),
+            applied_by: Some(a.applied_by.clone()),
+        })
+        .collect();
     DbView::Read(Box::new(DbRead {
         current: state.current().map(|v| v.to_string()),
         applied: applied[skip..].to_vec(),
@@ -557,6 +580,8 @@ async fn read_database(
         drift,
         tool_problem: None,
         lint,
+        held_contract,
+        contracts,
     }))
 }
 
@@ -657,7 +682,16 @@ fn job_view(job: &Job) -> JobView {
         (JobState::Active, None)
     };
     let ts = |t: Option<Time>| t.map(|t| t.0.to_string());
+    // A contract Job runs `migrate upgrade T --phase contract`.
+    let contract = job
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.containers.first())
+        .and_then(|c| c.args.as_ref())
+        .is_some_and(|a| a.windows(2).any(|w| w[0] == "--phase" && w[1] == "contract"));
     JobView {
+        contract,
         kind: RunKind::Job,
         name: job.name_any(),
         state,
@@ -682,7 +716,10 @@ pub fn slim_pod(pod: &mut Pod) {
     pod.spec = None;
     let m = &mut pod.metadata;
     m.managed_fields = None;
-    m.annotations = None;
+    // Only the version the webhook recorded (what contract migrations wait for).
+    if let Some(a) = &mut m.annotations {
+        a.retain(|k, _| k == crate::api::VERSION_ANNOTATION);
+    }
     m.owner_references = None;
     m.finalizers = None;
     if let Some(labels) = &mut m.labels {
@@ -717,6 +754,7 @@ pub fn pod_run(pod: &Pod) -> Option<JobView> {
     let ts = |t: &Option<Time>| t.as_ref().map(|t| t.0.to_string());
     let state = cs.state.clone().unwrap_or_default();
     let view = |state, started, finished, message: Option<&str>, code: i32| JobView {
+        contract: false,
         kind: RunKind::Pod,
         name: pod.name_any(),
         state,
@@ -901,6 +939,15 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
         }
         _ => None,
     };
+    // Init-container mode lists no Jobs, except for contract migrations: then their Jobs.
+    let mut jobs = jobs;
+    let contract_pending = matches!(&database, DbView::Read(r) if !r.held_contract.is_empty())
+        || sm.status.as_ref().is_some_and(|s| !s.contract.held.is_empty());
+    if sm.spec.mode == MigrationMode::InitContainer && contract_pending {
+        let mut contract_jobs = owned_jobs(ctx, sm, &ns, &name).await?;
+        contract_jobs.retain(|j| j.contract);
+        jobs.extend(contract_jobs);
+    }
     Ok(Observed {
         secret,
         source,
@@ -908,6 +955,7 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
         jobs,
         inline_config_map,
         schema_drift,
+        pods: running_pods(&ctx.pods, &ns, &name),
     })
 }
 
@@ -936,6 +984,16 @@ async fn runs(
     if sm.spec.mode == MigrationMode::InitContainer {
         return Ok(pod_runs(&ctx.pods, ns, name));
     }
+    owned_jobs(ctx, sm, ns, name).await
+}
+
+/// The Jobs this resource owns, newest first, the newest finished one with its summary.
+async fn owned_jobs(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<JobView>, Error> {
     let uid = sm.uid();
     let api = Api::<Job>::namespaced(ctx.client.clone(), ns);
     let params = ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}"));
@@ -962,6 +1020,29 @@ async fn runs(
         v.summary = job_summary(&ctx.client, ns, &v.name, job_uid.as_deref()).await?;
     }
     Ok(views)
+}
+
+/// The gated pods of `name` that run (or will: not finished), with the version the webhook
+/// recorded on each. Terminating pods count until they are gone: they still serve.
+pub fn running_pods(pods: &Store<Pod>, namespace: &str, name: &str) -> Vec<decide::PodVersion> {
+    let mut out: Vec<decide::PodVersion> = pods
+        .state()
+        .iter()
+        .filter(|p| {
+            p.namespace().as_deref() == Some(namespace)
+                && p.labels().get(MIGRATION_LABEL).map(String::as_str) == Some(name)
+                && !matches!(
+                    p.status.as_ref().and_then(|s| s.phase.as_deref()),
+                    Some("Succeeded" | "Failed")
+                )
+        })
+        .map(|p| decide::PodVersion {
+            name: p.name_any(),
+            version: p.annotations().get(crate::api::VERSION_ANNOTATION).cloned(),
+        })
+        .collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
 }
 
 /// Decides from what was observed.
@@ -997,6 +1078,7 @@ pub fn decision(ctx: &Context, sm: &SchemaMigration, o: &Observed, now: Time) ->
         image_allowed: allowed,
         service_account_allowed: policy.resource_service_account_allowed(sm),
         schema_drift: o.schema_drift.clone(),
+        pods: o.pods.clone(),
     });
     redacted(decision)
 }

@@ -17,18 +17,28 @@ use crate::api::{DowngradePolicy, MigrationMode, SchemaMigration};
 /// What a migration Job does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RunCommand {
+    /// Pending expand migrations (contract ones are held for the controller).
     Upgrade,
     Downgrade,
+    /// The held contract migrations, once no older app version runs.
+    Contract,
 }
 
 impl RunCommand {
+    /// Names the run (in Job names and Events).
     pub fn as_str(self) -> &'static str {
         match self {
             RunCommand::Upgrade => "upgrade",
             RunCommand::Downgrade => "downgrade",
+            RunCommand::Contract => "contract",
         }
     }
 }
+
+/// Every runner in the cluster runs with a phase: the gate and upgrade Jobs apply expand
+/// migrations (contract ones wait until no older app version runs), the controller's
+/// contract Jobs the held contract migrations.
+const PHASE: &str = "--phase";
 
 /// `head`: the newest migration of the runner's own files.
 pub const HEAD: &str = "head";
@@ -36,19 +46,28 @@ pub const HEAD: &str = "head";
 /// A migration Job's runner: `migrate <command> <target> --output json`, the target being
 /// the controller's decision (`None`: `head`).
 pub fn job_args(command: RunCommand, target: Option<&str>) -> Vec<String> {
-    vec![
-        "migrate".into(),
-        command.as_str().into(),
-        target.unwrap_or(HEAD).into(),
-        "--output".into(),
-        "json".into(),
-    ]
+    let target = target.unwrap_or(HEAD).to_string();
+    let mut args = vec!["migrate".to_string()];
+    match command {
+        RunCommand::Upgrade => args.extend(["upgrade".into(), target, PHASE.into(), "expand".into()]),
+        RunCommand::Contract => {
+            args.extend(["upgrade".into(), target, PHASE.into(), "contract".into()])
+        }
+        RunCommand::Downgrade => args.extend(["downgrade".into(), target]),
+    }
+    args.extend(["--output".into(), "json".into()]);
+    args
 }
 
 /// `migrate wait`: block until the database is at `version` (`None`: the newest migration
 /// of the mounted files) or later, failing after `timeout`.
 pub fn wait_args(version: Option<&str>, timeout: Duration) -> Vec<String> {
-    let mut args = vec!["migrate".to_string(), "wait".into()];
+    let mut args = vec![
+        "migrate".to_string(),
+        "wait".into(),
+        PHASE.into(),
+        "expand".into(),
+    ];
     if let Some(v) = version {
         args.extend(["--version".into(), v.into()]);
     }
@@ -77,6 +96,8 @@ pub fn gate_args(sm: &SchemaMigration, wait_timeout: Duration) -> Vec<String> {
                 "migrate".to_string(),
                 "upgrade".into(),
                 target.unwrap_or(HEAD).into(),
+                PHASE.into(),
+                "expand".into(),
             ];
             if target.is_some() && sm.spec.downgrade == DowngradePolicy::Allow {
                 args.push("--allow-downgrade".into());
@@ -116,11 +137,11 @@ mod tests {
         let t = Duration::from_secs(60);
         assert_eq!(
             gate_args(&sm(MigrationMode::InitContainer, None), t),
-            ["migrate", "upgrade", "head", "--output", "json"]
+            ["migrate", "upgrade", "head", "--phase", "expand", "--output", "json"]
         );
         assert_eq!(
             gate_args(&sm(MigrationMode::Job, None), t),
-            ["migrate", "wait", "--timeout", "60s", "--output", "json"]
+            ["migrate", "wait", "--phase", "expand", "--timeout", "60s", "--output", "json"]
         );
     }
 
@@ -130,7 +151,7 @@ mod tests {
         let mut s = sm(MigrationMode::InitContainer, Some("2"));
         assert_eq!(
             gate_args(&s, t),
-            ["migrate", "upgrade", "2", "--output", "json"]
+            ["migrate", "upgrade", "2", "--phase", "expand", "--output", "json"]
         );
         s.spec.downgrade = DowngradePolicy::Allow;
         assert_eq!(
@@ -139,6 +160,8 @@ mod tests {
                 "migrate",
                 "upgrade",
                 "2",
+                "--phase",
+                "expand",
                 "--allow-downgrade",
                 "--output",
                 "json"
@@ -149,6 +172,8 @@ mod tests {
             [
                 "migrate",
                 "wait",
+                "--phase",
+                "expand",
                 "--version",
                 "2",
                 "--timeout",
@@ -160,6 +185,10 @@ mod tests {
         assert_eq!(
             job_args(RunCommand::Downgrade, Some("1")),
             ["migrate", "downgrade", "1", "--output", "json"]
+        );
+        assert_eq!(
+            job_args(RunCommand::Contract, None),
+            ["migrate", "upgrade", "head", "--phase", "contract", "--output", "json"]
         );
     }
 }

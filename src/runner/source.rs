@@ -45,6 +45,16 @@ pub fn inline_files(source: &SourceSpec) -> Vec<(String, String)> {
     files
 }
 
+/// The version a pod with these files is for: `target` when set, else the newest
+/// migration of the files (`None`: the files are not readable).
+pub fn version_of(files: Vec<(String, String)>, target: Option<&str>) -> Option<String> {
+    if let Some(t) = target {
+        return Some(t.to_string());
+    }
+    let set = crate::engine::source::load_files("the source", files).ok()?;
+    set.head().map(|m| m.version.to_string())
+}
+
 /// A hash of migration files (names and contents, in name order).
 pub fn files_hash(files: &[(String, String)]) -> String {
     let mut sorted: Vec<&(String, String)> = files.iter().collect();

@@ -60,6 +60,47 @@ fn refuse(ns: &str, name: &str, why: String) -> Refusal {
     ))
 }
 
+/// Refuses a pod for an app version below the newest applied contract migration: the
+/// schema no longer has what that version reads (a rollback past the contract).
+pub fn below_contract(sm: &SchemaMigration, ns: &str, version: &str) -> Result<(), Refusal> {
+    let name = sm.metadata.name.as_deref().unwrap_or_default();
+    let Some(oldest) = sm
+        .status
+        .as_ref()
+        .and_then(|s| s.contract.oldest_compatible_version.as_deref())
+    else {
+        return Ok(());
+    };
+    let parse = |v: &str| crate::model::Version::parse(v).ok();
+    match (parse(version), parse(oldest)) {
+        (Some(v), Some(o)) if v < o => {
+            let applied = sm
+                .status
+                .as_ref()
+                .and_then(|s| s.contract.applied.iter().find(|a| a.version == oldest))
+                .map(|a| {
+                    format!(
+                        "{}{}",
+                        a.applied_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
+                        a.applied_by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default()
+                    )
+                })
+                .unwrap_or_default();
+            Err(refuse(
+                ns,
+                name,
+                format!(
+                    "has applied contract migration {oldest}{applied}, which removed what app \
+                     versions below {oldest} read; this pod is for version {version}. Roll the \
+                     app forward to {oldest} or later (going back below a contract migration \
+                     takes a new migration that restores what it removed)"
+                ),
+            ))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Decides admission for a pod that names `name` in namespace `ns`; `sm` is that
 /// SchemaMigration if it exists.
 pub fn inject(

@@ -60,6 +60,16 @@ pub trait Lookup: Send + Sync + 'static {
         attributes: ResourceAttributes,
     ) -> impl Future<Output = Result<bool, String>> + Send;
 
+    /// The files of the ConfigMap `name` (its `data`): `Ok(None)` when it does not exist.
+    fn config_map_files(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<Vec<(String, String)>>, String>> + Send {
+        let _ = (namespace, name);
+        async { Ok(None) }
+    }
+
     /// Creates the ConfigMap carrying an inline source's files (content-addressed: one that
     /// exists under the name already has them). `Err`: a message.
     fn create_config_map(
@@ -123,6 +133,40 @@ impl Lookup for KubeLookup {
         config_map: ConfigMap,
     ) -> Result<(), String> {
         self.create(namespace, &config_map).await
+    }
+
+    async fn config_map_files(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Vec<(String, String)>>, String> {
+        let api = Api::<ConfigMap>::namespaced(self.client.clone(), namespace);
+        match tokio::time::timeout(self.timeout, api.get_opt(name)).await {
+            Ok(Ok(cm)) => Ok(cm.map(|c| c.data.unwrap_or_default().into_iter().collect())),
+            Ok(Err(e)) => Err(redact::redact(&e.to_string()).into_owned()),
+            Err(_) => Err(format!("no answer within {}s", self.timeout.as_secs())),
+        }
+    }
+}
+
+/// The version a pod is for: the target, or the newest migration of the files it runs
+/// with (the inline snapshot of its spec, the ConfigMap as it is now: what the kubelet
+/// mounts). `None` for image and tool sources, or a ConfigMap that cannot be read.
+async fn pod_version<L: Lookup>(lookup: &L, namespace: &str, sm: &SchemaMigration) -> Option<String> {
+    let target = sm.spec.target_version.as_deref();
+    let source = &sm.spec.source;
+    if source.inline.is_some() {
+        return crate::runner::source::version_of(inline_files(source), target);
+    }
+    let cm = source.config_map_ref.as_ref()?;
+    match lookup.config_map_files(namespace, &cm.name).await {
+        Ok(Some(files)) => crate::runner::source::version_of(files, target),
+        Ok(None) => None,
+        Err(e) => {
+            tracing::warn!(namespace, config_map = %cm.name, error = %e,
+                "admission: cannot read the migrations' ConfigMap; the pod's version is not recorded");
+            None
+        }
     }
 }
 
@@ -250,6 +294,16 @@ async fn decide<L: Lookup>(
             return (response.deny(why), "error");
         }
     };
+    let version = match sm.as_ref() {
+        Some(sm) => pod_version(&wh.lookup, &namespace, sm).await,
+        None => None,
+    };
+    if let (Some(sm), Some(v)) = (sm.as_ref(), version.as_deref())
+        && let Err(Refusal(why)) = super::below_contract(sm, &namespace, v)
+    {
+        tracing::info!(namespace, pod = pod_name, migration = name, reason = %why, "admission: refused");
+        return (response.deny(why), "denied");
+    }
     match inject(&pod, &namespace, name, sm.as_ref(), &wh.policy) {
         Err(Refusal(why)) => {
             tracing::info!(namespace, pod = pod_name, migration = name, reason = %why, "admission: refused");
@@ -265,7 +319,15 @@ async fn decide<L: Lookup>(
             );
             (response, "unchanged")
         }
-        Ok(Outcome::Patched(patched)) => {
+        Ok(Outcome::Patched(mut patched)) => {
+            // The version this pod is for: what the controller holds contract migrations for.
+            if let Some(v) = &version {
+                patched
+                    .metadata
+                    .annotations
+                    .get_or_insert_with(Default::default)
+                    .insert(crate::api::VERSION_ANNOTATION.into(), v.clone());
+            }
             // An inline source changed in the same apply as the app: the pod mounts the
             // snapshot its spec names, which the controller may not have written yet (or
             // is down). Write it now, so the pod never waits on the controller; a dry run

@@ -48,6 +48,7 @@ fn namer(_target: Option<&str>, command: RunCommand) -> (String, String) {
     match command {
         RunCommand::Upgrade => ("orders-1a2b3c4d".into(), "1a2b3c4d".into()),
         RunCommand::Downgrade => ("orders-down".into(), "down".into()),
+        RunCommand::Contract => ("orders-contract".into(), "contract".into()),
     }
 }
 
@@ -69,6 +70,7 @@ fn inputs(sm: &SchemaMigration) -> Inputs<'_> {
         image_allowed: true,
         service_account_allowed: true,
         schema_drift: None,
+        pods: vec![],
     }
 }
 
@@ -81,6 +83,7 @@ fn job(name: &str, state: JobState, summary: Option<RunSummary>) -> JobView {
         finished: (state != JobState::Active).then(|| "2026-11-25T07:01:00Z".into()),
         summary,
         failure: None,
+        contract: false,
     }
 }
 
@@ -754,4 +757,122 @@ fn drift_is_a_condition_an_event_and_blocks_only_when_asked() {
     assert_eq!(cond(&d, cond::STALLED).reason, reason::SCHEMA_DRIFTED);
     assert!(cond(&d, cond::STALLED).message.contains("drift --accept"));
     assert_kstatus(&d);
+}
+
+/// Files 1, 2 (expand), 3 (contract): the database after the new app's runner applied 2.
+fn expanded(i: &mut Inputs<'_>) {
+    i.source = source(&["1", "2", "3"]);
+    i.database = DbView::Read(Box::new(DbRead {
+        current: Some("2".into()),
+        pending: vec!["3".into()],
+        held_contract: vec!["3".into()],
+        ..Default::default()
+    }));
+}
+
+fn pod(name: &str, version: Option<&str>) -> PodVersion {
+    PodVersion {
+        name: name.into(),
+        version: version.map(String::from),
+    }
+}
+
+#[test]
+fn a_contract_migration_waits_for_older_pods_then_runs_once_in_a_job() {
+    for mode in [MigrationMode::InitContainer, MigrationMode::Job] {
+        let s = sm(mode);
+        // Old pods (version 1) and new ones (3) run side by side: held, and Ready (the new
+        // app's migrations are applied: the rollout goes on).
+        let mut i = inputs(&s);
+        expanded(&mut i);
+        i.pods = vec![pod("web-old-1", Some("1")), pod("web-new-1", Some("3"))];
+        let d = decide(&i);
+        assert_eq!(phase(&d), Phase::Ready, "{mode:?}: {:?}", d.status.conditions);
+        assert_eq!(d.action, Action::Nothing);
+        assert_eq!(d.status.contract.held.len(), 1);
+        assert!(d.status.contract.held[0].reason.contains("web-old-1"), "{:?}", d.status.contract);
+        assert!(d.events.iter().any(|e| e.reason == reason::CONTRACT_HELD));
+        assert_kstatus(&d);
+
+        // A pod whose version is not known holds it too.
+        let mut i = inputs(&s);
+        expanded(&mut i);
+        i.pods = vec![pod("web-x", None), pod("web-new-1", Some("3"))];
+        assert_eq!(decide(&i).action, Action::Nothing);
+
+        // The old pods are gone: one contract Job.
+        let mut i = inputs(&s);
+        expanded(&mut i);
+        i.pods = vec![pod("web-new-1", Some("3")), pod("web-new-2", Some("3"))];
+        let d = decide(&i);
+        assert_eq!(phase(&d), Phase::Ready);
+        match &d.action {
+            Action::CreateJob(j) => {
+                assert_eq!((j.command, j.target.as_deref()), (RunCommand::Contract, Some("3")));
+                assert_eq!(j.name, "orders-contract");
+            }
+            other => panic!("{mode:?}: expected the contract Job, got {other:?}"),
+        }
+        assert!(d.events.iter().any(|e| e.reason == reason::CONTRACT_STARTED));
+
+        // Running, seen again (a repeated watch event): no second Job; Ready stays.
+        let mut i = inputs(&s);
+        expanded(&mut i);
+        i.pods = vec![pod("web-new-1", Some("3"))];
+        let mut running = job("orders-contract", JobState::Active, None);
+        running.contract = true;
+        i.jobs = vec![running];
+        let d = decide(&i);
+        assert_eq!(d.action, Action::Nothing, "{mode:?}");
+        assert_eq!(phase(&d), Phase::Ready, "{mode:?}: {:?}", d.status.conditions);
+
+        // Applied: the status says when and by whom, and the oldest compatible version.
+        let mut i = inputs(&s);
+        i.source = source(&["1", "2", "3"]);
+        i.database = DbView::Read(Box::new(DbRead {
+            current: Some("3".into()),
+            contracts: vec![crate::api::AppliedContract {
+                version: "3".into(),
+                applied_at: Some("2026-12-06T09:00:00Z".into()),
+                applied_by: Some("orders-contract-x".into()),
+            }],
+            ..Default::default()
+        }));
+        let mut before = s.clone();
+        before.status = Some(SchemaMigrationStatus {
+            contract: crate::api::ContractStatus {
+                held: vec![crate::api::HeldContract {
+                    version: "3".into(),
+                    reason: "x".into(),
+                }],
+                ..Default::default()
+            },
+            ..Default::default()
+        });
+        i.sm = &before;
+        let d = decide(&i);
+        assert_eq!(d.status.contract.oldest_compatible_version.as_deref(), Some("3"));
+        assert!(d.status.contract.held.is_empty());
+        assert!(d.events.iter().any(|e| e.reason == reason::CONTRACT_APPLIED));
+    }
+}
+
+#[test]
+fn an_expand_migration_pending_keeps_the_resource_behind_and_nothing_contracts_over_it() {
+    let s = sm(MigrationMode::Job);
+    let mut i = inputs(&s);
+    i.source = source(&["1", "2", "3", "4"]);
+    // 3 is contract, 2 and 4 expand: 2 pending below it.
+    i.database = DbView::Read(Box::new(DbRead {
+        current: Some("1".into()),
+        pending: vec!["2".into(), "3".into(), "4".into()],
+        held_contract: vec!["3".into()],
+        ..Default::default()
+    }));
+    let d = decide(&i);
+    match &d.action {
+        Action::CreateJob(j) => assert_eq!(j.command, RunCommand::Upgrade),
+        other => panic!("expected the upgrade Job, got {other:?}"),
+    }
+    assert!(d.status.contract.held.is_empty(), "not held yet: 2 comes first");
 }
