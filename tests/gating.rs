@@ -9,7 +9,11 @@
 //! `reconcile` against the same mock API server, and the real `schemagate` binary started
 //! as a kubelet would start the injected init containers and the controller's Jobs
 //! (volumes materialised from what the API server holds at mount time), on a real SQLite
-//! database.
+//! database (PostgreSQL for expand/contract).
+//!
+//! Expand/contract: a rename in one release, old and new pods side by side; the contract
+//! migration runs once, only after the last old pod is gone; rollback pods are admitted
+//! before it and refused after it; new pods never wait for a held contract migration.
 
 mod support;
 
@@ -99,6 +103,8 @@ fn answer(store: &mut Store, method: &str, path: &str, body: Value) -> Response<
         "GET" if path.contains("/configmaps/") => found(store.config_maps.get(&last)),
         "GET" if path.ends_with("/jobs") => list("JobList", store.jobs.values().collect()),
         "GET" if path.contains("/jobs/") => found(store.jobs.get(&last)),
+        // A finished Job's pods (their termination messages): gone with the test's kubelet.
+        "GET" if path.ends_with("/pods") => list::<Pod>("PodList", Vec::new()),
         "POST" if path.ends_with("/configmaps") => {
             let cm: ConfigMap = serde_json::from_value(body.clone()).unwrap();
             let name = cm.metadata.name.clone().unwrap();
@@ -226,10 +232,14 @@ fn resource(mode: MigrationMode, source: SourceSpec) -> SchemaMigration {
     sm
 }
 
-/// A cluster with a SQLite database migrated to 3 by the real binary.
+/// A cluster with a database (SQLite migrated to 3 by the real binary, unless given).
 struct Cluster {
     store: Shared,
-    db: SqliteDb,
+    /// The database URL the Secret holds.
+    url: String,
+    _sqlite: Option<SqliteDb>,
+    /// The gated pods running (as the controller's pod watch delivers them).
+    running: Mutex<Vec<Pod>>,
     /// Image references -> the directory their files are in (a registry).
     images: HashMap<String, PathBuf>,
     _image_dirs: Vec<MigDir>,
@@ -246,6 +256,12 @@ impl Cluster {
         let mut c = migrate(&db.url, three.path());
         c.args(["upgrade"]);
         assert_code(&run(c), 0);
+        let url = db.url.clone();
+        Self::on(sm, url, Some(db))
+    }
+
+    /// A cluster whose Secret names the database at `url`.
+    fn on(sm: SchemaMigration, url: String, sqlite: Option<SqliteDb>) -> Self {
         let store = Store {
             sm: Some(sm),
             secret: Some(Secret {
@@ -255,14 +271,16 @@ impl Cluster {
                     resource_version: Some("7".into()),
                     ..Default::default()
                 },
-                data: Some([("url".to_string(), ByteString(db.url.as_bytes().to_vec()))].into()),
+                data: Some([("url".to_string(), ByteString(url.as_bytes().to_vec()))].into()),
                 ..Default::default()
             }),
             ..Default::default()
         };
         Cluster {
             store: Arc::new(Mutex::new(store)),
-            db,
+            url,
+            _sqlite: sqlite,
+            running: Mutex::default(),
             images: HashMap::new(),
             _image_dirs: Vec::new(),
             work: tempfile::tempdir().unwrap(),
@@ -284,7 +302,7 @@ impl Cluster {
     /// The database's version, read by the real binary.
     fn version(&self) -> Option<String> {
         let empty = MigDir::new();
-        let mut c = migrate(&self.db.url, empty.path());
+        let mut c = migrate(&self.url, empty.path());
         c.args(["current", "--output", "json"]);
         let o = run(c);
         assert_code(&o, 0);
@@ -305,6 +323,24 @@ impl Cluster {
     /// (a real AdmissionReview), which reads the resource from the API server. Returns the
     /// pod as admitted (patched).
     async fn admit(&self, pod_name: &str, wait: Duration) -> Pod {
+        let (response, outcome) = self.review(pod_name, wait).await;
+        assert_eq!(outcome, "injected", "{response:#}");
+        let pod = app_pod(pod_name);
+        let patch = response["response"]["patch"].as_str().unwrap();
+        use base64::Engine;
+        let patch: json_patch::Patch = serde_json::from_slice(
+            &base64::engine::general_purpose::STANDARD
+                .decode(patch)
+                .unwrap(),
+        )
+        .unwrap();
+        let mut value = serde_json::to_value(&pod).unwrap();
+        json_patch::patch(&mut value, &patch).unwrap();
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// The webhook's answer for a new pod of the app: the AdmissionReview and the outcome.
+    async fn review(&self, pod_name: &str, wait: Duration) -> (Value, &'static str) {
         let (client, task) = client(&self.store);
         let webhook = Webhook {
             lookup: KubeLookup {
@@ -334,24 +370,18 @@ impl Cluster {
         });
         let (response, outcome) = review(&webhook, "/mutate", body.to_string().as_bytes()).await;
         task.abort();
-        assert_eq!(outcome, "injected", "{response:#}");
-        let patch = response["response"]["patch"].as_str().unwrap();
-        use base64::Engine;
-        let patch: json_patch::Patch = serde_json::from_slice(
-            &base64::engine::general_purpose::STANDARD
-                .decode(patch)
-                .unwrap(),
-        )
-        .unwrap();
-        let mut value = serde_json::to_value(&pod).unwrap();
-        json_patch::patch(&mut value, &patch).unwrap();
-        serde_json::from_value(value).unwrap()
+        (response, outcome)
     }
 
     /// One reconcile of the resource by the real controller, as its watch delivers it.
     async fn reconcile(&self) {
         let (client, task) = client(&self.store);
-        let (pods, _writer) = kube::runtime::reflector::store::<Pod>();
+        let (pods, mut writer) = kube::runtime::reflector::store::<Pod>();
+        for pod in self.running.lock().unwrap().iter() {
+            let mut slim = pod.clone();
+            reconcile::slim_pod(&mut slim);
+            writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(slim));
+        }
         let ctx = Arc::new(Context {
             client: client.clone(),
             settings: Settings {
@@ -430,7 +460,7 @@ impl Cluster {
         for e in c.env.iter().flatten() {
             let from = e.value_from.as_ref();
             let value = if from.is_some_and(|f| f.secret_key_ref.is_some()) {
-                self.db.url.clone()
+                self.url.clone()
             } else if from.is_some_and(|f| f.field_ref.is_some()) {
                 pod.to_string()
             } else {
@@ -459,9 +489,18 @@ impl Cluster {
         serde_json::from_str(std::fs::read_to_string(path).unwrap().trim()).unwrap()
     }
 
-    /// Runs the Job the controller created (its init containers, then its runner).
+    /// Runs the Jobs the controller created that have not run yet (their init containers,
+    /// then their runner), and marks them Complete as the Job controller would.
     fn run_jobs(&self) -> usize {
-        let jobs: Vec<Job> = self.store.lock().unwrap().jobs.values().cloned().collect();
+        let jobs: Vec<Job> = self
+            .store
+            .lock()
+            .unwrap()
+            .jobs
+            .values()
+            .filter(|j| j.status.is_none())
+            .cloned()
+            .collect();
         for job in &jobs {
             let name = job.metadata.name.clone().unwrap();
             let spec = job.spec.as_ref().unwrap().template.spec.clone().unwrap();
@@ -476,6 +515,11 @@ impl Cluster {
                     let o = child.wait_with_output().unwrap();
                     assert_code(&o, 0);
                 }
+            }
+            let done = json!({"startTime": "2026-12-06T08:00:00Z", "completionTime": "2026-12-06T08:00:05Z",
+                "conditions": [{"type": "Complete", "status": "True"}]});
+            if let Some(j) = self.store.lock().unwrap().jobs.get_mut(&name) {
+                j.status = Some(serde_json::from_value(done).unwrap());
             }
         }
         jobs.len()
@@ -575,7 +619,7 @@ fn app_starts_on(cluster: &Cluster, head: &str) {
         "the app container started on the wrong schema"
     );
     // The new app's table is there (read outside the test's async runtime).
-    let url = cluster.db.url.clone();
+    let url = cluster.url.clone();
     let sql = format!("SELECT count(*) FROM t{head}");
     let rows = std::thread::spawn(move || count(&url, &sql))
         .join()
@@ -804,4 +848,314 @@ async fn repeated_and_late_watch_events_create_one_job() {
         .count();
     assert_eq!(creates, 1, "{:?}", s.writes);
     assert_eq!(s.jobs.len(), 1);
+}
+
+// Expand/contract: a rename done in one release. 1 creates users(fullname); 2 (expand) adds
+// display_name and backfills it; 3 (contract) drops fullname. The old app reads fullname,
+// the new one display_name.
+
+const EXPAND: &str = "ALTER TABLE users ADD COLUMN display_name TEXT;\n\
+UPDATE users SET display_name = fullname WHERE display_name IS NULL;\n";
+const CONTRACT: &str = "-- schemagate:phase contract\n\
+-- schemagate:allow-destructive fullname is display_name since 2\n\
+ALTER TABLE users DROP COLUMN fullname;\n";
+
+/// The release's migrations: 1, then 2 (expand) and 3 (contract) when `release` is 3.
+fn rename_files(release: u32) -> BTreeMap<String, String> {
+    let mut files = BTreeMap::from([(
+        "1_users.up.sql".to_string(),
+        "CREATE TABLE users (id SERIAL PRIMARY KEY, fullname TEXT);\n\
+         INSERT INTO users (fullname) VALUES ('Ada');\n"
+            .to_string(),
+    )]);
+    if release >= 3 {
+        files.insert("2_display_name.up.sql".into(), EXPAND.into());
+        files.insert("3_drop_fullname.up.sql".into(), CONTRACT.into());
+    }
+    files
+}
+
+fn set_release(cluster: &Cluster, release: u32) {
+    let mut s = cluster.store.lock().unwrap();
+    s.config_maps.insert(
+        "orders-migrations".into(),
+        ConfigMap {
+            metadata: ObjectMeta {
+                name: Some("orders-migrations".into()),
+                namespace: Some(NS.into()),
+                ..Default::default()
+            },
+            data: Some(rename_files(release)),
+            ..Default::default()
+        },
+    );
+}
+
+/// What each app version reads works (off the async runtime: `query` starts its own).
+fn app_reads(url: &str, column: &str) -> Result<Vec<String>, String> {
+    let (url, sql) = (
+        url.to_string(),
+        format!("SELECT {column} FROM users ORDER BY id"),
+    );
+    std::thread::spawn(move || {
+        std::panic::catch_unwind(|| query(&url, &sql)).map_err(|e| {
+            e.downcast_ref::<String>()
+                .cloned()
+                .unwrap_or_else(|| "query failed".into())
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+fn history_rows(url: &str, version: &str) -> i64 {
+    let (url, sql) = (
+        url.to_string(),
+        format!("SELECT count(*) FROM schemagate_history WHERE version = '{version}'"),
+    );
+    std::thread::spawn(move || count(&url, &sql))
+        .join()
+        .unwrap()
+}
+
+impl Cluster {
+    /// Admits a pod, runs its init containers, and keeps it running (the controller's pod
+    /// watch sees it, with the version the webhook recorded).
+    async fn start_pod(&self, name: &str) -> String {
+        let pod = self.admit(name, Duration::from_secs(30)).await;
+        let version = pod
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(schemagate::api::VERSION_ANNOTATION))
+            .cloned()
+            .expect("the webhook records the pod's version");
+        let starting = Starting::new(self, pod.clone()).expect("the pod's volumes mount");
+        assert_eq!(starting.run_init(self, DEADLINE), 0, "{name}'s runner");
+        let mut running = pod;
+        running.status = Some(serde_json::from_value(json!({"phase": "Running"})).unwrap());
+        self.running.lock().unwrap().push(running);
+        version
+    }
+
+    fn stop_pods(&self, prefix: &str) {
+        self.running.lock().unwrap().retain(|p| {
+            !p.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with(prefix))
+        });
+    }
+
+    fn contract_jobs(&self) -> Vec<String> {
+        self.store
+            .lock()
+            .unwrap()
+            .jobs
+            .iter()
+            .filter(|(_, j)| {
+                j.spec
+                    .as_ref()
+                    .unwrap()
+                    .template
+                    .spec
+                    .as_ref()
+                    .unwrap()
+                    .containers[0]
+                    .args
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|x| x == "contract"))
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    fn status(&self) -> SchemaMigrationStatus {
+        self.store
+            .lock()
+            .unwrap()
+            .sm
+            .as_ref()
+            .unwrap()
+            .status
+            .clone()
+            .unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rename_in_one_release_contracts_only_after_the_old_pods_are_gone() {
+    let url = std::thread::spawn(|| support::postgres::server().fresh_db())
+        .join()
+        .unwrap();
+    let mut sm = resource(
+        MigrationMode::InitContainer,
+        SourceSpec::config_map("orders-migrations"),
+    );
+    sm.status = None;
+    let cluster = Cluster::on(sm, url.clone(), None);
+    set_release(&cluster, 1);
+    // Release 1 runs: two pods of the old app.
+    assert_eq!(cluster.start_pod("web-v1-a").await, "1");
+    assert_eq!(cluster.start_pod("web-v1-b").await, "1");
+    cluster.reconcile().await;
+    assert_eq!(cluster.status().phase, Some(Phase::Ready));
+
+    // Release 3 (a rolling update, old pods kept): the new pods' runners apply the expand
+    // migration and hold the contract one; both app versions work.
+    set_release(&cluster, 3);
+    assert_eq!(cluster.start_pod("web-v3-a").await, "3");
+    assert_eq!(cluster.version().as_deref(), Some("2"));
+    assert_eq!(app_reads(&url, "fullname").unwrap(), ["Ada"], "old app");
+    assert_eq!(app_reads(&url, "display_name").unwrap(), ["Ada"], "new app");
+    let s = cluster.summary("web-v3-a", "schemagate-migrate");
+    assert_eq!(s["applied"], json!(["2"]), "{s}");
+
+    // The controller sees old pods: the contract migration is held, nothing runs; the
+    // resource is Ready (the rollout goes on). Repeated events change nothing.
+    for _ in 0..2 {
+        cluster.reconcile().await;
+        let st = cluster.status();
+        assert_eq!(st.phase, Some(Phase::Ready), "{:?}", st.conditions);
+        assert_eq!(st.contract.held.len(), 1, "{:?}", st.contract);
+        assert_eq!(st.contract.held[0].version, "3");
+        assert!(
+            st.contract.held[0].reason.contains("web-v1-"),
+            "{:?}",
+            st.contract
+        );
+        assert!(cluster.contract_jobs().is_empty());
+    }
+
+    // A rollback to release 1 before the contract: admitted, changes nothing, runs.
+    set_release(&cluster, 1);
+    assert_eq!(cluster.start_pod("web-rb-a").await, "1");
+    assert_eq!(
+        cluster.version().as_deref(),
+        Some("2"),
+        "no implicit downgrade"
+    );
+    assert_eq!(app_reads(&url, "fullname").unwrap(), ["Ada"]);
+    cluster.stop_pods("web-rb-");
+    set_release(&cluster, 3);
+
+    // One old pod left: still held. The last old pod goes: exactly one contract Job.
+    cluster.stop_pods("web-v1-a");
+    cluster.reconcile().await;
+    assert!(cluster.contract_jobs().is_empty(), "web-v1-b still runs");
+    cluster.stop_pods("web-v1-");
+    assert_eq!(cluster.start_pod("web-v3-b").await, "3");
+    cluster.reconcile().await;
+    cluster.reconcile().await; // a late, repeated watch event
+    let jobs = cluster.contract_jobs();
+    assert_eq!(jobs.len(), 1, "{jobs:?}");
+    assert_eq!(cluster.status().phase, Some(Phase::Ready));
+    cluster.run_jobs();
+    assert_eq!(history_rows(&url, "3"), 1, "applied exactly once");
+    assert!(
+        app_reads(&url, "fullname").is_err(),
+        "the old column is gone"
+    );
+    assert_eq!(app_reads(&url, "display_name").unwrap(), ["Ada"], "new app");
+
+    // The controller reports it: applied, when and by whom, the oldest compatible version.
+    cluster.reconcile().await;
+    let st = cluster.status();
+    assert!(st.contract.held.is_empty(), "{:?}", st.contract);
+    assert_eq!(st.contract.oldest_compatible_version.as_deref(), Some("3"));
+    assert_eq!(st.contract.applied[0].version, "3");
+    assert!(
+        st.contract.applied[0]
+            .applied_by
+            .as_deref()
+            .is_some_and(|b| b.starts_with(&jobs[0])),
+        "{:?}",
+        st.contract
+    );
+    assert_eq!(cluster.contract_jobs().len(), 1, "no second Job");
+
+    // A rollback to release 1 now is refused at admission, naming the contract migration.
+    set_release(&cluster, 1);
+    let (response, outcome) = cluster.review("web-rb-b", Duration::from_secs(30)).await;
+    assert_eq!(outcome, "denied", "{response:#}");
+    let why = response["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        why.contains("contract migration 3") && why.contains("version 1"),
+        "{why}"
+    );
+    // A pod of release 3 (or later) is admitted and changes nothing.
+    set_release(&cluster, 3);
+    assert_eq!(cluster.start_pod("web-v3-c").await, "3");
+    assert_eq!(history_rows(&url, "3"), 1);
+}
+
+/// The no-deadlock rules: a new pod never waits for a held contract migration (Job mode:
+/// its `wait` looks for the newest expand migration), and an expand migration newer than a
+/// held contract one is applied, the contract one recorded later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_pods_never_wait_for_a_held_contract_migration() {
+    let url = std::thread::spawn(|| support::postgres::server().fresh_db())
+        .join()
+        .unwrap();
+    let mut sm = resource(
+        MigrationMode::Job,
+        SourceSpec::config_map("orders-migrations"),
+    );
+    sm.status = None;
+    let cluster = Cluster::on(sm, url.clone(), None);
+    set_release(&cluster, 1);
+    cluster.reconcile().await;
+    assert_eq!(cluster.run_jobs(), 1);
+    let old = cluster.admit("web-v1-a", Duration::from_secs(30)).await;
+    let mut old = old;
+    old.status = Some(serde_json::from_value(json!({"phase": "Running"})).unwrap());
+    cluster.running.lock().unwrap().push(old);
+
+    // Release 4: 2 expand, 3 contract, 4 expand (an index the new app needs).
+    {
+        let mut s = cluster.store.lock().unwrap();
+        let mut files = rename_files(3);
+        files.insert(
+            "4_users_display_idx.up.sql".into(),
+            "CREATE INDEX users_display ON users (display_name);\n".into(),
+        );
+        s.config_maps.insert(
+            "orders-migrations".into(),
+            ConfigMap {
+                metadata: ObjectMeta {
+                    name: Some("orders-migrations".into()),
+                    namespace: Some(NS.into()),
+                    ..Default::default()
+                },
+                data: Some(files),
+                ..Default::default()
+            },
+        );
+    }
+    // The new pod is admitted and starts waiting before the controller reconciles.
+    let pod = cluster.admit("web-v4-a", Duration::from_secs(30)).await;
+    let starting = Starting::new(&cluster, pod).unwrap();
+    let waiting = starting.spawn_init(&cluster);
+    cluster.reconcile().await;
+    cluster.run_jobs();
+    assert_eq!(
+        finish(waiting, DEADLINE),
+        0,
+        "the new pod did not wait for 3"
+    );
+    assert_eq!(cluster.version().as_deref(), Some("4"));
+    assert_eq!(history_rows(&url, "3"), 0, "3 is held: web-v1-a still runs");
+    assert_eq!(app_reads(&url, "fullname").unwrap(), ["Ada"]);
+    cluster.reconcile().await;
+    assert_eq!(cluster.status().contract.held[0].version, "3");
+    assert!(cluster.contract_jobs().is_empty());
+
+    // The old pod goes: 3 is applied below the current version 4, once.
+    cluster.stop_pods("web-v1-");
+    cluster.reconcile().await;
+    assert_eq!(cluster.contract_jobs().len(), 1);
+    cluster.run_jobs();
+    assert_eq!(history_rows(&url, "3"), 1);
+    assert_eq!(cluster.version().as_deref(), Some("4"));
+    assert!(app_reads(&url, "fullname").is_err());
 }

@@ -372,7 +372,9 @@ async fn a_gated_pod_gets_the_runner_by_json_patch_over_https() {
     assert_eq!(runner["image"], IMAGE);
     assert_eq!(
         runner["args"],
-        json!(["migrate", "upgrade", "2", "--phase", "expand", "--output", "json"])
+        json!([
+            "migrate", "upgrade", "2", "--phase", "expand", "--output", "json"
+        ])
     );
     let url = runner["env"]
         .as_array()

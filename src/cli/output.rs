@@ -627,7 +627,11 @@ pub fn render_plan(
     if !plan.held.is_empty() {
         human.push_str(&format!(
             "-- Held (contract, runs with --phase contract once no older app version runs): {}\n",
-            plan.held.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ")
+            plan.held
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     RenderedPlan { json, human }

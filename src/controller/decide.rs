@@ -6,9 +6,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
 use crate::api::conditions::{self as cond, reason};
 use crate::api::{
-    AppliedContract, AppliedMigration, ContractStatus, DowngradePolicy, DriftAction,
-    HeldContract, LastRun, MigrationMode, Phase, STATUS_LIST_MAX, SchemaDriftStatus,
-    SchemaMigration, SchemaMigrationStatus,
+    AppliedContract, AppliedMigration, ContractStatus, DowngradePolicy, DriftAction, HeldContract,
+    LastRun, MigrationMode, Phase, STATUS_LIST_MAX, SchemaDriftStatus, SchemaMigration,
+    SchemaMigrationStatus,
 };
 use crate::model::Version;
 pub use crate::runner::command::RunCommand;
@@ -380,7 +380,12 @@ fn contract_of(i: &Inputs<'_>, read: Option<&DbRead>, target: Option<&str>) -> C
         let older: Vec<&PodVersion> = i
             .pods
             .iter()
-            .filter(|p| p.version.as_deref().and_then(ver).is_some_and(|v| Some(v) < ver(c)))
+            .filter(|p| {
+                p.version
+                    .as_deref()
+                    .and_then(ver)
+                    .is_some_and(|v| Some(v) < ver(c))
+            })
             .collect();
         let reason = match (older.first(), unknown.first()) {
             (Some(p), _) => Some(format!(
@@ -609,7 +614,10 @@ fn contract_verdict(
     let Some((name, hash)) = i.namer.map(|n| n(Some(c), RunCommand::Contract)) else {
         return ready;
     };
-    let job = i.jobs.iter().find(|j| j.kind == RunKind::Job && j.name == name);
+    let job = i
+        .jobs
+        .iter()
+        .find(|j| j.kind == RunKind::Job && j.name == name);
     match job {
         Some(j) if j.state == JobState::Failed => Verdict::new(
             Phase::Failed,
@@ -625,7 +633,11 @@ fn contract_verdict(
             message: format!(
                 "{}; contract migrations up to {c} {} in Job {}",
                 ready.message,
-                if j.state == JobState::Active { "run" } else { "ran" },
+                if j.state == JobState::Active {
+                    "run"
+                } else {
+                    "ran"
+                },
                 j.name
             ),
             ..ready
@@ -658,7 +670,11 @@ fn contract_verdict(
 
 /// Events for contract migrations: newly held, newly applied.
 fn contract_events(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) {
-    let before = i.sm.status.as_ref().map(|s| s.contract.clone()).unwrap_or_default();
+    let before =
+        i.sm.status
+            .as_ref()
+            .map(|s| s.contract.clone())
+            .unwrap_or_default();
     for h in &f.contract.status.held {
         if !before.held.iter().any(|b| b.version == h.version) {
             events.push(EventNote {
@@ -676,8 +692,14 @@ fn contract_events(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) {
                 note: format!(
                     "contract migration {} applied{}{}; app versions below {} can no longer run",
                     a.version,
-                    a.applied_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
-                    a.applied_by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default(),
+                    a.applied_at
+                        .as_deref()
+                        .map(|t| format!(" at {t}"))
+                        .unwrap_or_default(),
+                    a.applied_by
+                        .as_deref()
+                        .map(|b| format!(" by {b}"))
+                        .unwrap_or_default(),
                     a.version
                 ),
             });

@@ -689,7 +689,10 @@ fn job_view(job: &Job) -> JobView {
         .and_then(|s| s.template.spec.as_ref())
         .and_then(|s| s.containers.first())
         .and_then(|c| c.args.as_ref())
-        .is_some_and(|a| a.windows(2).any(|w| w[0] == "--phase" && w[1] == "contract"));
+        .is_some_and(|a| {
+            a.windows(2)
+                .any(|w| w[0] == "--phase" && w[1] == "contract")
+        });
     JobView {
         contract,
         kind: RunKind::Job,
@@ -942,7 +945,10 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
     // Init-container mode lists no Jobs, except for contract migrations: then their Jobs.
     let mut jobs = jobs;
     let contract_pending = matches!(&database, DbView::Read(r) if !r.held_contract.is_empty())
-        || sm.status.as_ref().is_some_and(|s| !s.contract.held.is_empty());
+        || sm
+            .status
+            .as_ref()
+            .is_some_and(|s| !s.contract.held.is_empty());
     if sm.spec.mode == MigrationMode::InitContainer && contract_pending {
         let mut contract_jobs = owned_jobs(ctx, sm, &ns, &name).await?;
         contract_jobs.retain(|j| j.contract);

@@ -404,12 +404,10 @@ pub fn plan_upgrade<'a>(
     let ahead_only = |d: &Drift| {
         d.changed.is_empty()
             && !d.missing.is_empty()
-            && d.missing
-                .iter()
-                .all(|m| {
-                    let v = Version::parse(&m.version).ok();
-                    head.as_ref().is_some_and(|h| v.is_some_and(|v| v > *h))
-                })
+            && d.missing.iter().all(|m| {
+                let v = Version::parse(&m.version).ok();
+                head.as_ref().is_some_and(|h| v.is_some_and(|v| v > *h))
+            })
     };
     if let Err(PlanError::Drift(d)) = check(set, state, opts) {
         if !ahead_only(&d) {
@@ -461,8 +459,10 @@ pub fn plan_upgrade<'a>(
     // older pending migrations (up to that version).
     let older_pending = |l: &Version| pending.iter().any(|m| m.version <= *l);
     // Held contract migrations below the target: what a contract (or full) run is for.
-    let deferred =
-        |l: &Version| opts.phase != PhaseFilter::Expand && pending.iter().any(|m| m.is_contract() && m.version <= *l);
+    let deferred = |l: &Version| {
+        opts.phase != PhaseFilter::Expand
+            && pending.iter().any(|m| m.is_contract() && m.version <= *l)
+    };
     if let (Some(limit), Some(cur)) = (limit, &current)
         && limit < cur
         && !(opts.out_of_order && older_pending(limit))
@@ -480,12 +480,17 @@ pub fn plan_upgrade<'a>(
     let held = held_by(limit);
     // A contract migration never runs before the expand migrations below it (it removes
     // what they replace): a contract run stops at the first pending expand migration.
-    let first_expand = pending.iter().find(|m| !m.is_contract()).map(|m| &m.version);
+    let first_expand = pending
+        .iter()
+        .find(|m| !m.is_contract())
+        .map(|m| &m.version);
     let mut steps: Vec<&Migration> = pending
         .iter()
         .copied()
         .filter(|m| limit.is_none_or(|l| m.version <= *l) && opts.phase.runs(m))
-        .filter(|m| opts.phase != PhaseFilter::Contract || first_expand.is_none_or(|e| m.version < *e))
+        .filter(|m| {
+            opts.phase != PhaseFilter::Contract || first_expand.is_none_or(|e| m.version < *e)
+        })
         .collect();
     if let Some(cur) = &current {
         // Contract migrations below the current version were held by expand runs.

@@ -49,7 +49,9 @@ pub fn job_args(command: RunCommand, target: Option<&str>) -> Vec<String> {
     let target = target.unwrap_or(HEAD).to_string();
     let mut args = vec!["migrate".to_string()];
     match command {
-        RunCommand::Upgrade => args.extend(["upgrade".into(), target, PHASE.into(), "expand".into()]),
+        RunCommand::Upgrade => {
+            args.extend(["upgrade".into(), target, PHASE.into(), "expand".into()])
+        }
         RunCommand::Contract => {
             args.extend(["upgrade".into(), target, PHASE.into(), "contract".into()])
         }
@@ -137,11 +139,22 @@ mod tests {
         let t = Duration::from_secs(60);
         assert_eq!(
             gate_args(&sm(MigrationMode::InitContainer, None), t),
-            ["migrate", "upgrade", "head", "--phase", "expand", "--output", "json"]
+            [
+                "migrate", "upgrade", "head", "--phase", "expand", "--output", "json"
+            ]
         );
         assert_eq!(
             gate_args(&sm(MigrationMode::Job, None), t),
-            ["migrate", "wait", "--phase", "expand", "--timeout", "60s", "--output", "json"]
+            [
+                "migrate",
+                "wait",
+                "--phase",
+                "expand",
+                "--timeout",
+                "60s",
+                "--output",
+                "json"
+            ]
         );
     }
 
@@ -151,7 +164,9 @@ mod tests {
         let mut s = sm(MigrationMode::InitContainer, Some("2"));
         assert_eq!(
             gate_args(&s, t),
-            ["migrate", "upgrade", "2", "--phase", "expand", "--output", "json"]
+            [
+                "migrate", "upgrade", "2", "--phase", "expand", "--output", "json"
+            ]
         );
         s.spec.downgrade = DowngradePolicy::Allow;
         assert_eq!(
@@ -188,7 +203,9 @@ mod tests {
         );
         assert_eq!(
             job_args(RunCommand::Contract, None),
-            ["migrate", "upgrade", "head", "--phase", "contract", "--output", "json"]
+            [
+                "migrate", "upgrade", "head", "--phase", "contract", "--output", "json"
+            ]
         );
     }
 }

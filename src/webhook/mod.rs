@@ -81,8 +81,14 @@ pub fn below_contract(sm: &SchemaMigration, ns: &str, version: &str) -> Result<(
                 .map(|a| {
                     format!(
                         "{}{}",
-                        a.applied_at.as_deref().map(|t| format!(" at {t}")).unwrap_or_default(),
-                        a.applied_by.as_deref().map(|b| format!(" by {b}")).unwrap_or_default()
+                        a.applied_at
+                            .as_deref()
+                            .map(|t| format!(" at {t}"))
+                            .unwrap_or_default(),
+                        a.applied_by
+                            .as_deref()
+                            .map(|b| format!(" by {b}"))
+                            .unwrap_or_default()
                     )
                 })
                 .unwrap_or_default();

@@ -152,7 +152,11 @@ impl Lookup for KubeLookup {
 /// The version a pod is for: the target, or the newest migration of the files it runs
 /// with (the inline snapshot of its spec, the ConfigMap as it is now: what the kubelet
 /// mounts). `None` for image and tool sources, or a ConfigMap that cannot be read.
-async fn pod_version<L: Lookup>(lookup: &L, namespace: &str, sm: &SchemaMigration) -> Option<String> {
+async fn pod_version<L: Lookup>(
+    lookup: &L,
+    namespace: &str,
+    sm: &SchemaMigration,
+) -> Option<String> {
     let target = sm.spec.target_version.as_deref();
     let source = &sm.spec.source;
     if source.inline.is_some() {

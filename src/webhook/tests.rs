@@ -106,7 +106,9 @@ fn init_container_mode_prepends_the_migrating_runner_and_keeps_the_pods_own() {
     );
     assert_eq!(
         c.args.as_ref().unwrap(),
-        &["migrate", "upgrade", "20251101", "--phase", "expand", "--output", "json"]
+        &[
+            "migrate", "upgrade", "20251101", "--phase", "expand", "--output", "json"
+        ]
     );
     let env = c.env.as_ref().unwrap();
     let url = env.iter().find(|e| e.name == "DATABASE_URL").unwrap();
@@ -297,7 +299,14 @@ fn a_lower_target_with_downgrades_allowed_lets_the_runner_revert_whatever_the_st
         let c = &p.spec.as_ref().unwrap().init_containers.as_ref().unwrap()[0];
         assert_eq!(
             c.args.as_ref().unwrap()[..6],
-            ["migrate", "upgrade", "1", "--phase", "expand", "--allow-downgrade"]
+            [
+                "migrate",
+                "upgrade",
+                "1",
+                "--phase",
+                "expand",
+                "--allow-downgrade"
+            ]
         );
     }
 }

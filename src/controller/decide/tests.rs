@@ -787,10 +787,19 @@ fn a_contract_migration_waits_for_older_pods_then_runs_once_in_a_job() {
         expanded(&mut i);
         i.pods = vec![pod("web-old-1", Some("1")), pod("web-new-1", Some("3"))];
         let d = decide(&i);
-        assert_eq!(phase(&d), Phase::Ready, "{mode:?}: {:?}", d.status.conditions);
+        assert_eq!(
+            phase(&d),
+            Phase::Ready,
+            "{mode:?}: {:?}",
+            d.status.conditions
+        );
         assert_eq!(d.action, Action::Nothing);
         assert_eq!(d.status.contract.held.len(), 1);
-        assert!(d.status.contract.held[0].reason.contains("web-old-1"), "{:?}", d.status.contract);
+        assert!(
+            d.status.contract.held[0].reason.contains("web-old-1"),
+            "{:?}",
+            d.status.contract
+        );
         assert!(d.events.iter().any(|e| e.reason == reason::CONTRACT_HELD));
         assert_kstatus(&d);
 
@@ -808,12 +817,19 @@ fn a_contract_migration_waits_for_older_pods_then_runs_once_in_a_job() {
         assert_eq!(phase(&d), Phase::Ready);
         match &d.action {
             Action::CreateJob(j) => {
-                assert_eq!((j.command, j.target.as_deref()), (RunCommand::Contract, Some("3")));
+                assert_eq!(
+                    (j.command, j.target.as_deref()),
+                    (RunCommand::Contract, Some("3"))
+                );
                 assert_eq!(j.name, "orders-contract");
             }
             other => panic!("{mode:?}: expected the contract Job, got {other:?}"),
         }
-        assert!(d.events.iter().any(|e| e.reason == reason::CONTRACT_STARTED));
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.reason == reason::CONTRACT_STARTED)
+        );
 
         // Running, seen again (a repeated watch event): no second Job; Ready stays.
         let mut i = inputs(&s);
@@ -824,7 +840,12 @@ fn a_contract_migration_waits_for_older_pods_then_runs_once_in_a_job() {
         i.jobs = vec![running];
         let d = decide(&i);
         assert_eq!(d.action, Action::Nothing, "{mode:?}");
-        assert_eq!(phase(&d), Phase::Ready, "{mode:?}: {:?}", d.status.conditions);
+        assert_eq!(
+            phase(&d),
+            Phase::Ready,
+            "{mode:?}: {:?}",
+            d.status.conditions
+        );
 
         // Applied: the status says when and by whom, and the oldest compatible version.
         let mut i = inputs(&s);
@@ -851,9 +872,16 @@ fn a_contract_migration_waits_for_older_pods_then_runs_once_in_a_job() {
         });
         i.sm = &before;
         let d = decide(&i);
-        assert_eq!(d.status.contract.oldest_compatible_version.as_deref(), Some("3"));
+        assert_eq!(
+            d.status.contract.oldest_compatible_version.as_deref(),
+            Some("3")
+        );
         assert!(d.status.contract.held.is_empty());
-        assert!(d.events.iter().any(|e| e.reason == reason::CONTRACT_APPLIED));
+        assert!(
+            d.events
+                .iter()
+                .any(|e| e.reason == reason::CONTRACT_APPLIED)
+        );
     }
 }
 
@@ -874,5 +902,8 @@ fn an_expand_migration_pending_keeps_the_resource_behind_and_nothing_contracts_o
         Action::CreateJob(j) => assert_eq!(j.command, RunCommand::Upgrade),
         other => panic!("expected the upgrade Job, got {other:?}"),
     }
-    assert!(d.status.contract.held.is_empty(), "not held yet: 2 comes first");
+    assert!(
+        d.status.contract.held.is_empty(),
+        "not held yet: 2 comes first"
+    );
 }

@@ -94,7 +94,9 @@ fn the_job_runs_the_engine_with_the_secret_by_reference_and_hardened_security() 
     );
     assert_eq!(
         c.args.as_ref().unwrap(),
-        &["migrate", "upgrade", "3", "--phase", "expand", "--output", "json"]
+        &[
+            "migrate", "upgrade", "3", "--phase", "expand", "--output", "json"
+        ]
     );
     assert_eq!(
         c.termination_message_policy.as_deref(),
