@@ -51,8 +51,6 @@ pub mod reason {
     pub const CONTRACT_STARTED: &str = "ContractStarted";
     /// A contract migration was applied.
     pub const CONTRACT_APPLIED: &str = "ContractApplied";
-    /// A pod of an app version below an applied contract migration was refused.
-    pub const BELOW_CONTRACT: &str = "BelowContract";
     /// The plan needs a person's approval: its hash goes in spec.approvedPlans.
     pub const APPROVAL_REQUIRED: &str = "ApprovalRequired";
     /// The live schema differs from what the migrations left.
