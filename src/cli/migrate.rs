@@ -9,6 +9,8 @@ use tokio::signal::unix::SignalKind;
 
 use super::stop::{recv, stop_signal};
 
+pub mod fanout;
+
 use super::output::{self, Outcome};
 use super::{ChecksumArg, Common, LockArg, MigrateArgs, MigrateCommand, NewFormat};
 use crate::engine::alembic;
@@ -198,15 +200,22 @@ impl Ctx {
             return Err(CliError::new(Exit::Connect, "connection_failed", "no database URL given")
                 .hint("pass --database-url or set DATABASE_URL, e.g. sqlite:dev.db or postgres://user:password@localhost:5432/app"));
         };
-        let name = format!("schemagate {}", self.runner_id);
-        let application_name = runner::prefix(&name, 63).to_string();
         Ok(ConnectConfig {
             url,
+            ..self.base_connect_config()
+        })
+    }
+
+    /// Everything of a connection but its URL.
+    fn base_connect_config(&self) -> ConnectConfig {
+        let name = format!("schemagate {}", self.runner_id);
+        ConnectConfig {
+            url: String::new(),
             table: self.table.clone(),
             connect_timeout: self.common.connect_timeout,
             busy_timeout: self.common.lock_timeout,
-            application_name,
-        })
+            application_name: runner::prefix(&name, 63).to_string(),
+        }
     }
 
     /// The SQLite file the URL names, when it does not exist.
@@ -254,7 +263,16 @@ impl Ctx {
     }
 
     fn lock_mode(&self) -> Result<LockMode, CliError> {
-        if !self.lease {
+        self.lock_mode_with(self.lease, || self.connect_config())
+    }
+
+    /// The lock mode, the lease's connection made with `connect`.
+    fn lock_mode_with(
+        &self,
+        lease: bool,
+        connect: impl FnOnce() -> Result<ConnectConfig, CliError>,
+    ) -> Result<LockMode, CliError> {
+        if !lease {
             return Ok(LockMode::Session);
         }
         let heartbeat = self
@@ -277,15 +295,38 @@ impl Ctx {
         Ok(LockMode::Lease {
             heartbeat,
             ttl,
-            connect: Box::new(self.connect_config()?),
+            connect: Box::new(connect()?),
+        })
+    }
+
+    /// One database of a fleet (`upgrade --databases`): its URL as the driver takes it.
+    fn connect_config_for(&self, raw: &str) -> Result<ConnectConfig, CliError> {
+        let (url, _) = dialect::split_url_params(raw);
+        let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+        let url = dialect::url::normalize(&url, &cwd).map_err(CliError::from)?;
+        Ok(ConnectConfig {
+            url,
+            ..self.base_connect_config()
+        })
+    }
+
+    /// The settings of a run on the database `cfg` connects to (its own lease, if any).
+    fn settings_for(&self, cfg: &ConnectConfig) -> Result<RunSettings, CliError> {
+        Ok(RunSettings {
+            lock: self.lock_mode_with(self.lease, || Ok(cfg.clone()))?,
+            ..self.settings_with(LockMode::Session)?
         })
     }
 
     fn settings(&self) -> Result<RunSettings, CliError> {
+        self.settings_with(self.lock_mode()?)
+    }
+
+    fn settings_with(&self, lock: LockMode) -> Result<RunSettings, CliError> {
         Ok(RunSettings {
             runner_id: self.runner_id.clone(),
             lock_timeout: self.common.lock_timeout,
-            lock: self.lock_mode()?,
+            lock,
             timeouts: StepTimeouts {
                 lock: Some(self.common.migration_lock_timeout),
                 statement: self.common.migration_statement_timeout,
@@ -342,7 +383,26 @@ async fn dispatch(ctx: &Ctx, command: MigrateCommand) -> Result<Outcome, CliErro
     match command {
         MigrateCommand::Upgrade {
             target,
+            allow_downgrade: _,
+            fleet:
+                super::FleetArgs {
+                    databases: Some(path),
+                    canary,
+                    max_parallel,
+                    on_failure,
+                },
+        } => {
+            let rollout = fanout::Rollout {
+                canary,
+                max_parallel,
+                on_failure,
+            };
+            fanout::upgrade(ctx, &path, parse_target(&target)?, rollout).await
+        }
+        MigrateCommand::Upgrade {
+            target,
             allow_downgrade,
+            ..
         } => {
             let target = parse_target(&target)?;
             let outcome = migrate(ctx, Mode::Upgrade(target.clone())).await?;

@@ -299,6 +299,35 @@ pub enum LintPolicyArg {
     Off,
 }
 
+fn parse_parallel(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: a number from 1 to 256")),
+    }
+}
+
+/// `upgrade` over many databases.
+#[derive(Debug, Args, Clone)]
+pub struct FleetArgs {
+    /// Upgrade every database this lists instead of DATABASE_URL: a file (one URL per line,
+    /// optionally `NAME URL`; `#` comments) or a directory with one file per database
+    /// holding its URL (as a projected Secret volume lays them out; the file names the
+    /// database). Passwords are never printed.
+    #[arg(long, env = "SCHEMAGATE_DATABASES")]
+    pub databases: Option<PathBuf>,
+    /// With --databases: how many databases go first, alone, and are verified before the
+    /// rest start (a canary that fails stops the fleet).
+    #[arg(long, env = "SCHEMAGATE_CANARY", default_value_t = 1, requires = "databases")]
+    pub canary: usize,
+    /// With --databases: at most this many databases migrate at once.
+    #[arg(long, env = "SCHEMAGATE_MAX_PARALLEL", default_value_t = 4, value_parser = parse_parallel, requires = "databases")]
+    pub max_parallel: usize,
+    /// With --databases: after a database fails, `halt` starts no new one (those running
+    /// finish); `continue` goes on with the others.
+    #[arg(long, env = "SCHEMAGATE_ON_FAILURE", value_enum, default_value = "halt", requires = "databases")]
+    pub on_failure: migrate::fanout::OnFailure,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PhaseArg {
     /// Every pending migration, in version order.
@@ -353,8 +382,10 @@ pub enum MigrateCommand {
         /// scripts instead of doing nothing (how an injected runner follows a lowered
         /// `targetVersion` with `downgrade: Allow`). The decision is made against the
         /// database's own history, under the lock, never from a status written earlier.
-        #[arg(long, env = "SCHEMAGATE_ALLOW_DOWNGRADE")]
+        #[arg(long, env = "SCHEMAGATE_ALLOW_DOWNGRADE", conflicts_with = "databases")]
         allow_downgrade: bool,
+        #[command(flatten)]
+        fleet: FleetArgs,
     },
     /// Revert applied migrations with their down scripts, down to TARGET (default: -1).
     /// Refuses to start if any step lacks a down script.

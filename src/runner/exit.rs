@@ -61,6 +61,10 @@ pub enum Exit {
     /// `spec.approval.required`) and its hash is not approved (`--approve`,
     /// `spec.approvedPlans`). Nothing ran; the message and `details.planHash` give the hash.
     ApprovalRequired = 21,
+    /// `upgrade --databases`: one or more databases of the fleet failed (the summary names
+    /// each, with why), and those not started after a halt were skipped. Run it again
+    /// after the fix: it resumes.
+    FanOutIncomplete = 22,
 }
 
 impl Exit {
