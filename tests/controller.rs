@@ -4,6 +4,7 @@
 
 mod support;
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -44,6 +45,8 @@ struct Seen {
 #[derive(Clone, Default)]
 struct World {
     secret: Option<Secret>,
+    /// Secrets a label selector lists (a fleet's tenants).
+    fleet_secrets: Vec<Secret>,
     config_map: Option<ConfigMap>,
     jobs: Vec<Job>,
     pods: Vec<Pod>,
@@ -84,6 +87,13 @@ fn list(kind: &str, items: Value) -> Value {
 fn answer(world: &World, seen: &Seen) -> Response<Body> {
     let p = seen.path.as_str();
     match (seen.method.as_str(), p) {
+        ("GET", _) if p.ends_with("/secrets") => json_response(
+            StatusCode::OK,
+            list(
+                "SecretList",
+                serde_json::to_value(&world.fleet_secrets).unwrap(),
+            ),
+        ),
         ("GET", _) if p.ends_with("/secrets/orders-db") => match &world.secret {
             Some(s) => json_response(StatusCode::OK, serde_json::to_value(s).unwrap()),
             None => not_found("secret"),
@@ -1715,4 +1725,156 @@ async fn a_plan_that_needs_approval_blocks_with_its_hash_until_approved() {
     assert_code(&o, 0);
     assert_eq!(line["planHash"], hash.as_str());
     assert_eq!(line["applied"], json!(["4"]));
+}
+
+/// A fleet's tenant: a SQLite database and the Secret holding its URL.
+fn tenant(name: &str, dir: &Path) -> Secret {
+    let url = format!("sqlite:{}", dir.join(format!("{name}.db")).display());
+    std::fs::write(dir.join(format!("{name}.db")), b"").unwrap();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(NS.into()),
+            labels: Some([("app".to_string(), "orders".to_string())].into()),
+            ..Default::default()
+        },
+        data: Some([("url".to_string(), ByteString(url.into_bytes()))].into()),
+        ..Default::default()
+    }
+}
+
+fn fleet_resource() -> SchemaMigration {
+    let mut sm = resource(MigrationMode::Job);
+    sm.spec.database = None;
+    sm.spec.databases = Some(schemagate::api::DatabasesSpec {
+        secret_selector: k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+            match_labels: Some([("app".to_string(), "orders".to_string())].into()),
+            ..Default::default()
+        },
+        key: "url".into(),
+        canary: 1,
+        max_parallel: 2,
+        on_failure: schemagate::api::FleetFailurePolicy::Halt,
+    });
+    sm
+}
+
+/// Runs a fleet Job's runner as the kubelet would: its Secrets as files in /databases, the
+/// ConfigMap's files in /migrations; returns its summary line.
+fn run_fleet_job(job: &Job, w: &World) -> Value {
+    let work = tempfile::tempdir().unwrap();
+    let (dbs, mig) = (
+        work.path().join("databases"),
+        work.path().join("migrations"),
+    );
+    std::fs::create_dir_all(&dbs).unwrap();
+    std::fs::create_dir_all(&mig).unwrap();
+    for name in schemagate::controller::job::batch_members(job) {
+        let s = w
+            .fleet_secrets
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(&name))
+            .unwrap();
+        std::fs::write(dbs.join(&name), &s.data.as_ref().unwrap()["url"].0).unwrap();
+    }
+    for (n, t) in w.config_map.as_ref().unwrap().data.as_ref().unwrap() {
+        std::fs::write(mig.join(n), t).unwrap();
+    }
+    let c = &job
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0];
+    let summary = work.path().join("summary");
+    let mut cmd = std::process::Command::new(bin());
+    cmd.env_clear()
+        .args(c.args.as_ref().unwrap().iter().map(|a| {
+            if a == "/databases" {
+                dbs.display().to_string()
+            } else {
+                a.clone()
+            }
+        }))
+        .env("SCHEMAGATE_DIR", &mig)
+        .env("SCHEMAGATE_SUMMARY_FILE", &summary);
+    assert_code(&run(cmd), 0);
+    serde_json::from_str(std::fs::read_to_string(summary).unwrap().trim()).unwrap()
+}
+
+#[tokio::test]
+async fn a_fleet_runs_its_canary_then_batches_and_a_restarted_controller_adopts_the_running_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world("sqlite:unused.db");
+    w.fleet_secrets = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
+        .iter()
+        .map(|n| tenant(n, dir.path()))
+        .collect();
+    let sm = fleet_resource();
+    // The canary first, alone.
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    let jobs = posts(&seen, "/jobs");
+    assert_eq!(jobs.len(), 1, "{seen:#?}");
+    let canary: Job = serde_json::from_value(jobs[0].body.clone()).unwrap();
+    assert_eq!(
+        schemagate::controller::job::batch_members(&canary),
+        ["tenant-a"]
+    );
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Migrating");
+    assert_eq!(status["databases"]["total"], 4);
+    assert_eq!(status["databases"]["pending"], 4);
+    let summary = run_fleet_job(&canary, &w);
+    assert_eq!(summary["result"], "success", "{summary}");
+
+    // The canary is done: one batch with the rest.
+    let canary_name = canary.metadata.name.clone().unwrap();
+    w.jobs = vec![finished(canary.clone(), true)];
+    w.pods = vec![pod_with_summary(&canary_name, summary)];
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    let jobs = posts(&seen, "/jobs");
+    assert_eq!(jobs.len(), 1, "{seen:#?}");
+    let batch: Job = serde_json::from_value(jobs[0].body.clone()).unwrap();
+    assert_eq!(
+        schemagate::controller::job::batch_members(&batch),
+        ["tenant-b", "tenant-c", "tenant-d"]
+    );
+    assert_eq!(status_patch(&seen)["databases"]["atTarget"], 1);
+
+    // The controller restarts while the batch runs: it finds the Job, makes no other.
+    let mut running = batch.clone();
+    running.metadata.uid = Some("uid-batch".into());
+    running.metadata.owner_references = Some(vec![sm_owner()]);
+    running.metadata.creation_timestamp =
+        Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            "2026-11-25T08:00:00Z".parse().unwrap(),
+        ));
+    w.jobs = vec![running, finished(canary, true)];
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty(), "{seen:#?}");
+    let status = status_patch(&seen);
+    assert!(
+        status["conditions"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is migrating 3 database(s)"),
+        "{status:#}"
+    );
+
+    // It finishes: all four at the target, Ready.
+    let summary = run_fleet_job(&batch, &w);
+    assert_eq!(summary["result"], "success");
+    w.jobs = vec![finished(batch, true)];
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Ready", "{status:#}");
+    assert_eq!(status["databases"]["atTarget"], 4);
+    assert_eq!(status["targetVersion"], "3");
 }

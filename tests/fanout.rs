@@ -60,7 +60,11 @@ fn step_window(url: &str, v: &str) -> (f64, f64) {
              FROM schemagate_history WHERE version = '{v}' AND success"
         ),
     );
-    assert_eq!(rows.len(), 1, "{url}: version {v} applied exactly once: {rows:?}");
+    assert_eq!(
+        rows.len(),
+        1,
+        "{url}: version {v} applied exactly once: {rows:?}"
+    );
     let mut parts = rows[0].split(' ').map(|x| x.parse::<f64>().unwrap());
     let (start, ms) = (parts.next().unwrap(), parts.next().unwrap());
     (start, start + ms)
@@ -140,7 +144,10 @@ fn canary_first_bounded_parallelism_halt_resume_and_newcomers() {
     );
     assert_eq!(json["databases"]["skipped"], 18, "{json:#}");
     assert_eq!(
-        count(&tenants[10].1, "SELECT count(*) FROM schemagate_history WHERE version = '3'"),
+        count(
+            &tenants[10].1,
+            "SELECT count(*) FROM schemagate_history WHERE version = '3'"
+        ),
         0,
         "nothing started after the failure"
     );
@@ -154,7 +161,10 @@ fn canary_first_bounded_parallelism_halt_resume_and_newcomers() {
     let json = stdout_json(&o);
     assert_eq!(json["databases"]["total"], 25);
     assert_eq!(json["databases"]["noop"], 5, "{json:#}");
-    for (_, url) in tenants.iter().chain([(String::new(), newcomer.clone())].iter()) {
+    for (_, url) in tenants
+        .iter()
+        .chain([(String::new(), newcomer.clone())].iter())
+    {
         for v in ["1", "2", "3"] {
             step_window(url, v);
         }
@@ -176,7 +186,11 @@ fn a_failing_canary_stops_the_fleet_and_continue_goes_past_other_failures() {
     assert_eq!(json["databases"]["skipped"], 5);
     // Canary repaired: with continue, tenant-003's failure does not stop the others.
     exec(&tenants[0].1, "DROP TABLE accounts");
-    let o = upgrade(dbs.path(), &mig, &["--on-failure", "continue", "--max-parallel", "2"]);
+    let o = upgrade(
+        dbs.path(),
+        &mig,
+        &["--on-failure", "continue", "--max-parallel", "2"],
+    );
     assert_code(&o, 22);
     let json = stdout_json(&o);
     assert_eq!(json["databases"]["failed"], 1);

@@ -125,11 +125,30 @@ fn migration_jobs_pass_the_restricted_pod_security_standard() {
             target: Some("1".into()),
             command: RunCommand::Upgrade,
             run_hash: "abc".into(),
+            members: Vec::new(),
         };
         let j = job::job(&sm, &plan, IMAGE, Some("orders-inline-abc"));
         let spec = j.spec.unwrap().template.spec.unwrap();
         let v = restricted_violations(&spec, None);
         assert!(v.is_empty(), "{name}: {v:#?}");
+        // A fleet's batch Job too (its Secrets mounted read-only, owner-only files).
+        let mut fleet = sm.clone();
+        fleet.spec.database = None;
+        fleet.spec.databases = Some(schemagate::api::DatabasesSpec {
+            secret_selector: Default::default(),
+            key: "url".into(),
+            canary: 1,
+            max_parallel: 4,
+            on_failure: schemagate::api::FleetFailurePolicy::Halt,
+        });
+        let batch = JobPlan {
+            members: vec!["tenant-a".into()],
+            ..plan.clone()
+        };
+        let j = job::job(&fleet, &batch, IMAGE, Some("orders-inline-abc"));
+        let spec = j.spec.unwrap().template.spec.unwrap();
+        let v = restricted_violations(&spec, None);
+        assert!(v.is_empty(), "{name} (fleet): {v:#?}");
         assert_eq!(spec.automount_service_account_token, Some(false));
     }
 }

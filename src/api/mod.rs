@@ -14,7 +14,7 @@
 pub mod conditions;
 
 use k8s_openapi::api::core::v1::{LocalObjectReference, ResourceRequirements, Toleration};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
 use kube::CustomResource;
 use kube::core::CustomResourceExt;
 use schemars::JsonSchema;
@@ -73,10 +73,29 @@ pub const VERSION_ANNOTATION: &str = "schemagate.dev/version";
 #[schemars(extend("x-kubernetes-validations" = [{
     "rule": "!has(self.source.tool) || !has(self.targetVersion)",
     "message": "targetVersion does not apply to source.tool: the tool's command decides the version (e.g. flask db upgrade <revision>)"
+}, {
+    "rule": "has(self.database) != has(self.databases)",
+    "message": "set exactly one of spec.database (one database) or spec.databases (a fleet of tenant databases)"
+}, {
+    "rule": "!has(self.databases) || (has(self.mode) && self.mode == 'Job')",
+    "message": "spec.databases runs the fleet in the controller's Jobs: set mode: Job"
+}, {
+    "rule": "!has(self.databases) || !has(self.source.tool)",
+    "message": "spec.databases needs schemagate's own migrations, not source.tool"
+}, {
+    "rule": "!has(self.databases) || !has(self.source.image)",
+    "message": "spec.databases needs a configMapRef or inline source: the controller reads the files to know what each database has pending"
 }]))]
 pub struct SchemaMigrationSpec {
-    /// The database to migrate.
-    pub database: DatabaseSpec,
+    /// The database to migrate (or `databases`, for many).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSpec>,
+
+    /// Many databases with the same migrations (one per tenant), instead of `database`:
+    /// the Secrets a label selector picks, migrated canary first, then with bounded
+    /// parallelism. Needs `mode: Job`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub databases: Option<DatabasesSpec>,
 
     /// Where the migrations come from: exactly one of configMapRef, inline or image.
     pub source: SourceSpec,
@@ -228,12 +247,13 @@ impl SchemaMigrationSpec {
     /// denied, the newest migration as the target).
     pub fn new(secret: &str, key: &str, source: SourceSpec) -> Self {
         SchemaMigrationSpec {
-            database: DatabaseSpec {
+            database: Some(DatabaseSpec {
                 url_secret_ref: SecretKeyRef {
                     name: secret.into(),
                     key: key.into(),
                 },
-            },
+            }),
+            databases: None,
             source,
             target_version: None,
             mode: MigrationMode::default(),
@@ -245,6 +265,13 @@ impl SchemaMigrationSpec {
             approved_plans: Vec::new(),
             drift: None,
         }
+    }
+}
+
+impl SchemaMigrationSpec {
+    /// The Secret key of the one database (`None` for a fleet).
+    pub fn secret_ref(&self) -> Option<&SecretKeyRef> {
+        self.database.as_ref().map(|d| &d.url_secret_ref)
     }
 }
 
@@ -266,6 +293,52 @@ pub struct DatabaseSpec {
     /// postgres://user:password@host:5432/db. The URL is never copied anywhere: runners
     /// read it from the Secret.
     pub url_secret_ref: SecretKeyRef,
+}
+
+/// A fleet of tenant databases.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabasesSpec {
+    /// Picks the Secrets (in this namespace) that each hold one database's URL. Secrets
+    /// that start matching join the fleet; those that stop matching leave it.
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "(has(self.matchLabels) && size(self.matchLabels) > 0) || (has(self.matchExpressions) && size(self.matchExpressions) > 0)",
+        "message": "secretSelector must select by matchLabels or matchExpressions (an empty selector would pick every Secret of the namespace)"
+    }]))]
+    pub secret_selector: LabelSelector,
+    /// The key of each Secret holding the URL. Default: url.
+    #[serde(default = "default_url_key")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: String,
+    /// How many databases (the first by Secret name) are migrated first, alone, and
+    /// verified before the rest start. Default: 1.
+    #[serde(default = "default_canary")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub canary: u32,
+    /// At most this many databases migrate at once. Default: 4.
+    #[serde(default = "default_max_parallel")]
+    #[schemars(range(min = 1, max = 256))]
+    pub max_parallel: u32,
+    /// Halt (default): after a database fails, no new one starts (those running finish);
+    /// Continue: the others go on.
+    #[serde(default)]
+    pub on_failure: FleetFailurePolicy,
+}
+
+fn default_canary() -> u32 {
+    1
+}
+
+fn default_max_parallel() -> u32 {
+    4
+}
+
+/// What a failed database does to the rest of the fleet.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+pub enum FleetFailurePolicy {
+    #[default]
+    Halt,
+    Continue,
 }
 
 /// A key of a Secret in the resource's namespace.
@@ -574,6 +647,11 @@ pub struct SchemaMigrationStatus {
     /// The last migration run (a Job, or an init container).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_run: Option<LastRun>,
+    /// A fleet (`spec.databases`): how many databases are at the target, pending and
+    /// failed, the failed ones with why, the slowest. Each database's history table is the
+    /// source of truth; this is a summary, bounded whatever the fleet's size.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub databases: Option<FleetStatus>,
     /// Expand/contract: contract migrations held while older app versions run, those
     /// applied, and the oldest app version the schema still serves.
     #[serde(default, skip_serializing_if = "ContractStatus::is_empty")]
@@ -585,6 +663,30 @@ pub struct SchemaMigrationStatus {
     /// spec.drift).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// A fleet's progress.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetStatus {
+    pub total: u32,
+    pub at_target: u32,
+    pub pending: u32,
+    pub failed: u32,
+    /// The failed databases by Secret name, with why (at most 20).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_databases: Vec<FleetMember>,
+    /// The databases whose migrations took longest (at most 5), the time in `reason`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub slowest: Vec<FleetMember>,
+}
+
+/// One database of a fleet, by its Secret.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetMember {
+    pub secret: String,
+    pub reason: String,
 }
 
 /// Contract migrations (`-- schemagate:phase contract`).

@@ -250,7 +250,7 @@ fn defaults_and_round_trip() {
         "source": { "image": { "reference": "r/m:1" } },
     })))
     .unwrap();
-    assert_eq!(sm.spec.database.url_secret_ref.key, "url");
+    assert_eq!(sm.spec.secret_ref().unwrap().key, "url");
     assert_eq!(sm.spec.mode, MigrationMode::InitContainer);
     assert_eq!(sm.spec.downgrade, DowngradePolicy::Deny);
     assert_eq!(sm.spec.source.image.as_ref().unwrap().path, "/migrations");

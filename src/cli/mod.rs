@@ -317,14 +317,25 @@ pub struct FleetArgs {
     pub databases: Option<PathBuf>,
     /// With --databases: how many databases go first, alone, and are verified before the
     /// rest start (a canary that fails stops the fleet).
-    #[arg(long, env = "SCHEMAGATE_CANARY", default_value_t = 1, requires = "databases")]
+    #[arg(
+        long,
+        env = "SCHEMAGATE_CANARY",
+        default_value_t = 1,
+        requires = "databases"
+    )]
     pub canary: usize,
     /// With --databases: at most this many databases migrate at once.
     #[arg(long, env = "SCHEMAGATE_MAX_PARALLEL", default_value_t = 4, value_parser = parse_parallel, requires = "databases")]
     pub max_parallel: usize,
     /// With --databases: after a database fails, `halt` starts no new one (those running
     /// finish); `continue` goes on with the others.
-    #[arg(long, env = "SCHEMAGATE_ON_FAILURE", value_enum, default_value = "halt", requires = "databases")]
+    #[arg(
+        long,
+        env = "SCHEMAGATE_ON_FAILURE",
+        value_enum,
+        default_value = "halt",
+        requires = "databases"
+    )]
     pub on_failure: migrate::fanout::OnFailure,
 }
 

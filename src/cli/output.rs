@@ -119,6 +119,27 @@ pub fn run_summary(
             s.ahead = o.json.get("ahead").and_then(|a| a.as_bool());
             s.lock_wait_ms = o.json.get("lockWaitMs").and_then(|w| w.as_u64());
             s.plan_hash = text(o.json.get("planHash"));
+            // A fleet that did not finish: the failed databases, each with why.
+            if o.exit.code() != 0
+                && let Some(results) = o.json.get("results").and_then(|r| r.as_array())
+            {
+                s.result = RunResult::Failed;
+                let failed: Vec<String> = results
+                    .iter()
+                    .filter(|r| r["result"] == "failed")
+                    .map(|r| {
+                        format!(
+                            "{}: {}",
+                            r["name"].as_str().unwrap_or("?"),
+                            r["error"]["message"].as_str().unwrap_or("failed")
+                        )
+                    })
+                    .collect();
+                s.error = Some(SummaryError {
+                    kind: "fleet_incomplete".into(),
+                    message: failed.join("; "),
+                });
+            }
             s.applied = versions_of(o.json.get("steps"))
                 .or_else(|| strings(o.json.get("stamped")))
                 .or_else(|| strings(o.json.get("applied")))

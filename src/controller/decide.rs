@@ -181,6 +181,9 @@ pub struct JobPlan {
     pub command: RunCommand,
     /// What determines the run (target, source, Secret, settings), hashed.
     pub run_hash: String,
+    /// A fleet's batch: the Secrets of the databases this Job migrates (empty: the one
+    /// database of `spec.database`).
+    pub members: Vec<String>,
 }
 
 /// Names a Job from its target and command: (name, run hash).
@@ -302,6 +305,11 @@ pub fn run_result(state: JobState) -> &'static str {
         JobState::Succeeded => "Succeeded",
         JobState::Failed => "Failed",
     }
+}
+
+/// `status.lastRun` for a run.
+pub fn last_run_of(job: &JobView) -> LastRun {
+    last_run(job)
 }
 
 fn last_run(job: &JobView) -> LastRun {
@@ -476,7 +484,11 @@ fn facts<'a>(i: &'a Inputs<'_>) -> Facts<'a> {
 /// runner policy, the target, a database that refuses the controller for good.
 fn input_problem(i: &Inputs<'_>, f: &Facts<'_>) -> Option<Verdict> {
     let spec = &i.sm.spec;
-    let secret = &spec.database.url_secret_ref;
+    let none = crate::api::SecretKeyRef {
+        name: String::new(),
+        key: String::new(),
+    };
+    let secret = spec.secret_ref().unwrap_or(&none);
     match &i.secret {
         SecretState::Missing => {
             return Some(Verdict::stalled_pending(
@@ -648,6 +660,7 @@ fn contract_verdict(
                 target: Some(c.to_string()),
                 command: RunCommand::Contract,
                 run_hash: hash,
+                members: Vec::new(),
             });
             events.push(EventNote {
                 warning: false,
@@ -962,6 +975,7 @@ fn job_verdict(
                     target: f.target.clone(),
                     command,
                     run_hash: hash.clone(),
+                    members: Vec::new(),
                 });
                 events.push(EventNote {
                     warning: false,
@@ -1193,6 +1207,7 @@ pub fn decide(i: &Inputs<'_>) -> Decision {
             .unwrap_or_else(|| previous.applied.clone()),
         last_run: i.jobs.first().map(last_run).or(previous.last_run.clone()),
         schema_drift: f.drift.clone(),
+        databases: None,
         contract: f.contract.status.clone(),
         conditions,
     };

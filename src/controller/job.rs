@@ -8,7 +8,10 @@ use k8s_openapi::api::batch::v1::{
     Job, JobSpec, PodFailurePolicy, PodFailurePolicyOnExitCodesRequirement,
     PodFailurePolicyOnPodConditionsPattern, PodFailurePolicyRule,
 };
-use k8s_openapi::api::core::v1::{PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    KeyToPath, PodSpec, PodTemplateSpec, ProjectedVolumeSource, SecretProjection, Volume,
+    VolumeMount, VolumeProjection,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::decide::JobPlan;
@@ -39,7 +42,7 @@ pub fn run_hash(
         "target": target,
         "command": command.as_str(),
         "source": source_hash,
-        "secret": [&spec.database.url_secret_ref.name, &spec.database.url_secret_ref.key, secret_version],
+        "secret": spec.secret_ref().map(|r| serde_json::json!([&r.name, &r.key, secret_version])),
         "runner": &spec.runner,
         "options": &spec.options,
     });
@@ -82,6 +85,70 @@ pub fn job_name(sm_name: &str, hash: &str) -> String {
     child_name(sm_name, hash)
 }
 
+/// A fleet batch's Job name: the run hash and the batch's members, hashed (the same batch
+/// of the same run is the same Job: found again after a restart, never made twice).
+pub fn batch_job_name(sm_name: &str, run_hash: &str, members: &[String]) -> String {
+    let h = sha256_hex(format!("{run_hash}\n{}", members.join("\n")).as_bytes());
+    child_name(sm_name, &h[..10])
+}
+
+/// Where a fleet Job's runner finds its databases: one file per Secret.
+pub const DATABASES_DIR: &str = "/databases";
+const DATABASES_VOLUME: &str = "databases";
+
+/// The Secrets a fleet Job mounts (read back from its volume).
+pub fn batch_members(job: &Job) -> Vec<String> {
+    job.spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.volumes.as_ref())
+        .and_then(|v| v.iter().find(|v| v.name == DATABASES_VOLUME))
+        .and_then(|v| v.projected.as_ref())
+        .map(|p| {
+            p.sources
+                .iter()
+                .flatten()
+                .filter_map(|s| s.secret.as_ref().map(|s| s.name.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A fleet Job's runner arguments: the fan-out over the mounted Secrets.
+fn batch_args(sm: &SchemaMigration, target: Option<&str>) -> Vec<String> {
+    let d = sm
+        .spec
+        .databases
+        .clone()
+        .unwrap_or_else(|| crate::api::DatabasesSpec {
+            secret_selector: Default::default(),
+            key: "url".into(),
+            canary: 1,
+            max_parallel: 4,
+            on_failure: crate::api::FleetFailurePolicy::Halt,
+        });
+    vec![
+        "migrate".into(),
+        "upgrade".into(),
+        target.unwrap_or(HEAD).into(),
+        "--databases".into(),
+        DATABASES_DIR.into(),
+        // The controller runs the canary as a batch of its own, before the rest.
+        "--canary".into(),
+        "0".into(),
+        "--max-parallel".into(),
+        d.max_parallel.to_string(),
+        "--on-failure".into(),
+        match d.on_failure {
+            crate::api::FleetFailurePolicy::Halt => "halt",
+            crate::api::FleetFailurePolicy::Continue => "continue",
+        }
+        .into(),
+        "--output".into(),
+        "json".into(),
+    ]
+}
+
 /// The migration Job for `plan`.
 pub fn job(
     sm: &SchemaMigration,
@@ -91,8 +158,55 @@ pub fn job(
 ) -> Job {
     let spec = &sm.spec;
     let target = plan.target.clone().unwrap_or_else(|| HEAD.into());
-    let args = job_args(plan.command, plan.target.as_deref());
-    let parts = runner_parts(sm, JOB_CONTAINERS, image, args, inline_config_map);
+    let fleet = !plan.members.is_empty();
+    let args = if fleet {
+        batch_args(sm, plan.target.as_deref())
+    } else {
+        job_args(plan.command, plan.target.as_deref())
+    };
+    let mut parts = runner_parts(sm, JOB_CONTAINERS, image, args, inline_config_map);
+    if fleet {
+        let key = sm
+            .spec
+            .databases
+            .as_ref()
+            .map(|d| d.key.clone())
+            .unwrap_or_else(|| "url".into());
+        parts.volumes.push(Volume {
+            name: DATABASES_VOLUME.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(
+                    plan.members
+                        .iter()
+                        .map(|m| VolumeProjection {
+                            secret: Some(SecretProjection {
+                                name: m.clone(),
+                                items: Some(vec![KeyToPath {
+                                    key: key.clone(),
+                                    path: m.clone(),
+                                    mode: None,
+                                }]),
+                                optional: Some(false),
+                            }),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                default_mode: Some(0o400),
+            }),
+            ..Default::default()
+        });
+        parts
+            .runner
+            .volume_mounts
+            .get_or_insert_with(Vec::new)
+            .push(VolumeMount {
+                name: DATABASES_VOLUME.into(),
+                mount_path: DATABASES_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+    }
     let labels = labels(sm);
     let annotations = BTreeMap::from([
         (RUN_HASH_ANNOTATION.into(), plan.run_hash.clone()),

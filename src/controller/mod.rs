@@ -10,6 +10,7 @@
 
 pub mod decide;
 pub mod events;
+pub mod fleet;
 pub mod job;
 pub mod reads;
 pub mod reconcile;

@@ -21,6 +21,7 @@ use super::decide::{
     JobState, JobView, RunCommand, RunKind, RunSummary, SecretState, SourceState,
 };
 use super::events::EventRecorder;
+use super::fleet;
 use super::job;
 use super::reads::{ReadKey, SharedReads};
 use crate::api::conditions::{self, reason};
@@ -249,7 +250,9 @@ async fn read_secret(
     ns: &str,
     sm: &SchemaMigration,
 ) -> Result<(SecretState, Option<String>), Error> {
-    let r = &sm.spec.database.url_secret_ref;
+    let Some(r) = sm.spec.secret_ref() else {
+        return Ok((SecretState::Missing, None));
+    };
     let secrets = Api::<Secret>::namespaced(client.clone(), ns);
     let secret = read("get_secret", || secrets.get_opt(&r.name)).await?;
     let Some(secret) = secret else {
@@ -886,24 +889,7 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
     let name = sm.name_any();
     let (secret, url) = read_secret(&ctx.client, &ns, sm).await?;
     let (mut source, files) = read_source(&ctx.client, &ns, sm).await?;
-    // The inline source's ConfigMap: gated pods and Jobs mount it by name, so one that
-    // someone else created under that name must never be used.
-    let mut inline_config_map = None;
-    if sm.spec.source.inline.is_some() {
-        let files = files::inline_files(&sm.spec.source);
-        let cm_name = files::inline_config_map_name(&name, &files::files_hash(&files));
-        let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns);
-        let found = read("get_configmap", || cms.get_metadata_opt(&cm_name)).await?;
-        if let Some(found) = &found
-            && !owned_by(&found.metadata, sm.uid().as_ref())
-        {
-            source = SourceState::Invalid(format!(
-                "ConfigMap {cm_name}, where this resource's inline migrations go, exists but \
-                 was not created by this SchemaMigration; delete it and schemagate recreates it"
-            ));
-        }
-        inline_config_map = Some((cm_name, found.is_some()));
-    }
+    let inline_config_map = inline_config_map(ctx, sm, &ns, &name, &mut source).await?;
     // The runs before the database: a read that follows them shows at least what they did
     // (read the other way round, a run finishing in between looks like a run that
     // succeeded without moving the version).
@@ -963,6 +949,217 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
         schema_drift,
         pods: running_pods(&ctx.pods, &ns, &name),
     })
+}
+
+/// The inline source's ConfigMap (name, exists): gated pods and Jobs mount it by name, so
+/// one that someone else created under that name must never be used (the source is then
+/// invalid).
+async fn inline_config_map(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    ns: &str,
+    name: &str,
+    source: &mut SourceState,
+) -> Result<Option<(String, bool)>, Error> {
+    if sm.spec.source.inline.is_none() {
+        return Ok(None);
+    }
+    let files = files::inline_files(&sm.spec.source);
+    let cm_name = files::inline_config_map_name(name, &files::files_hash(&files));
+    let cms = Api::<ConfigMap>::namespaced(ctx.client.clone(), ns);
+    let found = read("get_configmap", || cms.get_metadata_opt(&cm_name)).await?;
+    if let Some(found) = &found
+        && !owned_by(&found.metadata, sm.uid().as_ref())
+    {
+        *source = SourceState::Invalid(format!(
+            "ConfigMap {cm_name}, where this resource's inline migrations go, exists but \
+             was not created by this SchemaMigration; delete it and schemagate recreates it"
+        ));
+    }
+    Ok(Some((cm_name, found.is_some())))
+}
+
+/// A label selector as the API's `labelSelector` parameter.
+pub fn selector_string(
+    s: &k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector,
+) -> String {
+    let mut parts: Vec<String> = s
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in s.match_expressions.iter().flatten() {
+        let values = e.values.clone().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            _ => format!("!{}", e.key),
+        });
+    }
+    parts.join(",")
+}
+
+/// A fleet (`spec.databases`): the selected Secrets, each database's history (shared
+/// reads, a few at a time), the fleet's Jobs; then the decision and its action.
+async fn reconcile_fleet(sm: &SchemaMigration, ctx: &Context) -> Result<Requeue, Error> {
+    use futures_util::StreamExt;
+    let ns = sm.namespace().ok_or(Error::NoNamespace)?;
+    let name = sm.name_any();
+    let spec = sm.spec.databases.clone().ok_or(Error::NoNamespace)?;
+    let (mut source, files) = read_source(&ctx.client, &ns, sm).await?;
+    let inline_cm = inline_config_map(ctx, sm, &ns, &name, &mut source).await?;
+    let selector = selector_string(&spec.secret_selector);
+    let secrets: Vec<Secret> = if selector.is_empty() {
+        Vec::new()
+    } else {
+        let api = Api::<Secret>::namespaced(ctx.client.clone(), &ns);
+        let params = ListParams::default().labels(&selector);
+        let mut items = read("list_secrets", || api.list(&params)).await?.items;
+        items.sort_by_key(|s| s.name_any());
+        items
+    };
+    let jobs = fleet_jobs(ctx, sm, &ns, &name).await?;
+    let target = sm.spec.target_version.clone().or_else(|| match &source {
+        SourceState::Loaded { versions, .. } => versions.last().cloned(),
+        _ => None,
+    });
+    let source_hash = decide::source_hash(&source).unwrap_or_default().to_string();
+    let base = job::run_hash(sm, target.as_deref(), RunCommand::Upgrade, &source_hash, "");
+    let jobs: Vec<fleet::FleetJob> = jobs
+        .into_iter()
+        .map(|(view, members, hash)| fleet::FleetJob {
+            current: hash == base,
+            view,
+            members,
+        })
+        .collect();
+    let fresh = runs_moved(sm, &jobs.iter().map(|j| j.view.clone()).collect::<Vec<_>>());
+    let table = sm
+        .spec
+        .options
+        .history_table
+        .clone()
+        .unwrap_or_else(|| engine::dialect::DEFAULT_HISTORY_TABLE.into());
+    let mut reads = Vec::with_capacity(secrets.len());
+    for s in &secrets {
+        let url = s
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&spec.key))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .map(|u| u.trim().to_string());
+        reads.push(read_member(
+            ctx,
+            sm,
+            s.name_any(),
+            url,
+            ReadKeyParts {
+                table: &table,
+                source: &source_hash,
+                files: files.as_deref(),
+                fresh,
+            },
+        ));
+    }
+    let members: Vec<fleet::Member> = futures_util::stream::iter(reads)
+        .buffered(16)
+        .collect()
+        .await;
+    let policy = &ctx.settings.runner;
+    let namer = |batch: &[String]| (job::batch_job_name(&name, &base, batch), base.clone());
+    let d = fleet::decide(&fleet::FleetInputs {
+        sm,
+        now: Time(Timestamp::now()),
+        source,
+        members,
+        jobs,
+        namer: &namer,
+        image_allowed: policy.image_allowed(policy.runner_image(sm)),
+        service_account_allowed: policy.resource_service_account_allowed(sm),
+    });
+    let d = redacted(d);
+    act(ctx, sm, &d, inline_cm.as_ref()).await?;
+    let busy = matches!(d.status.phase, Some(Phase::Migrating | Phase::Pending));
+    Ok(Requeue::requeue(if busy {
+        ctx.settings.requeue_busy
+    } else {
+        ctx.settings.requeue
+    }))
+}
+
+/// What a fleet member's read shares with the others.
+struct ReadKeyParts<'a> {
+    table: &'a str,
+    source: &'a str,
+    files: Option<&'a [(String, String)]>,
+    fresh: bool,
+}
+
+/// One database of a fleet: its history, read (shared with other resources), or `None`
+/// when its Secret has no URL.
+async fn read_member(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    secret: String,
+    url: Option<String>,
+    k: ReadKeyParts<'_>,
+) -> fleet::Member {
+    let database = match url {
+        Some(url) => {
+            redact::redact_url(&url);
+            let key = ReadKey::new(&url, k.table, Some(k.source));
+            let read = read_database(sm, &url, k.files, ctx.settings.db_timeout);
+            Some(
+                ctx.reads
+                    .read(key, ctx.settings.database_read_ttl, k.fresh, read)
+                    .await,
+            )
+        }
+        None => None,
+    };
+    fleet::Member { secret, database }
+}
+
+/// A fleet's Jobs, newest first: each with its members and run hash; the newest finished
+/// one with its runner's summary.
+async fn fleet_jobs(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<(JobView, Vec<String>, String)>, Error> {
+    let uid = sm.uid();
+    let api = Api::<Job>::namespaced(ctx.client.clone(), ns);
+    let params = ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}"));
+    let mut jobs: Vec<Job> = read("list_jobs", || api.list(&params))
+        .await?
+        .items
+        .into_iter()
+        .filter(|j| {
+            j.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect();
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.creation_timestamp().map(|t| t.0)));
+    let mut out = Vec::new();
+    let mut summarized = false;
+    for j in &jobs {
+        let mut view = job_view(j);
+        if !summarized && view.state != JobState::Active {
+            view.summary = job_summary(&ctx.client, ns, &view.name, j.uid().as_deref()).await?;
+            summarized = true;
+        }
+        let hash = j
+            .annotations()
+            .get(job::RUN_HASH_ANNOTATION)
+            .cloned()
+            .unwrap_or_default();
+        out.push((view, job::batch_members(j), hash));
+    }
+    Ok(out)
 }
 
 /// True when the runs show what the status does not yet: one in progress, or a newest run
@@ -1295,6 +1492,13 @@ async fn reconcile_inner(sm: &SchemaMigration, ctx: &Context) -> Result<Requeue,
     if sm.metadata.deletion_timestamp.is_some() {
         // Deleting a SchemaMigration never touches the database; its Jobs go with it.
         return Ok(Requeue::await_change());
+    }
+    if sm.spec.databases.is_some() {
+        let requeue = reconcile_fleet(sm, ctx).await?;
+        if let Ok(mut f) = ctx.failures.lock() {
+            f.remove(&key);
+        }
+        return Ok(requeue);
     }
     let observed = observe(ctx, sm).await?;
     let now = Time(Timestamp::now());

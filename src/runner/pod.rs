@@ -66,19 +66,23 @@ fn env(name: &str, value: &str) -> EnvVar {
 /// where the files are, where the summary goes, and the resource's engine options.
 pub fn runner_env(sm: &SchemaMigration) -> Vec<EnvVar> {
     let spec = &sm.spec;
-    let mut out = vec![
-        EnvVar {
+    let mut out: Vec<EnvVar> = spec
+        .secret_ref()
+        .map(|r| EnvVar {
             name: "DATABASE_URL".into(),
             value: None,
             value_from: Some(EnvVarSource {
                 secret_key_ref: Some(SecretKeySelector {
-                    name: spec.database.url_secret_ref.name.clone(),
-                    key: spec.database.url_secret_ref.key.clone(),
+                    name: r.name.clone(),
+                    key: r.key.clone(),
                     optional: Some(false),
                 }),
                 ..Default::default()
             }),
-        },
+        })
+        .into_iter()
+        .collect();
+    out.extend([
         EnvVar {
             name: "POD_NAME".into(),
             value: None,
@@ -93,7 +97,7 @@ pub fn runner_env(sm: &SchemaMigration) -> Vec<EnvVar> {
         env("SCHEMAGATE_DIR", MIGRATIONS_DIR),
         env("SCHEMAGATE_SUMMARY_FILE", "/dev/termination-log"),
         env("SCHEMAGATE_LOG_FORMAT", "json"),
-    ];
+    ]);
     let o = &spec.options;
     if o.lock == LockKind::Lease {
         out.push(env("SCHEMAGATE_LOCK", "lease"));

@@ -60,6 +60,51 @@ fn refuse(ns: &str, name: &str, why: String) -> Refusal {
     ))
 }
 
+/// A fleet's gate (`spec.databases`): a pod of a multi-tenant app starts only once every
+/// selected database is at the target, as the controller's status says for the
+/// resource's current generation, and that target is not below the pod's own version
+/// (`version`, when the webhook could read it). No runner is injected: the controller's
+/// Jobs migrate the fleet; a refused pod is retried by its ReplicaSet.
+pub fn fleet_gate(
+    sm: &SchemaMigration,
+    ns: &str,
+    version: Option<&str>,
+) -> Result<Outcome, Refusal> {
+    let name = sm.metadata.name.as_deref().unwrap_or_default();
+    let status = sm.status.clone().unwrap_or_default();
+    let fleet = status.databases.clone().unwrap_or_default();
+    let current = status.observed_generation.is_some()
+        && status.observed_generation == sm.metadata.generation;
+    let parse = |v: &str| crate::model::Version::parse(v).ok();
+    let target = status.target_version.as_deref().and_then(parse);
+    let covers = match version.and_then(parse) {
+        Some(v) => target.as_ref().is_some_and(|t| *t >= v),
+        None => true,
+    };
+    if current && fleet.total > 0 && fleet.at_target == fleet.total && covers {
+        return Ok(Outcome::Unchanged(
+            "every database of the fleet is at the target",
+        ));
+    }
+    Err(refuse(
+        ns,
+        name,
+        format!(
+            "migrates a fleet of databases: {} of {} at {}{}; pods of this app start once every \
+             database is at {} (the ReplicaSet retries)",
+            fleet.at_target,
+            fleet.total,
+            status.target_version.as_deref().unwrap_or("the target"),
+            if fleet.failed > 0 {
+                format!(", {} failed (see the resource's status)", fleet.failed)
+            } else {
+                String::new()
+            },
+            version.unwrap_or("the target")
+        ),
+    ))
+}
+
 /// Refuses a pod for an app version below the newest applied contract migration: the
 /// schema no longer has what that version reads (a rollback past the contract).
 pub fn below_contract(sm: &SchemaMigration, ns: &str, version: &str) -> Result<(), Refusal> {
@@ -125,6 +170,9 @@ pub fn inject(
     };
     if sm.spec.paused {
         return Err(refuse(ns, name, "is paused (spec.paused: true)".into()));
+    }
+    if sm.spec.databases.is_some() {
+        return fleet_gate(sm, ns, None);
     }
     // The controller's verdict counts only while it is about this very spec: a resource
     // changed in the same apply as the pod (a fixed target, a new source) is not refused

@@ -302,6 +302,18 @@ async fn decide<L: Lookup>(
         Some(sm) => pod_version(&wh.lookup, &namespace, sm).await,
         None => None,
     };
+    if let Some(sm) = sm
+        .as_ref()
+        .filter(|s| s.spec.databases.is_some() && !s.spec.paused)
+    {
+        return match super::fleet_gate(sm, &namespace, version.as_deref()) {
+            Ok(_) => (response, "allowed"),
+            Err(Refusal(why)) => {
+                tracing::info!(namespace, pod = pod_name, migration = name, reason = %why, "admission: refused");
+                (response.deny(why), "denied")
+            }
+        };
+    }
     if let (Some(sm), Some(v)) = (sm.as_ref(), version.as_deref())
         && let Err(Refusal(why)) = super::below_contract(sm, &namespace, v)
     {

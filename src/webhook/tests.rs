@@ -419,3 +419,42 @@ fn a_plan_waiting_for_approval_refuses_pods_with_its_hash_and_an_approval_reache
     assert!(env.contains(&("SCHEMAGATE_REQUIRE_APPROVAL".into(), "Destructive".into())));
     assert!(env.contains(&("SCHEMAGATE_APPROVED_PLANS".into(), hash.into())));
 }
+
+#[test]
+fn pods_of_a_fleet_start_once_every_database_is_at_their_version() {
+    let mut s = sm(MigrationMode::Job);
+    s.spec.database = None;
+    s.spec.databases = Some(crate::api::DatabasesSpec {
+        secret_selector: Default::default(),
+        key: "url".into(),
+        canary: 1,
+        max_parallel: 4,
+        on_failure: crate::api::FleetFailurePolicy::Halt,
+    });
+    s.metadata.generation = Some(2);
+    let status = |at: u32, target: &str, generation: i64| SchemaMigrationStatus {
+        observed_generation: Some(generation),
+        target_version: Some(target.into()),
+        databases: Some(crate::api::FleetStatus {
+            total: 10,
+            at_target: at,
+            pending: 10 - at,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    s.status = Some(status(7, "3", 2));
+    let e = inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).unwrap_err();
+    assert!(e.0.contains("7 of 10 at 3"), "{}", e.0);
+    s.status = Some(status(10, "3", 2));
+    assert!(matches!(
+        inject(&pod(&[]), "shop", "orders", Some(&s), &settings()),
+        Ok(Outcome::Unchanged(_))
+    ));
+    // Its own files are newer than what the fleet reached: it waits.
+    let e = fleet_gate(&s, "shop", Some("4")).unwrap_err();
+    assert!(e.0.contains("every database is at 4"), "{}", e.0);
+    // A status about an earlier generation is not trusted.
+    s.status = Some(status(10, "3", 1));
+    assert!(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).is_err());
+}

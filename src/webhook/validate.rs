@@ -85,16 +85,25 @@ pub fn requirements(
     }
     // What the resource makes others read and run: the database URL goes into runners,
     // the migrations (SQL, or a tool's command) run with it.
-    let db = &spec.database.url_secret_ref;
-    let mut needs = vec![Permission {
-        verb: "get",
-        group: "",
-        resource: "secrets",
-        name: Some(db.name.clone()),
-        why: format!(
-            "spec.database.urlSecretRef names Secret {}: its URL is handed to the runner",
-            db.name
-        ),
+    let mut needs = vec![match spec.secret_ref() {
+        Some(db) => Permission {
+            verb: "get",
+            group: "",
+            resource: "secrets",
+            name: Some(db.name.clone()),
+            why: format!(
+                "spec.database.urlSecretRef names Secret {}: its URL is handed to the runner",
+                db.name
+            ),
+        },
+        None => Permission {
+            verb: "list",
+            group: "",
+            resource: "secrets",
+            name: None,
+            why: "spec.databases selects Secrets by label: their URLs are handed to the runners"
+                .into(),
+        },
     }];
     if let Some(cm) = &spec.source.config_map_ref {
         needs.push(Permission {

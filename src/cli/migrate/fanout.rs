@@ -98,7 +98,10 @@ pub fn read_tenants(path: &Path) -> Result<Vec<Tenant>, CliError> {
                 return Err(CliError::new(
                     Exit::Usage,
                     "usage",
-                    format!("{}: the file holds no database URL", path.join(&name).display()),
+                    format!(
+                        "{}: the file holds no database URL",
+                        path.join(&name).display()
+                    ),
                 ));
             }
             out.push(Tenant { name, url });
@@ -145,7 +148,11 @@ pub fn read_tenants(path: &Path) -> Result<Vec<Tenant>, CliError> {
         return Err(CliError::new(
             Exit::Usage,
             "usage",
-            format!("--databases {}: {} is listed twice", path.display(), dup.name),
+            format!(
+                "--databases {}: {} is listed twice",
+                path.display(),
+                dup.name
+            ),
         ));
     }
     Ok(out)
@@ -189,7 +196,11 @@ async fn upgrade_one(
     match result {
         Ok(r) => TenantResult {
             name: tenant.name.clone(),
-            result: if r.steps.is_empty() { "noop" } else { "applied" },
+            result: if r.steps.is_empty() {
+                "noop"
+            } else {
+                "applied"
+            },
             canary,
             from: r.from,
             to: r.to,
@@ -227,12 +238,17 @@ fn skipped(tenant: &Tenant, canary: bool) -> TenantResult {
     }
 }
 
-/// Runs `tenants` with at most `parallel` at once; after a failure, with `halt`, the ones
-/// not started yet are skipped.
+/// What every database of a fleet runs.
+struct Run<'a> {
+    ctx: &'a Ctx,
+    set: &'a MigrationSet,
+    target: &'a Target,
+}
+
+/// Runs `tenants` with at most `parallel` at once; after a failure, with `halt_on_failure`,
+/// the ones not started yet are skipped (`halt` is shared with the caller).
 async fn wave(
-    ctx: &Ctx,
-    set: &MigrationSet,
-    target: &Target,
+    run: &Run<'_>,
     tenants: &[Tenant],
     canary: bool,
     parallel: usize,
@@ -245,7 +261,7 @@ async fn wave(
             if halt.load(Ordering::SeqCst) {
                 return skipped(t, canary);
             }
-            let r = upgrade_one(ctx, set, target, t, canary).await;
+            let r = upgrade_one(run.ctx, run.set, run.target, t, canary).await;
             if r.result == "failed" && halt_on_failure {
                 halt.store(true, Ordering::SeqCst);
             }
@@ -269,26 +285,19 @@ pub(super) async fn upgrade(
     let canaries = rollout.canary.min(tenants.len());
     let (first, rest) = tenants.split_at(canaries);
     let halt = AtomicBool::new(false);
-    // A canary's failure stops the fleet, whatever --on-failure says.
-    let mut results = wave(
+    let run = Run {
         ctx,
-        &set,
-        &target,
-        first,
-        true,
-        rollout.max_parallel,
-        &halt,
-        true,
-    )
-    .await;
+        set: &set,
+        target: &target,
+    };
+    // A canary's failure stops the fleet, whatever --on-failure says.
+    let mut results = wave(&run, first, true, rollout.max_parallel, &halt, true).await;
     if halt.load(Ordering::SeqCst) {
         results.extend(rest.iter().map(|t| skipped(t, false)));
     } else {
         results.extend(
             wave(
-                ctx,
-                &set,
-                &target,
+                &run,
                 rest,
                 false,
                 rollout.max_parallel,
@@ -304,7 +313,11 @@ pub(super) async fn upgrade(
         .map(|(i, t)| (t.name.as_str(), i))
         .collect();
     results.sort_by_key(|r| order.get(r.name.as_str()).copied().unwrap_or(usize::MAX));
-    Ok(report(&results, rollout, started.elapsed().as_millis() as u64))
+    Ok(report(
+        &results,
+        rollout,
+        started.elapsed().as_millis() as u64,
+    ))
 }
 
 fn report(results: &[TenantResult], rollout: Rollout, duration_ms: u64) -> Outcome {
@@ -315,10 +328,8 @@ fn report(results: &[TenantResult], rollout: Rollout, duration_ms: u64) -> Outco
         count("failed"),
         count("skipped"),
     );
-    let mut slowest: Vec<&TenantResult> = results
-        .iter()
-        .filter(|r| r.result == "applied")
-        .collect();
+    let mut slowest: Vec<&TenantResult> =
+        results.iter().filter(|r| r.result == "applied").collect();
     slowest.sort_by_key(|r| std::cmp::Reverse(r.duration_ms));
     slowest.truncate(5);
     let canary_failed = results.iter().any(|r| r.canary && r.result == "failed");
@@ -339,10 +350,7 @@ fn report(results: &[TenantResult], rollout: Rollout, duration_ms: u64) -> Outco
     );
     for r in results {
         let what = match (r.result, &r.error) {
-            (_, Some(e)) => format!(
-                "FAILED  {}",
-                e["message"].as_str().unwrap_or("failed")
-            ),
+            (_, Some(e)) => format!("FAILED  {}", e["message"].as_str().unwrap_or("failed")),
             ("skipped", _) => "skipped (not started: the fleet halted after a failure)".into(),
             ("noop", _) => format!("ok      already at {}", r.to.as_deref().unwrap_or("none")),
             _ => format!(

@@ -27,6 +27,7 @@ fn plan() -> JobPlan {
         target: Some("3".into()),
         command: RunCommand::Upgrade,
         run_hash: "0123456789".into(),
+        members: Vec::new(),
     }
 }
 
@@ -333,4 +334,62 @@ fn a_tool_source_runs_the_tools_command_from_its_image_under_exec() {
         .collect();
     assert_eq!(volumes, [BIN_VOLUME, "schemagate-tmp"]);
     assert_eq!(c.security_context, Some(container_security()));
+}
+
+#[test]
+fn a_fleet_batch_mounts_its_secrets_and_fans_out() {
+    let mut s = sm(cm_source());
+    s.spec.database = None;
+    s.spec.databases = Some(crate::api::DatabasesSpec {
+        secret_selector: Default::default(),
+        key: "dsn".into(),
+        canary: 1,
+        max_parallel: 7,
+        on_failure: crate::api::FleetFailurePolicy::Continue,
+    });
+    let members = vec!["tenant-a".to_string(), "tenant-b".to_string()];
+    let name = batch_job_name("tenants", "base", &members);
+    assert_eq!(
+        name,
+        batch_job_name("tenants", "base", &members),
+        "deterministic"
+    );
+    assert_ne!(name, batch_job_name("tenants", "base", &members[..1]));
+    let plan = JobPlan {
+        name,
+        members: members.clone(),
+        ..plan()
+    };
+    let j = job(&s, &plan, "img", None);
+    assert_eq!(batch_members(&j), members);
+    let pod = j.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let c = &pod.containers[0];
+    let args = c.args.as_ref().unwrap().join(" ");
+    assert_eq!(
+        args,
+        "migrate upgrade 3 --databases /databases --canary 0 --max-parallel 7 --on-failure continue --output json"
+    );
+    assert!(
+        c.env.iter().flatten().all(|e| e.name != "DATABASE_URL"),
+        "no single database URL"
+    );
+    let vol = pod
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "databases")
+        .unwrap();
+    let sources = vol.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    let items = sources[1].secret.as_ref().unwrap().items.as_ref().unwrap();
+    assert_eq!(
+        (items[0].key.as_str(), items[0].path.as_str()),
+        ("dsn", "tenant-b")
+    );
+    assert!(
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/databases" && m.read_only == Some(true))
+    );
 }
