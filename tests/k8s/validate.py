@@ -102,6 +102,7 @@ SWITCHES = {
     "existing service account": ({"serviceAccount": {"create": False, "name": "ops"}}, ()),
     "failurePolicy Ignore": ({"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 5,
                                           "excludeNamespaces": ["legacy"]}}, ()),
+    "fleets": ({"fleets": {"enabled": True}}, ()),
     "scheduling": ({"nodeSelector": {"kubernetes.io/os": "linux"},
                     "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
                     "priorityClassName": "system-cluster-critical",
@@ -234,10 +235,11 @@ def check_chart_invariants(docs, values, label):
                 fail(label, "the controller must be able to patch exactly its own webhook configurations")
     elif mwcs or by_kind(docs, "ValidatingWebhookConfiguration") or arg(args, "--webhook") != "false":
         fail(label, "webhook disabled but still configured")
-    # Secrets: get only, never list or watch.
+    # Secrets: get only, never list or watch; list only for fleets (fleets.enabled).
+    allowed = {"get", "create", "update"} | ({"list"} if values.get("fleets", {}).get("enabled") else set())
     for role in by_kind(docs, "ClusterRole") + by_kind(docs, "Role"):
         for r in role["rules"]:
-            if "secrets" in r.get("resources", []) and set(r["verbs"]) - {"get", "create", "update"}:
+            if "secrets" in r.get("resources", []) and set(r["verbs"]) - allowed:
                 fail(label, f"{role['kind']} {role['metadata']['name']} grants {r['verbs']} on secrets")
             if "secrets" in r.get("resources", []) and set(r["verbs"]) & {"create", "update"} \
                     and role["kind"] == "ClusterRole":
