@@ -1760,8 +1760,8 @@ fn fleet_resource() -> SchemaMigration {
 }
 
 /// Runs a fleet Job's runner as the kubelet would: its Secrets as files in /databases, the
-/// ConfigMap's files in /migrations; returns its summary line.
-fn run_fleet_job(job: &Job, w: &World) -> Value {
+/// ConfigMap's files in /migrations; returns its summary line and exit code.
+fn run_fleet_job_code(job: &Job, w: &World) -> (Value, i32) {
     let work = tempfile::tempdir().unwrap();
     let (dbs, mig) = (
         work.path().join("databases"),
@@ -1801,8 +1801,15 @@ fn run_fleet_job(job: &Job, w: &World) -> Value {
         }))
         .env("SCHEMAGATE_DIR", &mig)
         .env("SCHEMAGATE_SUMMARY_FILE", &summary);
-    assert_code(&run(cmd), 0);
-    serde_json::from_str(std::fs::read_to_string(summary).unwrap().trim()).unwrap()
+    let code = code(&run(cmd));
+    let line = serde_json::from_str(std::fs::read_to_string(summary).unwrap().trim()).unwrap();
+    (line, code)
+}
+
+fn run_fleet_job(job: &Job, w: &World) -> Value {
+    let (line, code) = run_fleet_job_code(job, w);
+    assert_eq!(code, 0, "{line}");
+    line
 }
 
 #[tokio::test]
@@ -1877,4 +1884,53 @@ async fn a_fleet_runs_its_canary_then_batches_and_a_restarted_controller_adopts_
     assert_eq!(status["phase"], "Ready", "{status:#}");
     assert_eq!(status["databases"]["atTarget"], 4);
     assert_eq!(status["targetVersion"], "3");
+}
+
+#[tokio::test]
+async fn a_failing_tenant_halts_the_fleet_and_the_resource_names_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = world("sqlite:unused.db");
+    w.fleet_secrets = ["tenant-a", "tenant-b", "tenant-c", "tenant-d"]
+        .iter()
+        .map(|n| tenant(n, dir.path()))
+        .collect();
+    // tenant-c's database already has what migration 2 adds (changed by hand): it fails.
+    let c = dir.path().join("tenant-c.db");
+    let url = format!("sqlite:{}", c.display());
+    let mig = MigDir::new();
+    mig.file("1_create_orders.up.sql", "CREATE TABLE orders (id INTEGER PRIMARY KEY);\n");
+    let mut cmd = migrate(&url, mig.path());
+    cmd.arg("upgrade");
+    assert_code(&run(cmd), 0);
+    exec_off_runtime(&url, "ALTER TABLE orders ADD COLUMN total INTEGER");
+    let mut sm = fleet_resource();
+    sm.spec.databases.as_mut().unwrap().canary = 0;
+    sm.spec.databases.as_mut().unwrap().max_parallel = 1;
+    let (seen, result) = reconcile_once(sm.clone(), w.clone()).await;
+    result.unwrap();
+    let batch: Job = serde_json::from_value(posts(&seen, "/jobs")[0].body.clone()).unwrap();
+    assert_eq!(schemagate::controller::job::batch_members(&batch).len(), 4);
+    // The batch's runner, for real: c fails, d is not started (halt).
+    let (summary, code) = run_fleet_job_code(&batch, &w);
+    assert_eq!(code, 22, "{summary}");
+    assert_eq!(summary["result"], "failed");
+    let name = batch.metadata.name.clone().unwrap();
+    w.jobs = vec![finished(batch, false)];
+    w.pods = vec![pod_with_summary(&name, summary)];
+    let (seen, result) = reconcile_once(sm, w).await;
+    result.unwrap();
+    assert!(posts(&seen, "/jobs").is_empty(), "halted: no new batch");
+    let status = status_patch(&seen);
+    assert_eq!(status["phase"], "Failed", "{status:#}");
+    let failed = &status["databases"]["failedDatabases"];
+    assert_eq!(failed.as_array().unwrap().len(), 1, "{status:#}");
+    assert_eq!(failed[0]["secret"], "tenant-c");
+    assert!(
+        failed[0]["reason"].as_str().unwrap().contains("total"),
+        "{status:#}"
+    );
+    assert_eq!(status["databases"]["atTarget"], 2);
+    assert_eq!(status["databases"]["pending"], 1, "tenant-d was not started");
+    let stalled = condition(&status, "Stalled");
+    assert!(stalled["message"].as_str().unwrap().contains("tenant-c"), "{stalled}");
 }

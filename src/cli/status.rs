@@ -61,6 +61,7 @@ pub fn row(sm: &SchemaMigration) -> Row {
     };
     let reason = find(conditions::STALLED)
         .or_else(|| find(conditions::RECONCILING))
+        .or_else(|| find(conditions::SCHEMA_DRIFTED))
         .map(|c| format!("{}: {}", c.reason, c.message));
     let last_run = status.last_run.as_ref().map(|r| {
         let when = r.finished_at.as_deref().or(r.started_at.as_deref());
@@ -79,7 +80,12 @@ pub fn row(sm: &SchemaMigration) -> Row {
             .target_version
             .clone()
             .or_else(|| sm.spec.target_version.clone()),
-        pending: status.pending.len(),
+        // A fleet's pending databases; one database's pending migrations.
+        pending: status
+            .databases
+            .as_ref()
+            .map(|d| d.pending as usize)
+            .unwrap_or(status.pending.len()),
         last_run,
         reason,
         stale: status.observed_generation.is_some()
