@@ -1898,7 +1898,10 @@ async fn a_failing_tenant_halts_the_fleet_and_the_resource_names_it() {
     let c = dir.path().join("tenant-c.db");
     let url = format!("sqlite:{}", c.display());
     let mig = MigDir::new();
-    mig.file("1_create_orders.up.sql", "CREATE TABLE orders (id INTEGER PRIMARY KEY);\n");
+    mig.file(
+        "1_create_orders.up.sql",
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY);\n",
+    );
     let mut cmd = migrate(&url, mig.path());
     cmd.arg("upgrade");
     assert_code(&run(cmd), 0);
@@ -1930,7 +1933,13 @@ async fn a_failing_tenant_halts_the_fleet_and_the_resource_names_it() {
         "{status:#}"
     );
     assert_eq!(status["databases"]["atTarget"], 2);
-    assert_eq!(status["databases"]["pending"], 1, "tenant-d was not started");
+    assert_eq!(
+        status["databases"]["pending"], 1,
+        "tenant-d was not started"
+    );
     let stalled = condition(&status, "Stalled");
-    assert!(stalled["message"].as_str().unwrap().contains("tenant-c"), "{stalled}");
+    assert!(
+        stalled["message"].as_str().unwrap().contains("tenant-c"),
+        "{stalled}"
+    );
 }

@@ -620,6 +620,19 @@ fn contract_verdict(
     action: &mut Action,
     events: &mut Vec<EventNote>,
 ) -> Verdict {
+    // At the target as far as the app goes: what is left is contract migrations.
+    let ready = if f.contract.only_contract_pending {
+        Verdict {
+            message: format!(
+                "the database is at {}; contract migrations wait until no pod of an older \
+                 app version runs (status.contract)",
+                f.current.as_deref().unwrap_or("no version")
+            ),
+            ..ready
+        }
+    } else {
+        ready
+    };
     let Some(c) = f.contract.runnable.as_deref() else {
         return ready;
     };
