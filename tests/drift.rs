@@ -267,6 +267,21 @@ fn sqlite_drift_and_approvals() {
 #[test]
 fn postgres_fingerprints_cover_constraints_views_types_and_schemas() {
     let url = support::postgres::server().fresh_db();
+    // The app's schemas are on its search path (what the fingerprint reads).
+    let db = url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_string();
+    exec(
+        &url,
+        &format!("ALTER DATABASE {db} SET search_path = public, billing"),
+    );
+    // Another app's schema in the same database is not this one's drift.
+    exec(&url, "CREATE SCHEMA other_app");
     let dir = MigDir::new();
     dir.file(
         "1_all.up.sql",
@@ -290,6 +305,7 @@ fn postgres_fingerprints_cover_constraints_views_types_and_schemas() {
         "CREATE OR REPLACE VIEW billing.big AS SELECT id FROM billing.invoices WHERE amount > 1000",
     );
     exec(&url, "ALTER TYPE mood ADD VALUE 'glad'");
+    exec(&url, "CREATE TABLE other_app.things (id INT)");
     let o = drift(&url, &dir);
     assert_code(&o, 4);
     let found = messages(&stdout_json(&o));

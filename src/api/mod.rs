@@ -83,6 +83,9 @@ pub const VERSION_ANNOTATION: &str = "schemagate.dev/version";
     "rule": "!has(self.databases) || !has(self.source.tool)",
     "message": "spec.databases needs schemagate's own migrations, not source.tool"
 }, {
+    "rule": "!has(self.databases) || !has(self.drift)",
+    "message": "spec.drift checks one database; check a fleet's databases with `schemagate migrate drift`"
+}, {
     "rule": "!has(self.databases) || !has(self.source.image)",
     "message": "spec.databases needs a configMapRef or inline source: the controller reads the files to know what each database has pending"
 }]))]

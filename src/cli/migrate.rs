@@ -1129,17 +1129,16 @@ async fn status_cmd(ctx: &Ctx) -> Result<Outcome, CliError> {
     let mode = ctx.lock_mode()?;
     let holder: Option<LockHolder> = lock::holder(&mut db, &mode).await;
     // The live schema, separately from the files' checksums (see `drift`).
-    let schema_drift =
-        match &state {
-            Ok(st) if st.initialized => {
-                Some(schema::check(&mut db, st).await.unwrap_or_else(|e| {
-                    schema::DriftCheck::Busy {
-                        reason: format!("cannot read the schema: {e}"),
-                    }
-                }))
-            }
-            _ => None,
-        };
+    let schema_drift = match &state {
+        Ok(st) if st.initialized && ctx.common.schema_fingerprints == super::OnOff::On => Some(
+            schema::check(&mut db, st)
+                .await
+                .unwrap_or_else(|e| schema::DriftCheck::Busy {
+                    reason: format!("cannot read the schema: {e}"),
+                }),
+        ),
+        _ => None,
+    };
     db.close().await;
     let state = state?;
     let report = status::status(

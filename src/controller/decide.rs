@@ -644,6 +644,12 @@ fn contract_verdict(
         .iter()
         .find(|j| j.kind == RunKind::Job && j.name == name);
     match job {
+        Some(j)
+            if j.state == JobState::Failed
+                && let Some(v) = approval_verdict(i, j, &format!("contract Job {}", j.name)) =>
+        {
+            v
+        }
         Some(j) if j.state == JobState::Failed => Verdict::new(
             Phase::Failed,
             failed_reason(j),
@@ -711,7 +717,8 @@ fn contract_events(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) {
         }
     }
     for a in &f.contract.status.applied {
-        if !before.applied.iter().any(|b| b.version == a.version) && !before.is_empty() {
+        // Not for what a resource's first status finds applied already.
+        if !before.applied.iter().any(|b| b.version == a.version) && i.sm.status.is_some() {
             events.push(EventNote {
                 warning: false,
                 reason: reason::CONTRACT_APPLIED,
@@ -738,6 +745,10 @@ fn contract_events(i: &Inputs<'_>, f: &Facts<'_>, events: &mut Vec<EventNote>) {
 fn drift_block(i: &Inputs<'_>, f: &Facts<'_>) -> Option<Verdict> {
     let spec = i.sm.spec.drift.as_ref()?;
     let d = f.drift.as_ref().filter(|d| d.result == DRIFTED)?;
+    // Pending migrations may be the fix: they run (the next check judges the result).
+    if f.read.is_some_and(|r| !r.pending.is_empty()) {
+        return None;
+    }
     (spec.on_drift == DriftAction::Block).then(|| {
         Verdict::new(
             Phase::Blocked,

@@ -120,12 +120,13 @@ fn standing(m: &Member, target: Option<&str>, jobs: &[FleetJob]) -> Standing {
                     .find(|p| p.starts_with(&format!("{}: ", m.secret)))
                     .map(|p| p[m.secret.len() + 2..].to_string())
             });
+        // A complete list (a cut one ends with `…`: who is missing is unknown).
         let listed = j
             .view
             .summary
             .as_ref()
             .and_then(|s| s.error.as_ref())
-            .is_some_and(|e| e.kind == "fleet_incomplete");
+            .is_some_and(|e| e.kind == "fleet_incomplete" && !e.message.ends_with('…'));
         return match said {
             Some(why) => Standing::Failed(why),
             // The runner listed its failed databases and this one is not among them: it
@@ -242,6 +243,12 @@ pub fn decide(i: &FleetInputs<'_>) -> Decision {
             },
             "the runner image or service account is not allowed by the controller".into(),
         )
+    } else if i.sm.spec.paused {
+        (
+            Phase::Pending,
+            reason::PAUSED,
+            "paused: nothing runs until spec.paused is false".into(),
+        )
     } else if i.members.is_empty() {
         (
             Phase::Pending,
@@ -283,7 +290,11 @@ pub fn decide(i: &FleetInputs<'_>) -> Decision {
                 .map(|s| s.to_string())
                 .collect()
         } else {
-            canary_pending.iter().map(|s| s.to_string()).collect()
+            canary_pending
+                .iter()
+                .take(BATCH_MAX)
+                .map(|s| s.to_string())
+                .collect()
         };
         let (name, hash) = (i.namer)(&batch);
         match i.jobs.iter().find(|j| j.view.name == name) {

@@ -225,7 +225,16 @@ pub fn job(
         spec: Some(JobSpec {
             pod_failure_policy: Some(stop_is_not_failure(&parts.runner.name)),
             backoff_limit: Some(spec.runner.backoff_limit.unwrap_or(1)),
-            active_deadline_seconds: Some(spec.runner.active_deadline_seconds.unwrap_or(1800)),
+            // A batch runs its databases `maxParallel` at a time: each wave gets the time of
+            // one run (at most a day in all).
+            active_deadline_seconds: Some(spec.runner.active_deadline_seconds.unwrap_or_else(
+                || {
+                    let parallel =
+                        spec.databases.as_ref().map_or(1, |d| d.max_parallel.max(1)) as i64;
+                    let waves = ((plan.members.len() as i64 + parallel - 1) / parallel).max(1);
+                    (1800 * waves).min(86_400)
+                },
+            )),
             ttl_seconds_after_finished: spec.runner.ttl_seconds_after_finished,
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {

@@ -373,6 +373,12 @@ fn drift_due(sm: &SchemaMigration, database: &DbView, jobs: &[JobView], now: Tim
     let Some(spec) = &sm.spec.drift else {
         return false;
     };
+    // A tool's history records no fingerprints: nothing to compare (said once, in the
+    // status, when the check first runs).
+    if sm.spec.source.tool.is_some() && sm.status.as_ref().is_some_and(|s| s.schema_drift.is_some())
+    {
+        return false;
+    }
     let DbView::Read(read) = database else {
         return false;
     };
@@ -383,7 +389,12 @@ fn drift_due(sm: &SchemaMigration, database: &DbView, jobs: &[JobView], now: Tim
     let Some(last) = status.and_then(|s| s.schema_drift.as_ref()) else {
         return true;
     };
-    let interval = drift_interval(spec);
+    // A drift is looked at again every minute: a fix or `drift --accept` shows soon.
+    let interval = if last.result == decide::DRIFTED {
+        drift_interval(spec).min(Duration::from_secs(60))
+    } else {
+        drift_interval(spec)
+    };
     let old = last
         .checked_at
         .as_deref()
@@ -404,12 +415,15 @@ pub fn drift_interval(spec: &crate::api::DriftSpec) -> Duration {
 async fn check_drift(
     sm: &SchemaMigration,
     url: &str,
+    current: Option<String>,
     timeout: Duration,
     now: Timestamp,
 ) -> SchemaDriftStatus {
+    // Results that could not compare keep the version read (or every reconcile would find
+    // the version "moved" and check again).
     let status = |result: &str, version: Option<String>, message: String| SchemaDriftStatus {
         checked_at: Some(now.to_string()),
-        version,
+        version: version.or_else(|| current.clone()),
         result: result.into(),
         count: 0,
         differences: Vec::new(),
@@ -540,7 +554,16 @@ async fn read_database(
             .filter(|f| f.ignored.is_none())
             .map(|f| format!("{}:{} {}: {}", f.file, f.line, f.rule, f.message))
             .collect();
-            let d = engine::plan::drift(set, &state, ChecksumMode::Strict);
+            let mut d = engine::plan::drift(set, &state, ChecksumMode::Strict);
+            // Applied versions above the newest file: the database is ahead (an app rolled
+            // back with its migrations), not drifted; the runners treat it so too.
+            let head = set.head().map(|m| m.version.clone());
+            d.missing.retain(|m| {
+                engine::Version::parse(&m.version)
+                    .ok()
+                    .zip(head.clone())
+                    .is_none_or(|(v, h)| v <= h)
+            });
             let drift = (!d.is_empty()).then(|| Drifted {
                 changed: d.changed.iter().map(|c| c.version.to_string()).collect(),
                 missing: d.missing.iter().map(|m| m.version.to_string()).collect(),
@@ -924,7 +947,11 @@ pub async fn observe(ctx: &Context, sm: &SchemaMigration) -> Result<Observed, Er
             if ctx.settings.observe_database
                 && drift_due(sm, &database, &jobs, Timestamp::now()) =>
         {
-            Some(check_drift(sm, url, ctx.settings.db_timeout, Timestamp::now()).await)
+            let current = match &database {
+                DbView::Read(r) => r.current.clone(),
+                _ => None,
+            };
+            Some(check_drift(sm, url, current, ctx.settings.db_timeout, Timestamp::now()).await)
         }
         _ => None,
     };

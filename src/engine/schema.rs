@@ -281,18 +281,31 @@ pub async fn read_live(db: &mut impl Backend) -> Result<Fingerprint, DbError> {
     Ok(Fingerprint::new(objects))
 }
 
-/// PostgreSQL: every schema but the system ones, through pg_catalog; names outside
-/// `public` carry their schema.
+/// PostgreSQL, through pg_catalog: the schemas of the session's search path and the
+/// history table's (not every schema of the database: where apps or tenants share one
+/// database in schemas of their own, the others' changes are not this one's drift); names
+/// outside `public` carry their schema.
 async fn postgres(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
-    const RELS: &str = "SELECT c.oid, CASE WHEN n.nspname = 'public' THEN '' ELSE n.nspname || '.' END AS q, \
-        c.relname::text AS relname, c.relkind::text AS relkind \
-        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-        WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') \
-        AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%' \
-        AND c.relkind IN ('r', 'p', 'v', 'm', 'f') \
-        AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')";
+    let own_schema = db
+        .table()
+        .name()
+        .rsplit_once('.')
+        .map(|(s, _)| s.to_string())
+        .unwrap_or_else(|| "public".into());
+    let scope = format!(
+        "(n.nspname = ANY (current_schemas(false)) OR n.nspname = {})",
+        sql::literal(Dialect::Postgres, &own_schema)
+    );
+    let rels = format!(
+        "SELECT c.oid, CASE WHEN n.nspname = 'public' THEN '' ELSE n.nspname || '.' END AS q, \
+         c.relname::text AS relname, c.relkind::text AS relkind \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE {scope} \
+         AND c.relkind IN ('r', 'p', 'v', 'm', 'f') \
+         AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')"
+    );
     let q = format!(
-        "WITH rels AS ({RELS}) \
+        "WITH rels AS ({rels}) \
          SELECT 'table', q || relname, q || relname, \
            CASE relkind WHEN 'p' THEN 'partitioned' WHEN 'f' THEN 'foreign' ELSE '' END \
            FROM rels WHERE relkind IN ('r', 'p', 'f') \
@@ -323,7 +336,7 @@ async fn postgres(db: &mut impl Backend) -> Result<Vec<SchemaObject>, DbError> {
            CASE WHEN n.nspname = 'public' THEN '' ELSE n.nspname || '.' END || t.typname, \
            'enum (' || string_agg(quote_literal(e.enumlabel), ', ' ORDER BY e.enumsortorder) || ')' \
            FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_enum e ON e.enumtypid = t.oid \
-           WHERE NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = t.oid AND d.deptype = 'e') \
+           WHERE {scope} AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = t.oid AND d.deptype = 'e') \
            GROUP BY n.nspname, t.typname"
     );
     let mut out = Vec::new();

@@ -86,6 +86,17 @@ pub fn fleet_gate(
             "every database of the fleet is at the target",
         ));
     }
+    // A pod of a version every database has already reached (a restart, a scale-up of the
+    // version running) starts whatever the rollout of a newer one is doing.
+    let lowest = status.current_version.as_deref().and_then(parse);
+    if let (Some(v), Some(l)) = (version.and_then(parse), lowest)
+        && v <= l
+        && fleet.total > 0
+    {
+        return Ok(Outcome::Unchanged(
+            "every database is at this pod's version",
+        ));
+    }
     Err(refuse(
         ns,
         name,

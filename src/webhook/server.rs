@@ -314,7 +314,12 @@ async fn decide<L: Lookup>(
             }
         };
     }
-    if let (Some(sm), Some(v)) = (sm.as_ref(), version.as_deref())
+    // A lowered target with downgrades allowed: the runner reverts (from the history,
+    // under the lock); refusing it here would leave nothing that can.
+    let downgrading = sm.as_ref().is_some_and(|s| {
+        s.spec.target_version.is_some() && s.spec.downgrade == crate::api::DowngradePolicy::Allow
+    });
+    if let (Some(sm), Some(v), false) = (sm.as_ref(), version.as_deref(), downgrading)
         && let Err(Refusal(why)) = super::below_contract(sm, &namespace, v)
     {
         tracing::info!(namespace, pod = pod_name, migration = name, reason = %why, "admission: refused");

@@ -454,6 +454,12 @@ fn pods_of_a_fleet_start_once_every_database_is_at_their_version() {
     // Its own files are newer than what the fleet reached: it waits.
     let e = fleet_gate(&s, "shop", Some("4")).unwrap_err();
     assert!(e.0.contains("every database is at 4"), "{}", e.0);
+    // A restart of the version the whole fleet has reached starts while a newer rolls out.
+    let mut rolling = status(7, "4", 2);
+    rolling.current_version = Some("3".into());
+    s.status = Some(rolling);
+    assert!(fleet_gate(&s, "shop", Some("3")).is_ok());
+    assert!(fleet_gate(&s, "shop", Some("4")).is_err());
     // A status about an earlier generation is not trusted.
     s.status = Some(status(10, "3", 1));
     assert!(inject(&pod(&[]), "shop", "orders", Some(&s), &settings()).is_err());

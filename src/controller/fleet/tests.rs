@@ -126,6 +126,16 @@ fn the_canary_goes_first_then_the_rest_in_batches() {
     assert_eq!(d.status.phase, Some(Phase::Ready));
     let f = fleet(&d);
     assert_eq!((f.total, f.at_target, f.pending, f.failed), (5, 5, 0, 0));
+    // Paused: nothing starts.
+    let mut paused = sm.clone();
+    paused.spec.paused = true;
+    let d = decide(&inputs(
+        &paused,
+        names.iter().map(|n| member(n, None)).collect(),
+        vec![],
+    ));
+    assert_eq!(d.action, Action::Nothing);
+    assert_eq!(d.status.phase, Some(Phase::Pending));
     // A Secret that joins later is migrated.
     let mut members: Vec<Member> = names.iter().map(|n| member(n, Some("2"))).collect();
     members.push(member("f", None));
