@@ -280,3 +280,18 @@ fn readme_quickstart_runs_on_the_examples() {
         assert_code(&cmd(&db.url, examples, args), expect);
     }
 }
+
+/// `wait --version V` needs no migration files (a waiting runner may have none); without
+/// `--version` it needs them for the version to wait for.
+#[test]
+fn wait_for_a_given_version_needs_no_files() {
+    let db = sqlite_db();
+    exec(&db.url, "SELECT 1");
+    let missing = db.dir.path().join("no-such-dir");
+    let mut c = migrate(&db.url, &missing);
+    c.args(["wait", "--version", "1", "--timeout", "200ms"]);
+    assert_code(&run(c), 15);
+    let mut c = migrate(&db.url, &missing);
+    c.args(["wait", "--timeout", "200ms"]);
+    assert_code(&run(c), 10);
+}

@@ -1437,13 +1437,18 @@ async fn wait(
     timeout: Duration,
     exact: bool,
 ) -> Result<Outcome, CliError> {
-    let set = ctx.load()?;
+    // The files are needed for the default target; with --version they only add the
+    // check against applied contract migrations (a runner may wait without any files).
+    let set = match target {
+        Some(_) => ctx.load().ok(),
+        None => Some(ctx.load()?),
+    };
     // With --phase expand, the app waits for what it needs before it starts: its contract
     // migrations wait for older app versions to go, and must not hold it up.
-    let newest = match ctx.common.phase {
+    let newest = set.as_ref().and_then(|set| match ctx.common.phase {
         super::PhaseArg::Expand => set.expand_head(),
         _ => set.head(),
-    };
+    });
     let target = match target {
         Some(t) => Version::parse(t)
             .map_err(|e| CliError::new(Exit::Usage, "usage", format!("invalid --version: {e}")))?,
@@ -1481,7 +1486,7 @@ async fn wait(
                             )));
                         }
                     }
-                    if let Err(e) = runner::below_contract(&set, &state) {
+                    if let Some(Err(e)) = set.as_ref().map(|s| runner::below_contract(s, &state)) {
                         if let Some(d) = db.take() {
                             d.close().await;
                         }
