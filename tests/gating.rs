@@ -876,6 +876,11 @@ fn rename_files(release: u32) -> BTreeMap<String, String> {
 }
 
 fn set_release(cluster: &Cluster, release: u32) {
+    set_files(cluster, rename_files(release));
+}
+
+/// The migrations' ConfigMap now holds `files` (a GitOps sync changed it).
+fn set_files(cluster: &Cluster, files: BTreeMap<String, String>) {
     let mut s = cluster.store.lock().unwrap();
     s.config_maps.insert(
         "orders-migrations".into(),
@@ -885,7 +890,7 @@ fn set_release(cluster: &Cluster, release: u32) {
                 namespace: Some(NS.into()),
                 ..Default::default()
             },
-            data: Some(rename_files(release)),
+            data: Some(files),
             ..Default::default()
         },
     );
@@ -1112,26 +1117,12 @@ async fn new_pods_never_wait_for_a_held_contract_migration() {
     cluster.running.lock().unwrap().push(old);
 
     // Release 4: 2 expand, 3 contract, 4 expand (an index the new app needs).
-    {
-        let mut s = cluster.store.lock().unwrap();
-        let mut files = rename_files(3);
-        files.insert(
-            "4_users_display_idx.up.sql".into(),
-            "CREATE INDEX users_display ON users (display_name);\n".into(),
-        );
-        s.config_maps.insert(
-            "orders-migrations".into(),
-            ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some("orders-migrations".into()),
-                    namespace: Some(NS.into()),
-                    ..Default::default()
-                },
-                data: Some(files),
-                ..Default::default()
-            },
-        );
-    }
+    let mut files = rename_files(3);
+    files.insert(
+        "4_users_display_idx.up.sql".into(),
+        "CREATE INDEX users_display ON users (display_name);\n".into(),
+    );
+    set_files(&cluster, files);
     // The new pod is admitted and starts waiting before the controller reconciles.
     let pod = cluster.admit("web-v4-a", Duration::from_secs(30)).await;
     let starting = Starting::new(&cluster, pod).unwrap();

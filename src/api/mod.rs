@@ -328,6 +328,18 @@ pub struct DatabasesSpec {
     pub on_failure: FleetFailurePolicy,
 }
 
+impl Default for DatabasesSpec {
+    fn default() -> Self {
+        DatabasesSpec {
+            secret_selector: LabelSelector::default(),
+            key: default_url_key(),
+            canary: default_canary(),
+            max_parallel: default_max_parallel(),
+            on_failure: FleetFailurePolicy::default(),
+        }
+    }
+}
+
 fn default_canary() -> u32 {
     1
 }

@@ -866,17 +866,10 @@ const APPROVAL_KIND: &str = "approval_required";
 
 /// True when `hash` is among the resource's approved plans.
 pub fn plan_approved(sm: &SchemaMigration, hash: &str) -> bool {
-    let bare = |h: &str| {
-        let h = h.trim();
-        h.strip_prefix("sha256:").unwrap_or(h).to_ascii_lowercase()
-    };
-    let want = bare(hash);
-    !want.is_empty()
-        && sm
-            .spec
-            .approved_plans
-            .iter()
-            .any(|a| bare(&a.plan_hash) == want)
+    sm.spec
+        .approved_plans
+        .iter()
+        .any(|a| crate::engine::approval::same_hash(&a.plan_hash, hash))
 }
 
 /// A run refused because its plan needs an approval: `Some(Blocked)` with the hash while

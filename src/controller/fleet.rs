@@ -157,17 +157,7 @@ fn condition(i: &FleetInputs<'_>, kind: &str, status: bool, why: &str, message: 
 
 /// The decision for a fleet.
 pub fn decide(i: &FleetInputs<'_>) -> Decision {
-    let spec =
-        i.sm.spec
-            .databases
-            .clone()
-            .unwrap_or_else(|| crate::api::DatabasesSpec {
-                secret_selector: Default::default(),
-                key: "url".into(),
-                canary: 1,
-                max_parallel: 4,
-                on_failure: FleetFailurePolicy::Halt,
-            });
+    let spec = i.sm.spec.databases.clone().unwrap_or_default();
     let target =
         i.sm.spec
             .target_version

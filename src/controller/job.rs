@@ -116,17 +116,7 @@ pub fn batch_members(job: &Job) -> Vec<String> {
 
 /// A fleet Job's runner arguments: the fan-out over the mounted Secrets.
 fn batch_args(sm: &SchemaMigration, target: Option<&str>) -> Vec<String> {
-    let d = sm
-        .spec
-        .databases
-        .clone()
-        .unwrap_or_else(|| crate::api::DatabasesSpec {
-            secret_selector: Default::default(),
-            key: "url".into(),
-            canary: 1,
-            max_parallel: 4,
-            on_failure: crate::api::FleetFailurePolicy::Halt,
-        });
+    let d = sm.spec.databases.clone().unwrap_or_default();
     vec![
         "migrate".into(),
         "upgrade".into(),

@@ -1108,12 +1108,7 @@ async fn reconcile_fleet(sm: &SchemaMigration, ctx: &Context) -> Result<Requeue,
     });
     let d = redacted(d);
     act(ctx, sm, &d, inline_cm.as_ref()).await?;
-    let busy = matches!(d.status.phase, Some(Phase::Migrating | Phase::Pending));
-    Ok(Requeue::requeue(if busy {
-        ctx.settings.requeue_busy
-    } else {
-        ctx.settings.requeue
-    }))
+    Ok(Requeue::requeue(requeue_after(ctx, sm, d.status.phase)))
 }
 
 /// What a fleet member's read shares with the others.
@@ -1157,36 +1152,18 @@ async fn fleet_jobs(
     ns: &str,
     name: &str,
 ) -> Result<Vec<(JobView, Vec<String>, String)>, Error> {
-    let uid = sm.uid();
-    let api = Api::<Job>::namespaced(ctx.client.clone(), ns);
-    let params = ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}"));
-    let mut jobs: Vec<Job> = read("list_jobs", || api.list(&params))
+    Ok(listed_jobs(ctx, sm, ns, name)
         .await?
-        .items
         .into_iter()
-        .filter(|j| {
-            j.owner_references()
-                .iter()
-                .any(|o| Some(&o.uid) == uid.as_ref())
+        .map(|(j, view)| {
+            let hash = j
+                .annotations()
+                .get(job::RUN_HASH_ANNOTATION)
+                .cloned()
+                .unwrap_or_default();
+            (view, job::batch_members(&j), hash)
         })
-        .collect();
-    jobs.sort_by_key(|j| std::cmp::Reverse(j.creation_timestamp().map(|t| t.0)));
-    let mut out = Vec::new();
-    let mut summarized = false;
-    for j in &jobs {
-        let mut view = job_view(j);
-        if !summarized && view.state != JobState::Active {
-            view.summary = job_summary(&ctx.client, ns, &view.name, j.uid().as_deref()).await?;
-            summarized = true;
-        }
-        let hash = j
-            .annotations()
-            .get(job::RUN_HASH_ANNOTATION)
-            .cloned()
-            .unwrap_or_default();
-        out.push((view, job::batch_members(j), hash));
-    }
-    Ok(out)
+        .collect())
 }
 
 /// True when the runs show what the status does not yet: one in progress, or a newest run
@@ -1224,32 +1201,46 @@ async fn owned_jobs(
     ns: &str,
     name: &str,
 ) -> Result<Vec<JobView>, Error> {
+    Ok(listed_jobs(ctx, sm, ns, name)
+        .await?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect())
+}
+
+/// The Jobs this resource owns with their views, newest first; the newest finished one
+/// with its runner's summary (older ones were reported when they finished).
+async fn listed_jobs(
+    ctx: &Context,
+    sm: &SchemaMigration,
+    ns: &str,
+    name: &str,
+) -> Result<Vec<(Job, JobView)>, Error> {
     let uid = sm.uid();
     let api = Api::<Job>::namespaced(ctx.client.clone(), ns);
     let params = ListParams::default().labels(&format!("{JOB_FOR_LABEL}={name}"));
-    let mut jobs: Vec<Job> = {
-        read("list_jobs", || api.list(&params))
-            .await?
-            .items
-            .into_iter()
-            .filter(|j| {
-                j.owner_references()
-                    .iter()
-                    .any(|o| Some(&o.uid) == uid.as_ref())
-            })
-            .collect()
-    };
+    let mut jobs: Vec<Job> = read("list_jobs", || api.list(&params))
+        .await?
+        .items
+        .into_iter()
+        .filter(|j| {
+            j.owner_references()
+                .iter()
+                .any(|o| Some(&o.uid) == uid.as_ref())
+        })
+        .collect();
     jobs.sort_by_key(|j| std::cmp::Reverse(j.creation_timestamp().map(|t| t.0)));
-    let mut views: Vec<JobView> = jobs.iter().map(job_view).collect();
-    // The newest finished Job's summary (older ones were reported when they finished).
-    if let Some(v) = views.iter_mut().find(|v| v.state != JobState::Active) {
-        let job_uid = jobs
-            .iter()
-            .find(|j| j.name_any() == v.name)
-            .and_then(|j| j.uid());
-        v.summary = job_summary(&ctx.client, ns, &v.name, job_uid.as_deref()).await?;
+    let mut out: Vec<(Job, JobView)> = jobs
+        .into_iter()
+        .map(|j| {
+            let v = job_view(&j);
+            (j, v)
+        })
+        .collect();
+    if let Some((j, v)) = out.iter_mut().find(|(_, v)| v.state != JobState::Active) {
+        v.summary = job_summary(&ctx.client, ns, &v.name, j.uid().as_deref()).await?;
     }
-    Ok(views)
+    Ok(out)
 }
 
 /// The gated pods of `name` that run (or will: not finished), with the version the webhook
@@ -1538,17 +1529,22 @@ async fn reconcile_inner(sm: &SchemaMigration, ctx: &Context) -> Result<Requeue,
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
-    let busy = matches!(d.status.phase, Some(Phase::Migrating | Phase::Pending));
-    let mut after = if busy {
+    Ok(Requeue::requeue(requeue_after(ctx, sm, d.status.phase)))
+}
+
+/// When to look again: soon while something is on its way, at the resync otherwise, and
+/// within the drift interval at the latest (the next check is due then).
+fn requeue_after(ctx: &Context, sm: &SchemaMigration, phase: Option<Phase>) -> Duration {
+    let busy = matches!(phase, Some(Phase::Migrating | Phase::Pending));
+    let after = if busy {
         ctx.settings.requeue_busy
     } else {
         ctx.settings.requeue
     };
-    // The next drift check is due within the interval at the latest.
-    if let Some(spec) = &sm.spec.drift {
-        after = after.min(drift_interval(spec));
+    match &sm.spec.drift {
+        Some(spec) => after.min(drift_interval(spec)),
+        None => after,
     }
-    Ok(Requeue::requeue(after))
 }
 
 /// The status a failure leaves: permanent ones make the resource Blocked and `Stalled`

@@ -81,9 +81,15 @@ pub struct ApprovalPolicy {
 impl ApprovalPolicy {
     /// True when `hash` is approved (`sha256:` prefix and case ignored).
     pub fn approves(&self, hash: &str) -> bool {
-        let want = bare(hash);
-        self.approved.iter().any(|a| bare(a) == want)
+        self.approved.iter().any(|a| same_hash(a, hash))
     }
+}
+
+/// Two spellings of one plan hash (`sha256:` prefix, case and surrounding space
+/// ignored); an empty hash matches nothing.
+pub fn same_hash(a: &str, b: &str) -> bool {
+    let (a, b) = (bare(a), bare(b));
+    !a.is_empty() && a == b
 }
 
 fn bare(hash: &str) -> String {

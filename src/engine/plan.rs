@@ -409,21 +409,20 @@ pub fn plan_upgrade<'a>(
                 head.as_ref().is_some_and(|h| v.is_some_and(|v| v > *h))
             })
     };
-    if let Err(PlanError::Drift(d)) = check(set, state, opts) {
-        if !ahead_only(&d) {
-            return Err(PlanError::Drift(d));
+    match check(set, state, opts) {
+        Err(PlanError::Drift(d)) if ahead_only(&d) => {
+            let current = state.current().cloned();
+            return Ok(Plan {
+                direction: Direction::Up,
+                from: current.clone(),
+                to: current,
+                steps: Vec::new(),
+                ahead: true,
+                held: Vec::new(),
+            });
         }
-        let current = state.current().cloned();
-        return Ok(Plan {
-            direction: Direction::Up,
-            from: current.clone(),
-            to: current,
-            steps: Vec::new(),
-            ahead: true,
-            held: Vec::new(),
-        });
+        other => other?,
     }
-    check(set, state, opts)?;
     let current = state.current().cloned();
     let pending = pending(set, state);
     // Contract migrations an expand run passes: held, not run.
